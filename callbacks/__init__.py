@@ -1,0 +1,1 @@
+"""Stage callbacks (importable as `r1lightning.callbacks`)."""

@@ -1,0 +1,154 @@
+"""The policy: a Hugging Face causal LM and its tokenizer, from a directory, a hub id or a config.
+
+A `Policy` is a plain description that LightningCLI builds from YAML; the modules call `build()` in
+`configure_model`, so nothing heavy happens while a config is parsed or printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from r1lightning.moe import apply_moe_backend
+from r1lightning.tokenizer import build_char_tokenizer
+
+log = logging.getLogger(__name__)
+
+CHAR_TOKENIZER = "char"  # the embedded character-level tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+class Policy:
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        moe_backend: str = "auto",
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            name_or_path: a local `save_pretrained` directory or a hub id (hub ids need network
+                unless cached). Mutually exclusive with `config`.
+            config: a transformers config as a dict with `model_type` (e.g. `qwen3_moe`); the model is
+                randomly initialised. `vocab_size` and the special token ids default to the tokenizer's.
+            tokenizer: a directory, a hub id, or `char` for the embedded tokenizer. Defaults to
+                `name_or_path`.
+            moe_backend: `auto`, `megablocks`, `grouped_mm` or `eager` (how expert FFNs run).
+            dtype: weights dtype when loading (`float32`, `bfloat16`, `float16`); mixed precision is
+                the trainer's `precision`.
+            attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`).
+            gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        if (name_or_path is None) == (config is None):
+            raise ValueError("policy: give exactly one of `name_or_path` or `config`")
+        if config is not None and "model_type" not in config:
+            raise ValueError("policy.config: missing key `model_type` (e.g. qwen3_moe, olmoe, mixtral, qwen2)")
+        self.name_or_path = name_or_path
+        self.config = dict(config) if config is not None else None
+        self.tokenizer_name = tokenizer
+        self.moe_backend = moe_backend
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def build_tokenizer(self):
+        name = self.tokenizer_name or self.name_or_path
+        if name is None:
+            raise ValueError("policy.tokenizer: required when the model comes from `config`")
+        if name == CHAR_TOKENIZER:
+            return build_char_tokenizer()
+        self._check_exists(name, "policy.tokenizer")
+        try:
+            tok = AutoTokenizer.from_pretrained(name, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        except OSError as err:
+            raise FileNotFoundError(f"policy.tokenizer: cannot load {name!r}: {str(err).splitlines()[0]}") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def build(self) -> tuple[PreTrainedModel, Any]:
+        tokenizer = self.build_tokenizer()
+        dtype = getattr(torch, self.dtype)
+        if self.config is not None:
+            cfg = dict(self.config)
+            model_type = cfg.pop("model_type")
+            cfg.setdefault("vocab_size", len(tokenizer))
+            for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+                if getattr(tokenizer, key, None) is not None:
+                    cfg.setdefault(key, getattr(tokenizer, key))
+            config = AutoConfig.for_model(model_type, **cfg)
+            if self.attn_implementation:
+                config._attn_implementation = self.attn_implementation
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            self._check_exists(self.name_or_path, "policy.name_or_path")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.name_or_path,
+                    dtype=dtype,
+                    revision=self.revision,
+                    trust_remote_code=self.trust_remote_code,
+                    attn_implementation=self.attn_implementation,
+                )
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"policy.name_or_path: cannot load {self.name_or_path!r}: {str(err).splitlines()[0]}"
+                ) from None
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"policy: tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                f"{model.get_input_embeddings().num_embeddings}"
+            )
+        backend = apply_moe_backend(model, self.moe_backend)
+        log.info("policy: %s, %.2fM parameters, moe_backend=%s", type(model).__name__, count_parameters(model) / 1e6, backend)
+        self.moe_backend_in_effect = backend
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model, tokenizer
+
+    @staticmethod
+    def _check_exists(name: str, key: str) -> None:
+        if _looks_local(name) and not Path(name).expanduser().exists():
+            raise FileNotFoundError(f"{key}: path does not exist: {name}")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def has_router_aux_loss(model: PreTrainedModel) -> bool:
+    return hasattr(model.config, "router_aux_loss_coef") or hasattr(model.config, "output_router_logits")
+
+
+def export_pretrained(model: PreTrainedModel, tokenizer, directory: str | Path) -> Path:
+    """Write model + tokenizer + generation config atomically: a sibling temp dir, then rename."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory

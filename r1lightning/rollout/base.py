@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None  # per-call generator seed; None uses the global RNG
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Rollout:
+    """N sequences = prompts x samples. Prompts are left-padded, completions right-padded."""
+
+    prompt_ids: torch.Tensor  # [N, P]
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, C] pad after EOS
+    completion_mask: torch.Tensor  # [N, C] 1 up to and including the first EOS
+    truncated: torch.Tensor  # [N] bool: no EOS within max_new_tokens
+    logprobs: torch.Tensor | None = None  # [N, C] log-prob of each sampled token under the sampling distribution
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:  # [N]
+        return self.completion_mask.sum(-1)
+
+    def input_ids(self) -> torch.Tensor:  # [N, P + C]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:  # [N, P + C]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+class Sampler:
+    """Interface: `generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)`.
+
+    `model` is the live policy (no copy), so every optimizer update is seen by the next call.
+    """
+
+    def generate(
+        self,
+        model: torch.nn.Module,
+        prompt_ids: torch.Tensor,  # [N, P] left-padded
+        prompt_mask: torch.Tensor,  # [N, P]
+        params: SamplingParams,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+    ) -> Rollout:
+        raise NotImplementedError
+
+
+def completion_mask_from_ids(
+    completion_ids: torch.Tensor, eos_token_id: int | list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including the first EOS; rows without an EOS are truncated."""
+    eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos)  # [N, C]
+    # Number of EOS tokens strictly before each position: 0 means "still inside the completion".
+    before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
+    mask = (before == 0).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
