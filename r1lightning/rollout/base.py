@@ -69,3 +69,29 @@ def completion_mask_from_ids(
     mask = (before == 0).long()
     truncated = ~is_eos.any(dim=1)
     return mask, truncated
+
+
+def pad_completions(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
+    """The same rollout with completions right-padded to `width` (samplers may stop early)."""
+    extra = width - rollout.completion_ids.shape[1]
+    if extra <= 0:
+        return rollout
+
+    def pad(t, value):
+        return None if t is None else torch.nn.functional.pad(t, (0, extra), value=value)
+
+    return Rollout(
+        rollout.prompt_ids, rollout.prompt_mask, pad(rollout.completion_ids, pad_token_id),
+        pad(rollout.completion_mask, 0), rollout.truncated, pad(rollout.logprobs, 0.0),
+    )
+
+
+def replace_rows(dst: Rollout, dst_rows: torch.Tensor, src: Rollout, src_rows: torch.Tensor, pad_token_id: int) -> Rollout:
+    """`dst` with rows `dst_rows` taken from `src` rows `src_rows` (same prompts, new completions)."""
+    width = max(dst.completion_ids.shape[1], src.completion_ids.shape[1])
+    dst, src = pad_completions(dst, width, pad_token_id), pad_completions(src, width, pad_token_id)
+    for name in ("completion_ids", "completion_mask", "truncated", "logprobs"):
+        a, b = getattr(dst, name), getattr(src, name)
+        if a is not None and b is not None:
+            a[dst_rows] = b[src_rows]
+    return dst

@@ -1,0 +1,3 @@
+from r1lightning.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""LightningDataModules: traces for SFT, prompts (+ gold answers and any extra columns) for RL.
+
+Both take files (JSONL, Parquet, `save_to_disk` directories) or a synthetic `task` that writes its
+files on first use. The tokenizer comes from the LightningModule at `setup` (or `connect` in
+scripts), so configs never name it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from r1lightning.data.chat import PromptCollator, SFTCollator, encode_conversation, encode_prompt, require_chat_template, row_messages
+from r1lightning.data.io import DataError, load_rows
+from r1lightning.tasks import SyntheticTask
+
+log = logging.getLogger(__name__)
+
+PROMPT_FIELDS = (("prompt", "messages"),)
+
+
+class _BaseDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        task: SyntheticTask | None = None,
+        data_dir: str = "data/generated",
+        batch_size: int = 16,
+        val_batch_size: int = 64,
+        max_length: int = 512,
+        max_val_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        system_prompt: str | None = None,
+    ):
+        super().__init__()
+        if task is None and train_files is None:
+            raise ValueError("data: give `train_files` or a synthetic `task`")
+        self.train_files = train_files
+        self.val_files = val_files
+        self.task = task
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.max_length = max_length
+        self.max_val_samples = max_val_samples
+        self.num_workers = num_workers
+        self.seed = seed
+        self.system_prompt = system_prompt
+        self.tokenizer = None
+
+    # -- files -------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.task is not None:
+            self.task.write(self.data_dir)  # rank 0 only; skipped when the files exist
+
+    def files(self, split: str) -> list[str] | None:
+        given = self.train_files if split == "train" else self.val_files
+        if given is not None:
+            return [given] if isinstance(given, str) else list(given)
+        if self.task is not None:
+            return [str(self.task.directory(self.data_dir) / f"{'train' if split == 'train' else 'test'}.jsonl")]
+        return None
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    def connect(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def _tokenizer(self):
+        if self.tokenizer is None and self.trainer is not None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        if self.tokenizer is None:
+            raise RuntimeError("data: no tokenizer; call connect(tokenizer) or attach to a Trainer")
+        require_chat_template(self.tokenizer)
+        return self.tokenizer
+
+    # -- prompts (RL and evaluation) ---------------------------------------------------------
+    def load_prompts(self, files: Sequence[str], limit: int | None = None):
+        tok = self._tokenizer()
+        rows = load_rows(files, any_of=PROMPT_FIELDS)
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        system_prompt = self.system_prompt
+
+        def encode(row):
+            return {"prompt_ids": encode_prompt(tok, row_messages(row, system_prompt))}
+
+        rows = rows.map(encode)
+        return self._drop_long(rows, "prompt_ids", files)
+
+    def _drop_long(self, rows, key: str, files):
+        lengths = [len(x) for x in rows[key]]
+        keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
+        if len(keep) < len(rows):
+            first = next(i for i, n in enumerate(lengths) if n > self.max_length)
+            where = f"{', '.join(map(str, files))}: row {first}"
+            if not keep:
+                raise DataError(f"{where}: every row is longer than max_length={self.max_length}")
+            log.warning(
+                "data: skipped %d of %d rows longer than max_length=%d (first: %s, %d tokens)",
+                len(rows) - len(keep), len(rows), self.max_length, where, lengths[first],
+            )
+            self.skipped_rows = len(rows) - len(keep)
+            rows = rows.select(keep)
+        return rows
+
+    def _prompt_loader(self, rows, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            rows,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            collate_fn=PromptCollator(self._tokenizer().pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_rows is None:
+            return []
+        return self._prompt_loader(self.val_rows, self.val_batch_size, shuffle=False)
+
+
+class TraceDataModule(_BaseDataModule):
+    """SFT on reasoning traces: rows are `prompt` + `completion`, or `messages`; loss on assistant tokens.
+
+    Validation yields held-out prompts with their gold answers (for generated-answer accuracy).
+    """
+
+    def __init__(self, *args, packing: bool = False, **kwargs):
+        """
+        Args:
+            packing: lay several examples end to end in one row of `max_length` (attention stays
+                within each example); fewer pad tokens per step.
+        """
+        super().__init__(*args, **kwargs)
+        self.packing = packing
+        self.train_rows = self.val_rows = None
+
+    def setup(self, stage: str | None = None) -> None:
+        tok = self._tokenizer()
+        if self.train_rows is None and stage in (None, "fit"):
+            files = self.files("train")
+            rows = load_rows(files, any_of=(("completion", "messages"),) + PROMPT_FIELDS)
+            system_prompt = self.system_prompt
+
+            def encode(row):
+                ids, labels = encode_conversation(tok, row_messages(row, system_prompt))
+                return {"input_ids": ids, "labels": labels}
+
+            rows = rows.map(encode, remove_columns=rows.column_names)
+            self.train_rows = self._drop_long(rows, "input_ids", files)
+        val_files = self.files("val")
+        if self.val_rows is None and val_files:
+            self.val_rows = self.load_prompts(val_files, self.max_val_samples)
+
+    def train_dataloader(self) -> DataLoader:
+        tok = self._tokenizer()
+        return DataLoader(
+            self.train_rows.with_format(None),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=SFTCollator(tok.pad_token_id, self.max_length, self.packing),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=True,
+        )
+
+
+class PromptDataModule(_BaseDataModule):
+    """RL prompts: `prompt` (or `messages`) plus every other column, which reaches the reward functions
+    unchanged (`answer`, `test`, `language`, ...)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_rows = self.val_rows = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is None and stage in (None, "fit"):
+            self.train_rows = self.load_prompts(self.files("train"))
+        val_files = self.files("val")
+        if self.val_rows is None and val_files:
+            self.val_rows = self.load_prompts(val_files, self.max_val_samples)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.train_rows, self.batch_size, shuffle=True)

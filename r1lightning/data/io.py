@@ -1,0 +1,101 @@
+"""Reading row datasets (JSONL, Parquet, `datasets.save_to_disk` directories) with errors that name
+the file, the line and the field.
+
+`datasets` does the loading; its errors on malformed JSON are long tracebacks without a line
+number, so JSONL files are validated line by line first (cheap: the files we read are small next
+to the training run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+
+datasets.disable_progress_bars()
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line: `file:line: what is wrong`."""
+
+
+def _as_list(paths: str | Sequence[str] | None) -> list[str]:
+    if paths is None:
+        return []
+    return [paths] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
+
+
+def _check_jsonl(path: Path, required: Sequence[str], any_of: Sequence[Sequence[str]]) -> int:
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            _check_row(row, required, any_of, f"{path}:{lineno}")
+            n += 1
+    return n
+
+
+def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str]], where: str) -> None:
+    for key in required:
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: missing field '{key}'")
+    for group in any_of:
+        if not any(row.get(k) is not None for k in group):
+            raise DataError(f"{where}: missing field, need one of {', '.join(repr(k) for k in group)}")
+    for key in ("prompt", "completion"):
+        if key in row and row[key] is not None and not isinstance(row[key], str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+
+
+def load_rows(
+    paths: str | Sequence[str],
+    required: Sequence[str] = (),
+    any_of: Sequence[Sequence[str]] = (),
+) -> datasets.Dataset:
+    """Load and concatenate JSONL / Parquet files and `save_to_disk` directories into one Dataset.
+
+    `required`: fields every row must have; `any_of`: groups of which at least one field is needed.
+    """
+    parts = []
+    for raw in _as_list(paths):
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        if path.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError as err:
+                raise DataError(f"{path}: not a datasets.save_to_disk directory ({err})") from None
+            if isinstance(ds, datasets.DatasetDict):
+                raise DataError(f"{path}: is a DatasetDict ({', '.join(ds)}); point at one split's directory")
+            for i, row in enumerate(ds):
+                _check_row(row, required, any_of, f"{path}: row {i}")
+        elif path.suffix in (".jsonl", ".json"):
+            if _check_jsonl(path, required, any_of) == 0:
+                raise DataError(f"{path}: no rows (empty file)")
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        elif path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            for i, row in enumerate(ds):
+                _check_row(row, required, any_of, f"{path}: row {i}")
+        else:
+            raise DataError(f"{path}: unsupported format (use .jsonl, .parquet or a save_to_disk directory)")
+        if len(ds) == 0:
+            raise DataError(f"{path}: no rows (empty dataset)")
+        parts.append(ds)
+    if not parts:
+        raise DataError("no data files given")
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

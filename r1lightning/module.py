@@ -1,0 +1,147 @@
+"""What SFT and GRPO share: the policy (built in `configure_model`), the optimizer and schedule,
+held-out accuracy by generation, throughput logging and the `save_pretrained` export."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+
+from r1lightning.policy import Policy, export_pretrained
+from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class PolicyModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: Policy,
+        optimizer: OptimizerCallable = default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        router_aux_loss_coef: float | None = None,
+        val_sampler: Sampler | None = None,
+        val_max_new_tokens: int = 64,
+        export_dir: str | None = None,
+    ):
+        """
+        Args:
+            policy: the model and tokenizer (see `r1lightning.Policy`).
+            optimizer: e.g. `class_path: torch.optim.AdamW` with `init_args: {lr: 1e-4}`.
+            warmup_steps: linear warmup from 0 to the optimizer's lr.
+            lr_schedule: `cosine` (decay to `min_lr_ratio`·lr over the run) or `constant` (after warmup).
+            router_aux_loss_coef: weight of the MoE load-balancing loss; None uses the model config's
+                `router_aux_loss_coef`; 0 disables it. Ignored for dense models.
+            val_sampler: how validation generates (greedy); defaults to transformers' `generate`.
+            val_max_new_tokens: generation budget for held-out accuracy.
+            export_dir: where `save_pretrained` writes model + tokenizer at the end of fit.
+        """
+        super().__init__()
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule: {lr_schedule!r} is not one of cosine, constant")
+        self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler"])
+        self.policy = policy
+        self.optimizer_factory = optimizer
+        self.tokenizer = policy.build_tokenizer()  # cheap; the data module reads it in setup
+        self.model = None
+        self.val_sampler = val_sampler or HFGenerateSampler(return_logprobs=False)
+        self.val_accuracy = MeanMetric()
+        self._step_started = None
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model, _ = self.policy.build()
+        config = self.model.config
+        self.is_moe = hasattr(config, "router_aux_loss_coef")
+        coef = self.hparams.router_aux_loss_coef
+        self.aux_coef = (config.router_aux_loss_coef if coef is None else coef) if self.is_moe else 0.0
+
+    def forward_logits(self, input_ids, attention_mask=None, position_ids=None, model=None):
+        """One forward; returns (logits [N, T, V], load-balancing loss or None).
+
+        With left padding the positions must follow the mask, as `generate` does; transformers'
+        default (0..T-1) would shift every left-padded row.
+        """
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        model = model or self.model
+        kwargs = {"output_router_logits": True} if self.is_moe and self.aux_coef > 0 else {}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        return out.logits, getattr(out, "aux_loss", None)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.parameters())  # not the frozen reference
+        total = max(1, self.trainer.estimated_stepping_batches if self.trainer else 1)
+        warmup, floor, cosine = self.hparams.warmup_steps, self.hparams.min_lr_ratio, self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_started = time.perf_counter()
+        self.step_tokens = 0  # set by training_step: tokens processed in this step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Measured here so forward, backward and the optimizer step are all inside the interval.
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train/tokens_per_s", self.step_tokens / max(elapsed, 1e-9), on_step=True)
+        self.log("train/step_time", elapsed, on_step=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+
+    # -- held-out accuracy -------------------------------------------------------------------
+    def sampling_ids(self):
+        return self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+    def generate(self, prompt_ids, prompt_mask, params: SamplingParams, sampler: Sampler | None = None):
+        eos, pad = self.sampling_ids()
+        return (sampler or self.val_sampler).generate(self.model, prompt_ids, prompt_mask, params, eos, pad)
+
+    def decode(self, completion_ids) -> list[str]:
+        return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+    def validation_step(self, batch, batch_idx):
+        from r1lightning.rewards import get_reward
+
+        if not hasattr(self, "_accuracy_fn"):
+            self._accuracy_fn = get_reward("accuracy")
+        rollout = self.generate(batch["prompt_ids"], batch["prompt_mask"], SamplingParams(self.hparams.val_max_new_tokens, temperature=0.0))
+        completions = self.decode(rollout.completion_ids)
+        prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        scores = self._accuracy_fn(prompts, completions, **batch["columns"])
+        correct = torch.tensor([float(s or 0.0) for s in scores], device=self.device)
+        self.val_accuracy.update(correct)
+        if batch_idx == 0:
+            self.last_val_samples = list(zip(prompts[:4], completions[:4]))
+
+    def on_validation_epoch_end(self):
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
+        self.val_accuracy.reset()
+
+    # -- export ------------------------------------------------------------------------------
+    def on_fit_end(self):
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            path = export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
+            log.info("exported save_pretrained checkpoint to %s", Path(path).resolve())

@@ -1,0 +1,63 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from r1lightning import Policy
+from r1lightning.policy import export_pretrained
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             max_position_embeddings=128)
+ARCHS = {
+    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16),
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": {},
+    "llama": {},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_builds_from_config_and_round_trips_through_save_pretrained(model_type, tmp_path):
+    torch.manual_seed(0)
+    policy = Policy(config={"model_type": model_type, **SMALL, **ARCHS[model_type]}, tokenizer="char")
+    model, tok = policy.build()
+    assert model.config.vocab_size == len(tok) and model.config.pad_token_id == tok.pad_token_id
+    export_pretrained(model, tok, tmp_path / "export")
+
+    # Loaded back through the policy and through plain transformers: identical logits.
+    ours, our_tok = Policy(name_or_path=str(tmp_path / "export")).build()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    ids = torch.tensor([our_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]])
+    assert ids.tolist()[0] == plain_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    model.eval(), ours.eval(), plain.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_export_is_atomic_and_replaces_an_old_export(tmp_path, tiny_moe_config):
+    model, tok = Policy(config=tiny_moe_config, tokenizer="char").build()
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    export_pretrained(model, tok, target)
+    assert not (target / "stale.txt").exists() and (target / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp directory left behind
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match=f"policy.name_or_path: path does not exist: {missing}"):
+        Policy(name_or_path=missing, tokenizer="char").build()
+    with pytest.raises(FileNotFoundError, match="policy.tokenizer: path does not exist: ./nope"):
+        Policy(name_or_path=missing, tokenizer="./nope").build_tokenizer()
+
+
+def test_bad_policy_arguments():
+    with pytest.raises(ValueError, match="exactly one of"):
+        Policy()
+    with pytest.raises(ValueError, match="missing key `model_type`"):
+        Policy(config={"hidden_size": 8})
