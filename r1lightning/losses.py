@@ -1,0 +1,187 @@
+"""GRPO-family losses as pure tensor functions.
+
+Shapes: N sequences in a (micro-)batch, C completion tokens, G completions per
+prompt. Sequences are ordered group by group: rows ``i*G .. i*G+G-1`` belong to
+prompt ``i``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_advantages",
+    "k3_kl",
+    "zero_variance_groups",
+    "mask_truncated",
+    "grpo_loss",
+    "AGGREGATIONS",
+]
+
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B*G], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)  # [B, G]
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages ``(r - group mean) / (std + eps)``.
+
+    ``scale``: ``"group"`` divides by the group's std (GRPO), ``"batch"`` by the
+    std of all rewards (more robust when groups are small), ``"none"`` does not
+    scale (Dr. GRPO). The std is the unbiased one (``torch.std`` default, as in
+    TRL), so values match TRL's for the same rewards; a single-element group or
+    batch has std 0 rather than NaN.
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    if scale == "none":
+        return centered.reshape(-1)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])  # [B, 1]
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())  # []
+    else:
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
+    return (centered / (std + eps)).reshape(-1)  # [B*G]
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(policy || ref), per token: ``exp(d) - d - 1``, d = ref - logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool, True where every reward in the group is equal (no learning signal; DAPO drops these)."""
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    return (grouped == grouped[:, :1]).all(dim=1)  # [B]
+
+
+def mask_truncated(completion_mask: Tensor, truncated: Tensor) -> Tensor:
+    """Zero the mask rows of truncated completions (DAPO overlong filtering). [N, C] -> [N, C]."""
+    keep = (~truncated.bool()).to(completion_mask.dtype)  # [N]
+    return completion_mask * keep[:, None]  # [N, C]
+
+
+def _count(x) -> float | Tensor:
+    # Global counts may arrive as all-reduced tensors; an empty batch must give 0, not NaN.
+    return x.float().clamp(min=1) if isinstance(x, Tensor) else max(float(x), 1.0)
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    aggregation: str = "grpo",
+    max_completion_length: int | None = None,
+    num_sequences: int | Tensor | None = None,
+    num_tokens: int | Tensor | None = None,
+    num_micro_batches: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-surrogate GRPO loss with optional k3 KL penalty.
+
+    Args:
+        logp: [N, C] token log-probs under the current policy (carries grad).
+        old_logp: [N, C] log-probs under the sampling policy (``logp.detach()``
+            when there is a single update per generation batch).
+        advantages: [N] per-sequence advantages.
+        mask: [N, C] 1 for completion tokens, 0 for padding / filtered rows.
+            Values of the log-prob tensors at masked positions are ignored
+            (they may even be -inf).
+        ref_logp: [N, C] reference-model log-probs; required when ``beta > 0``.
+        delta: caps the unclipped ratio at ``delta`` (two-sided clipping, which
+            bounds the loss for negative advantages with large ratios).
+        aggregation: how token losses are reduced. Each mode is normalised so
+            that summing the returned loss over the micro-batches of one
+            generation batch equals the loss over the whole batch:
+            ``grpo``: mean over tokens per sequence, summed, / ``num_sequences``;
+            ``bnpo``: token sum / this micro-batch's tokens / ``num_micro_batches``;
+            ``dr_grpo``: token sum / (``num_sequences`` * ``max_completion_length``);
+            ``dapo``: token sum / ``num_tokens``.
+        num_sequences: sequences in the whole generation batch (default N).
+        num_tokens: completion tokens in the whole generation batch (default: this mask's sum).
+
+    Returns:
+        ``(loss, metrics)``: scalar loss and detached masked token means over this
+        micro-batch: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean`` and ``kl`` (if ``beta > 0`` or ``ref_logp`` given).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            f"logp, old_logp and mask must share shape [N, C]; got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [N]={logp.shape[0]}, got {tuple(advantages.shape)}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
+
+    on = mask.bool()  # [N, C]
+    m = on.float()  # [N, C]
+    # Loss math in fp32 (bf16 ratios near 1 lose the signal). Masked positions are set to 0
+    # before any arithmetic so padding values (even -inf) give ratio 1, KL 0 and zero grad.
+    logp = torch.where(on, logp.float(), 0.0)  # [N, C]
+    ratio = torch.exp(logp - torch.where(on, old_logp.float(), 0.0))  # [N, C]
+    adv = advantages.float()[:, None]  # [N, 1]
+
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # [N, C]
+    per_token = -torch.min(unclipped * adv, clipped * adv)  # [N, C]
+
+    kl = None
+    if ref_logp is not None:
+        kl = k3_kl(logp, torch.where(on, ref_logp.float(), 0.0))  # [N, C]; 0 where masked
+        if beta > 0:
+            per_token = per_token + beta * kl
+    per_token = per_token * m  # [N, C]
+
+    n_tok = m.sum()  # []
+    if aggregation == "grpo":
+        per_seq = per_token.sum(dim=1) / m.sum(dim=1).clamp(min=1)  # [N]; empty rows give 0
+        denom = max(logp.shape[0], 1) if num_sequences is None else _count(num_sequences)
+        loss = per_seq.sum() / denom
+    elif aggregation == "bnpo":
+        loss = per_token.sum() / n_tok.clamp(min=1) / num_micro_batches
+    elif aggregation == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("aggregation='dr_grpo' needs max_completion_length")
+        seqs = max(logp.shape[0], 1) if num_sequences is None else _count(num_sequences)
+        loss = per_token.sum() / (seqs * max_completion_length)
+    else:  # dapo
+        denom = n_tok.clamp(min=1) if num_tokens is None else _count(num_tokens)
+        loss = per_token.sum() / denom
+
+    with torch.no_grad():
+        denom_tok = n_tok.clamp(min=1)
+
+        def masked_mean(x: Tensor) -> Tensor:
+            return (x.float() * m).sum() / denom_tok
+
+        low = (ratio < 1 - epsilon_low) & (adv < 0)  # [N, C]
+        high = (ratio > 1 + epsilon_high) & (adv > 0)  # [N, C]
+        metrics = {
+            "clip_ratio/low_mean": masked_mean(low),
+            "clip_ratio/high_mean": masked_mean(high),
+            "clip_ratio/region_mean": masked_mean(low | high),
+        }
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl)
+    return loss, metrics
