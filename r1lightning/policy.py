@@ -35,6 +35,7 @@ class Policy:
         config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         moe_backend: str = "auto",
+        moe_recompute_activation: bool = False,
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
@@ -50,6 +51,8 @@ class Policy:
             tokenizer: a directory, a hub id, or `char` for the embedded tokenizer. Defaults to
                 `name_or_path`.
             moe_backend: `auto`, `megablocks`, `grouped_mm` or `eager` (how expert FFNs run).
+            moe_recompute_activation: MegaBlocks only: recompute the experts' gated activation in
+                backward instead of storing it (less memory).
             dtype: weights dtype when loading (`float32`, `bfloat16`, `float16`); mixed precision is
                 the trainer's `precision`.
             attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`).
@@ -63,6 +66,7 @@ class Policy:
         self.config = dict(config) if config is not None else None
         self.tokenizer_name = tokenizer
         self.moe_backend = moe_backend
+        self.moe_recompute_activation = moe_recompute_activation
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
@@ -117,7 +121,7 @@ class Policy:
                 f"policy: tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                 f"{model.get_input_embeddings().num_embeddings}"
             )
-        backend = apply_moe_backend(model, self.moe_backend)
+        backend = apply_moe_backend(model, self.moe_backend, recompute_activation=self.moe_recompute_activation)
         log.info("policy: %s, %.2fM parameters, moe_backend=%s", type(model).__name__, count_parameters(model) / 1e6, backend)
         self.moe_backend_in_effect = backend
         if self.gradient_checkpointing:

@@ -1,16 +1,11 @@
-"""MoE expert backends. Placeholder until the MegaBlocks issue lands: only transformers' own."""
+"""MoE expert backends: MegaBlocks kernels on CUDA, transformers' `grouped_mm` / `eager` elsewhere.
+
+`apply_moe_backend(model, backend)` is the only entry point the rest of the project needs; see
+`backend.py` for when availability is decided, `megablocks_experts.py` for the MegaBlocks path.
+"""
 
 from __future__ import annotations
 
-BACKENDS = ("auto", "megablocks", "grouped_mm", "eager")
+from r1lightning.moe.backend import BACKENDS, MEGABLOCKS, apply_moe_backend, experts_modules, megablocks_status
 
-
-def apply_moe_backend(model, backend: str = "auto") -> str:
-    """Select how expert FFNs run; returns the backend in effect (logged by the caller)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"policy.moe_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
-        return "dense"
-    chosen = "grouped_mm" if backend in ("auto", "megablocks") else backend
-    model.set_experts_implementation(chosen)
-    return chosen
+__all__ = ["BACKENDS", "MEGABLOCKS", "apply_moe_backend", "experts_modules", "megablocks_status"]

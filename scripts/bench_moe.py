@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""MoE expert backends on one GPU at OLMoE-1B-7B shape: (a) one MoE layer forward+backward,
+(b) whole-model training step (forward, backward, AdamW), (c) peak memory, and a kernel-time profile.
+
+    python3 scripts/bench_moe.py                 # Markdown tables on stdout
+    python3 scripts/bench_moe.py --json out.json # also write the numbers as JSON ('-' = stdout only)
+
+FLOP counts (stated so the TFLOP/s and MFU can be checked):
+  layer:  expert GEMMs only = 3 GEMMs (gate, up, down) x 2 x tokens x top_k x H x F x (1 fwd + 2 bwd)
+  model:  6 x active params x tokens + attention 6 x B x s^2 x H x L (QK^T and PV, fwd+bwd, causal
+          half); active params = per layer (4 H^2 attention + H E router + 3 k H F experts) + lm_head,
+          input embedding excluded (a lookup).
+MFU is against the H200's dense bf16 spec (989 TFLOP/s) and the ~790 TFLOP/s a plain bf16 matmul
+reaches on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from r1lightning.moe import experts_modules, megablocks_status
+from r1lightning.moe.megablocks_experts import PAD_ROWS, register
+
+PEAK_SPEC, PEAK_MEASURED = 989e12, 790e12
+VARIANTS = {
+    "eager": dict(impl="eager"),
+    "grouped_mm": dict(impl="grouped_mm"),
+    "megablocks": dict(impl="megablocks"),
+    "megablocks_recompute": dict(impl="megablocks", recompute=True),
+    "megablocks_unfused_gate": dict(impl="megablocks", fused=False),
+    "megablocks_unpadded": dict(impl="megablocks", pad=0),
+}
+GiB = 2**30
+
+
+def set_variant(module, config, name):
+    v = VARIANTS[name]
+    if v["impl"] == "megablocks":
+        register()
+    config._experts_implementation = v["impl"]
+    for _, m in experts_modules(module):
+        m._r1l_recompute_activation = v.get("recompute", False)
+        m._r1l_fused_gate = v.get("fused", True)
+        m._r1l_pad_rows = v.get("pad", PAD_ROWS)
+
+
+def time_cuda(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), times
+
+
+def olmoe_config(layers, **kw):
+    from transformers import OlmoeConfig
+
+    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                      max_position_embeddings=4096, output_router_logits=True, router_aux_loss_coef=0.01,
+                      pad_token_id=1, bos_token_id=None, eos_token_id=50279, **kw)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- (a)
+
+
+def bench_layer(args, out):
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    cfg = olmoe_config(1)
+    H, F, E, K, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, args.tokens
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        block = OlmoeSparseMoeBlock(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    # a fresh batch every iteration: routing (so each expert's row count) changes as in training
+    xs = [torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16) for _ in range(args.warmup + args.iters)]
+    x = xs[0].requires_grad_(True)
+    dy = torch.randn_like(x)
+    with torch.no_grad():
+        seen = []
+        hook = block.experts.register_forward_pre_hook(lambda mod, a: seen.append(a[1]))
+        set_variant(block, cfg, "grouped_mm")
+        block(xs[0])
+        hook.remove()
+        load = torch.bincount(seen[0].flatten(), minlength=E)
+    flops = 3 * 2 * T * K * H * F * 3
+    out["layer"] = dict(shape=dict(tokens=T, hidden=H, experts=E, top_k=K, ffn=F, dtype="bfloat16"),
+                        expert_flops=flops, tokens_per_expert_min=int(load.min()), tokens_per_expert_max=int(load.max()),
+                        rows=[])
+
+    it = [0]
+
+    def fwd(inp=None):
+        y = block(x if inp is None else inp)
+        return y[0] if isinstance(y, tuple) else y
+
+    def step():
+        inp = xs[it[0] % len(xs)].requires_grad_(True)
+        it[0] += 1
+        inp.grad = None
+        for p in block.parameters():
+            p.grad = None
+        fwd(inp).backward(dy)
+
+    ref = None
+    for name in args.layer_backends:
+        set_variant(block, cfg, name)
+        try:
+            with torch.no_grad():
+                y = fwd().float()
+            if ref is None:
+                ref = y
+            err = ((y - ref).norm() / ref.norm()).item()
+            ms, times = time_cuda(step, args.warmup, args.iters if name != "eager" else max(3, args.iters // 3))
+            step()
+            torch.cuda.synchronize()
+            x.grad = None
+            for p in block.parameters():
+                p.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            y = fwd()
+            saved = torch.cuda.memory_allocated() - base
+            y.backward(dy)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            del y
+            row = dict(backend=name, median_ms=ms, min_ms=min(times), tflops=flops / ms / 1e9,
+                       saved_activations_gib=saved / GiB, peak_gib=peak / GiB, rel_err_vs_first=err)
+        except Exception as exc:  # keep the other rows
+            traceback.print_exc()
+            row = dict(backend=name, error=f"{type(exc).__name__}: {exc}")
+        out["layer"]["rows"].append(row)
+        print(f"[layer] {row}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- (b)
+
+
+def active_params(cfg):
+    H, F, E, K, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    per_layer = 4 * H * H + H * E + 3 * K * H * F
+    return L * per_layer + cfg.vocab_size * H
+
+
+def bench_model(args, out):
+    from transformers import AutoModelForCausalLM
+
+    cfg = olmoe_config(args.layers)
+    B, S = args.batch, args.seq
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_active = active_params(cfg)
+    flops = 6 * n_active * B * S + 6 * B * S * S * cfg.hidden_size * cfg.num_hidden_layers
+    # bf16 weights + fused AdamW: fp32 master weights + fp32 Adam state for 6.9 B parameters is 110 GB
+    # before activations; see docs/benchmarks.md.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(2, cfg.vocab_size, (B, S), device="cuda")
+    out["model"] = dict(layers=cfg.num_hidden_layers, params=n_params, active_params=n_active, batch=B, seq=S,
+                        step_flops=flops, weights="bfloat16", optimizer="torch.optim.AdamW(fused=True), bf16 state",
+                        rows=[])
+
+    def step():
+        res = model(input_ids=ids, labels=ids)
+        res.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name in args.model_backends:
+        set_variant(model, model.config, name)
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            steps = args.steps if name != "eager" else 3
+            ms, times = time_cuda(step, args.warmup if name != "eager" else 1, steps)
+            row = dict(backend=name, median_ms=ms, min_ms=min(times), tokens_per_s=B * S / ms * 1e3,
+                       tflops=flops / ms / 1e9, mfu_spec=flops / ms * 1e3 / PEAK_SPEC,
+                       mfu_measured_peak=flops / ms * 1e3 / PEAK_MEASURED,
+                       peak_gib=torch.cuda.max_memory_allocated() / GiB)
+        except Exception as exc:
+            traceback.print_exc()
+            row = dict(backend=name, error=f"{type(exc).__name__}: {exc}")
+        out["model"]["rows"].append(row)
+        print(f"[model] {row}", file=sys.stderr, flush=True)
+
+    if args.profile:
+        out["profile"] = {}
+        for name in args.profile:
+            set_variant(model, model.config, name)
+            try:
+                out["profile"][name] = profile_steps(step, 2)
+            except Exception as exc:
+                traceback.print_exc()
+                out["profile"][name] = dict(error=f"{type(exc).__name__}: {exc}")
+    del model, opt
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- profile
+
+BUCKETS = [  # first match wins; kernel names lower-cased
+    ("MegaBlocks gather/scatter (Triton)", r"_padded_copy|_binned_copy"),
+    ("fused SwiGLU (Triton)", r"_r1l_swiglu"),
+    ("sort/histogram/scan (CUB)", r"radix|histogram|devicescan|cub::|scan_kernel|sort"),
+    ("attention (SDPA)", r"flash|fmha|attention|sdpa|efficient"),
+    ("GEMM (experts + dense)", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas|matmul|grouped_mm"),
+    ("AdamW (fused)", r"adam|multi_tensor|foreach"),
+    ("index/gather/scatter (torch)", r"index|gather|scatter|put_|take"),
+    ("cross-entropy/softmax", r"softmax|log_softmax|nll|cross_entropy"),
+    ("memcpy/memset", r"memcpy|memset"),
+    ("elementwise/reduction/other", r"."),
+]
+
+
+def profile_steps(step, n):
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]  # not ranges like Optimizer.step#AdamW.step
+    buckets, by_name, spans = {b: 0.0 for b, _ in BUCKETS}, {}, []
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        name = e.name.lower()
+        bucket = next(b for b, rx in BUCKETS if re.search(rx, name))
+        buckets[bucket] += us / 1e3 / n
+        by_name[e.name[:90]] = by_name.get(e.name[:90], 0.0) + us / 1e3 / n
+        spans.append((e.time_range.start, e.time_range.end))
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, t in spans:  # union of kernel intervals: what the GPU was doing at all
+        if cur_e is None or s > cur_e:
+            busy += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, t
+        else:
+            cur_e = max(cur_e, t)
+    busy += 0 if cur_e is None else cur_e - cur_s
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    cpu = sorted(((a.key, a.self_cpu_time_total / 1e3 / n, a.count // n) for a in prof.key_averages()
+                  if a.self_cpu_time_total > 0), key=lambda t: -t[1])[:8]
+    return dict(wall_ms_per_step=wall, gpu_busy_ms_per_step=busy / 1e3 / n,
+                buckets_ms={k: v for k, v in buckets.items() if v > 0}, top_kernels_ms=dict(top),
+                top_cpu_ops=[dict(op=k[:80], self_cpu_ms=t, calls=c) for k, t, c in cpu])
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def markdown(out):
+    lines = [f"date {out['date']}, {out['device']}, torch {out['torch']}, transformers {out['transformers']}, "
+             f"megablocks {out['megablocks']}", ""]
+    if "layer" in out:
+        la = out["layer"]
+        s = la["shape"]
+        lines += [f"(a) one MoE layer fwd+bwd: {s['tokens']} tokens, H {s['hidden']}, {s['experts']} experts, "
+                  f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}; expert FLOPs {la['expert_flops'] / 1e12:.2f} T; "
+                  f"tokens per expert {la['tokens_per_expert_min']}..{la['tokens_per_expert_max']}", "",
+                  "| backend | median ms | min ms | expert TFLOP/s | saved activations GiB | peak GiB | rel. err. |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in la["rows"]:
+            lines.append(f"| {r['backend']} | error: {r['error']} |" if "error" in r else
+                         f"| {r['backend']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['tflops']:.0f} | "
+                         f"{r['saved_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['rel_err_vs_first']:.1e} |")
+        lines.append("")
+    if "model" in out:
+        mo = out["model"]
+        lines += [f"(b) training step, OLMoE-1B-7B shape, {mo['layers']} layers, {mo['params'] / 1e9:.2f} B params "
+                  f"({mo['active_params'] / 1e9:.3f} B active), {mo['batch']} x {mo['seq']} tokens, "
+                  f"{mo['weights']} weights, {mo['optimizer']}; {mo['step_flops'] / 1e12:.1f} TFLOP per step", "",
+                  "| backend | median ms/step | tokens/s | TFLOP/s | MFU (989 spec) | MFU (790 measured) | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in mo["rows"]:
+            lines.append(f"| {r['backend']} | error: {r['error']} |" if "error" in r else
+                         f"| {r['backend']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+                         f"{100 * r['mfu_spec']:.1f}% | {100 * r['mfu_measured_peak']:.1f}% | {r['peak_gib']:.1f} |")
+        lines.append("")
+    for name, p in out.get("profile", {}).items():
+        if "error" in p:
+            lines += [f"profile {name}: error {p['error']}", ""]
+            continue
+        lines += [f"profile of one training step, {name}: wall {p['wall_ms_per_step']:.1f} ms, "
+                  f"GPU busy {p['gpu_busy_ms_per_step']:.1f} ms (profiler on)", "", "| kernels | ms/step |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in sorted(p["buckets_ms"].items(), key=lambda kv: -kv[1])]
+        lines += ["", "| top kernels | ms/step |", "| --- | --- |"]
+        lines += [f"| `{k}` | {v:.1f} |" for k, v in p["top_kernels_ms"].items()]
+        lines += ["", "| top CPU ops (self time, profiler on) | ms/step | calls/step |", "| --- | --- | --- |"]
+        lines += [f"| `{c['op']}` | {c['self_cpu_ms']:.1f} | {c['calls']} |" for c in p.get("top_cpu_ops", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384, help="(a) tokens through the layer")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layer-backends", nargs="*", default=["eager", "grouped_mm", "megablocks", "megablocks_recompute",
+                                                           "megablocks_unfused_gate", "megablocks_unpadded"])
+    ap.add_argument("--model-backends", nargs="*", default=["grouped_mm", "megablocks", "megablocks_recompute",
+                                                           "megablocks_unpadded"])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", nargs="*", default=["grouped_mm", "megablocks"], help="backends to profile")
+    ap.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH ('-': stdout only)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe.py needs a CUDA GPU")
+    import transformers
+
+    ok, reason = megablocks_status()
+    mb = "unavailable: " + reason
+    if ok:
+        import megablocks
+
+        mb = getattr(megablocks, "__version__", "ok")
+    else:
+        args.layer_backends = [b for b in args.layer_backends if not b.startswith("megablocks")]
+        args.model_backends = [b for b in args.model_backends if not b.startswith("megablocks")]
+        args.profile = [b for b in args.profile if not b.startswith("megablocks")]
+    out = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(0), torch=torch.__version__,
+               transformers=transformers.__version__, megablocks=mb)
+    if args.layer_backends:
+        bench_layer(args, out)
+    torch.cuda.empty_cache()
+    if args.model_backends:
+        bench_model(args, out)
+    if args.json != "-":
+        print(markdown(out))
+    if args.json:
+        text = json.dumps(out, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+
+
+if __name__ == "__main__":
+    main()
