@@ -29,14 +29,27 @@ def _has_omegaconf() -> bool:
     return True
 
 
+# Project commands that are not Trainer methods: `r1lightning <name> ...` runs `module:main(argv)`.
+PROJECT_COMMANDS = {
+    "pipeline": "r1lightning.pipeline:main",
+    "export": "r1lightning.export:main",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("R1L_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in PROJECT_COMMANDS:
+        import importlib
+
+        module, func = PROJECT_COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
     # Library modules import their optional pieces lazily; the CLI imports the classes YAML may name.
     import r1lightning.grpo  # noqa: F401
     import r1lightning.sft  # noqa: F401
     import r1lightning.data  # noqa: F401
 
-    R1CLI(args=args)
+    R1CLI(args=argv)
 
 
 if __name__ == "__main__":

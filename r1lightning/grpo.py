@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from r1lightning.losses import grpo_loss, group_advantages, mask_truncated, zero_variance_groups
-from r1lightning.module import PolicyModule, default_optimizer
+from r1lightning.module import PolicyModule
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer
 from r1lightning.rollout import Rollout, Sampler, SamplingParams
@@ -35,7 +35,7 @@ class GRPOModule(PolicyModule):
         self,
         policy: Policy,
         rewards: list[Reward],
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerCallable | None = None,
         sampler: Sampler | None = None,
         num_generations: int = 8,
         max_new_tokens: int = 64,
@@ -226,7 +226,7 @@ class GRPOModule(PolicyModule):
                 metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
-                sums["loss"] = sums.get("loss", 0.0) + float(loss) / h.num_iterations
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / h.num_iterations
             if h.max_grad_norm:
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm))
             opt.step()

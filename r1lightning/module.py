@@ -19,15 +19,11 @@ from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def default_optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-
-
 class PolicyModule(L.LightningModule):
     def __init__(
         self,
         policy: Policy,
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerCallable | None = None,
         warmup_steps: int = 0,
         lr_schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
@@ -39,7 +35,7 @@ class PolicyModule(L.LightningModule):
         """
         Args:
             policy: the model and tokenizer (see `r1lightning.Policy`).
-            optimizer: e.g. `class_path: torch.optim.AdamW` with `init_args: {lr: 1e-4}`.
+            optimizer: e.g. `class_path: torch.optim.AdamW` with `init_args: {lr: 1e-4}` (the default).
             warmup_steps: linear warmup from 0 to the optimizer's lr.
             lr_schedule: `cosine` (decay to `min_lr_ratio`·lr over the run) or `constant` (after warmup).
             router_aux_loss_coef: weight of the MoE load-balancing loss; None uses the model config's
@@ -85,7 +81,11 @@ class PolicyModule(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.parameters())  # not the frozen reference
+        params = self.model.parameters()  # not the frozen reference
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
         total = max(1, self.trainer.estimated_stepping_batches if self.trainer else 1)
         warmup, floor, cosine = self.hparams.warmup_steps, self.hparams.min_lr_ratio, self.hparams.lr_schedule == "cosine"
 

@@ -1,0 +1,131 @@
+import copy
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from r1lightning.cli import R1CLI
+from r1lightning.grpo import GRPOModule
+from r1lightning.policy import Policy
+from r1lightning.rewards import Reward
+from r1lightning.rollout import HFGenerateSampler, SamplingParams
+from tests import trl_style_reward
+
+ROWS = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b), "source": f"row{i}"} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8)])]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def tiny_module(tiny_moe_config, **kwargs):
+    torch.manual_seed(0)
+    args = dict(num_generations=4, max_new_tokens=6, micro_batch_size=16, beta=0.04)
+    args.update(kwargs)
+    module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], **args)
+    module.configure_model()
+    return module
+
+
+def test_trl_reward_from_yaml_gets_the_dataset_columns(prompts_file, tmp_path, tiny_moe_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+            "rewards": [{"fn": "tests.trl_style_reward.my_reward", "weight": 1.0}, {"fn": "format", "weight": 0.5}],
+            "num_generations": 4, "max_new_tokens": 6, "num_iterations": 2, "micro_batch_size": 3,
+            "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts_file), "batch_size": 2}},
+    }
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(json.dumps(config))
+    trl_style_reward.CALLS.clear()
+    cli = R1CLI(args=["fit", "-c", str(cfg)])
+    # 2 batches of prompts x mu=2 optimizer steps each.
+    assert cli.trainer.global_step == 4
+    first = trl_style_reward.CALLS[0]
+    assert len(first["answer"]) == 8  # 2 prompts x G=4, each gold answer repeated per completion
+    assert first["answer"][:4] == [first["answer"][0]] * 4
+    assert set(first["kwargs"]["source"]) <= {r["source"] for r in ROWS}
+    assert "completion_ids" in first["kwargs"] and "prompt" in first["kwargs"]
+    logged = cli.trainer.logged_metrics
+    for key in ("train/reward", "train/reward_std", "train/rewards/my_reward/mean", "train/frac_reward_zero_std", "train/kl",
+                "train/clip_ratio/low_mean", "train/clip_ratio/high_mean", "train/clip_ratio/region_mean", "train/entropy",
+                "train/completions/mean_length", "train/completions/clipped_ratio", "train/time/rollout", "train/time/train",
+                "train/tokens_per_s"):
+        assert key in logged, key
+
+
+def _fixed_rollout(module):
+    tok = module.tokenizer
+    texts = ["<|user|>What is 1+2?<|end|><|assistant|>", "<|user|>What is 13+24?<|end|><|assistant|>"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    prompt_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids]).repeat_interleave(4, 0)
+    prompt_mask = (prompt_ids != 0).long()
+    torch.manual_seed(1)
+    return HFGenerateSampler().generate(module.model, prompt_ids, prompt_mask, SamplingParams(6), tok.eos_token_id, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batching_gives_the_same_update_as_one_batch(tiny_moe_config, aggregation):
+    """Gradient accumulation over uneven micro-batches must equal the full-batch gradient."""
+    results = []
+    for micro in (8, 3):
+        module = tiny_module(tiny_moe_config, micro_batch_size=micro, aggregation=aggregation, router_aux_loss_coef=0.0)
+        rollout = _fixed_rollout(module)
+        advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
+        module.trainer = None
+        grads = {}
+
+        class Opt:  # records the accumulated gradient instead of stepping
+            param_groups = [{"lr": 0.0}]
+
+            def step(self):
+                grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
+
+            def zero_grad(self, set_to_none=True):
+                module.model.zero_grad()
+
+        module.optimizers = lambda: Opt()
+        module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
+        module.manual_backward = lambda loss: loss.backward()
+        ref = module.frozen_logprobs(rollout, module.ref_model)
+        module.optimise(rollout, advantages, rollout.completion_mask.float(), None, ref)
+        results.append(grads)
+    assert results[0].keys() == results[1].keys() and results[0]
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-7)
+
+
+def test_training_logprobs_match_the_sampler_with_left_padding(tiny_moe_config):
+    """Positions follow the attention mask, so the training forward reproduces generate's log-probs."""
+    module = tiny_module(tiny_moe_config, temperature=1.0)
+    rollout = _fixed_rollout(module)
+    module.model.eval()
+    with torch.no_grad():
+        logp, _, _ = module.completion_logprobs(rollout, slice(None))
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logp[mask], rollout.logprobs[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_beta_zero_loads_no_reference(tiny_moe_config):
+    assert tiny_module(tiny_moe_config, beta=0.0).ref_model is None
+    module = tiny_module(tiny_moe_config, beta=0.1)
+    assert module.ref_model is not None and not any(p.requires_grad for p in module.ref_model.parameters())
+    names = {id(p) for g in module.configure_optimizers.__self__.model.parameters() for p in [g]}
+    assert not names & {id(p) for p in module.ref_model.parameters()}
+
+
+def test_bad_options_are_rejected(tiny_moe_config):
+    with pytest.raises(ValueError, match="aggregation: 'mean'"):
+        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], aggregation="mean")
+    with pytest.raises(ValueError, match="unknown|not registered|accuraccy"):
+        Reward("accuraccy")
