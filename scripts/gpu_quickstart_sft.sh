@@ -23,6 +23,6 @@ print(vals[-1])
 PY
 )
     backend_used=$(grep -o "moe_backend=[a-z_]*" "$run/log.txt" | head -1)
-    printf "seed %s  %-10s  %s  val/accuracy %s  wall %.1f s\n" "$seed" "$backend" "$backend_used" "$acc" "$(echo "$end - $start" | bc)"
+    printf "seed %s  %-10s  %s  val/accuracy %s  wall %.1f s\n" "$seed" "$backend" "$backend_used" "$acc" "$(python3 -c "print($end - $start)")"
   done
 done
