@@ -1,1 +1,14 @@
-"""Stage callbacks (importable as `r1lightning.callbacks`)."""
+"""Stage callbacks (importable as `r1lightning.callbacks`): add them to `trainer.callbacks` in YAML.
+
+    trainer:
+      callbacks:
+        - class_path: r1lightning.callbacks.ReferenceModelRefresh
+          init_args: {every_n_steps: 400}
+"""
+
+from r1lightning.callbacks.benchmark import BenchmarkEval
+from r1lightning.callbacks.reference import ReferenceModelRefresh, refresh_reference
+from r1lightning.callbacks.rejection import RejectionSampling
+from r1lightning.callbacks.report import StageReport
+
+__all__ = ["BenchmarkEval", "ReferenceModelRefresh", "RejectionSampling", "StageReport", "refresh_reference"]
