@@ -5,6 +5,7 @@ never care which engine produced it.
 """
 
 from r1lightning.rollout.base import Rollout, Sampler, SamplingParams
+from r1lightning.rollout.engine import StaticCacheSampler
 from r1lightning.rollout.hf import HFGenerateSampler
 
-__all__ = ["Rollout", "Sampler", "SamplingParams", "HFGenerateSampler"]
+__all__ = ["Rollout", "Sampler", "SamplingParams", "HFGenerateSampler", "StaticCacheSampler"]

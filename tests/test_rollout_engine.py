@@ -1,0 +1,224 @@
+"""The static-cache rollout engine on CPU (no CUDA graphs): same completions as transformers'
+`generate` under greedy decoding, log-probs equal to a training-style forward, sampling frequencies
+that match the filtered distribution."""
+
+import pytest
+import torch
+from scipy import stats
+
+from r1lightning.policy import Policy
+from r1lightning.rollout import HFGenerateSampler, SamplingParams, StaticCacheSampler
+from r1lightning.rollout import decode_experts
+from r1lightning.rollout.engine import filter_logits
+
+PROMPTS = ["12+34=", "5+6=", "999+1=", "7=", "abc", "x+y*z="]
+OLMOE = dict(model_type="olmoe", hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+             tie_word_embeddings=False)
+
+
+def build(config, **policy_kw):
+    torch.manual_seed(0)
+    # A wide init gives varied greedy continuations (the default init repeats one token).
+    model, tok = Policy(config=dict(config, initializer_range=0.5), tokenizer="char", **policy_kw).build()
+    return model.eval(), tok
+
+
+def encode(tok, prompts=PROMPTS):
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def pick_mid_batch_eos(model, tok, ids, mask, n):
+    """A token id that greedy decoding emits first at step >= 2 in some rows and never in others."""
+    unused = len(tok) + 1
+    free = HFGenerateSampler(return_logprobs=False).generate(model, ids, mask, SamplingParams(n, 0), unused, tok.pad_token_id)
+    rows = free.completion_ids
+    for t in torch.unique(rows).tolist():
+        hits = (rows == t)
+        first = [int(h.nonzero()[0]) if h.any() else None for h in hits]
+        if any(f is not None and 2 <= f < n - 2 for f in first) and any(f is None for f in first):
+            return t
+    raise AssertionError("no suitable EOS token for this seed")
+
+
+def training_logprobs(model, rollout, temperature):
+    """What GRPOModule.completion_logprobs computes: one forward over prompt + completion."""
+    ids, mask = rollout.input_ids(), rollout.attention_mask()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    P = rollout.prompt_ids.shape[1]
+    logits = logits[:, P - 1 : -1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_matches_generate_with_ragged_prompts_and_mid_batch_eos(arch, attn, tiny_moe_config):
+    config = tiny_moe_config if arch == "qwen3_moe" else OLMOE
+    model, tok = build(config, attn_implementation=attn)
+    ids, mask = encode(tok)
+    n = 16
+    eos = pick_mid_batch_eos(model, tok, ids, mask, n)
+    params = SamplingParams(n, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = StaticCacheSampler(kv_bucket=8, sync_every=2)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    # some rows stopped early, some ran to the limit
+    assert ref.truncated.any() and (~ref.truncated).any()
+    assert (ref.completion_lengths < n).any()
+    width = ref.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids[:, :width], ref.completion_ids)
+    assert (ours.completion_ids[:, width:] == tok.pad_token_id).all()
+    assert torch.equal(ours.completion_mask[:, :width], ref.completion_mask)
+    assert torch.equal(ours.truncated, ref.truncated)
+    torch.testing.assert_close(ours.logprobs[:, :width], ref.logprobs, atol=2e-5, rtol=0)
+    # the model is handed back as it came
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_stops_early_when_every_row_is_done(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, ["12+34="] * 3)
+    free = StaticCacheSampler().generate(model, ids, mask, SamplingParams(6, 0), len(tok) + 1, tok.pad_token_id)
+    eos = int(free.completion_ids[0, 2])  # identical prompts: every row emits it at step 2 (or earlier)
+    engine = StaticCacheSampler(sync_every=4)
+    out = engine.generate(model, ids, mask, SamplingParams(64, 0), eos, tok.pad_token_id)
+    assert engine.last_stats["steps"] == 4  # done after 3 tokens, noticed at the first check
+    assert out.completion_lengths.tolist() == [int((free.completion_ids[0] == eos).nonzero()[0]) + 1] * 3
+    assert not out.truncated.any()
+
+
+def test_logprobs_equal_training_forward(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    params = SamplingParams(12, temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    out = StaticCacheSampler(kv_bucket=4).generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        ref = training_logprobs(model, out, 0.7) * out.completion_mask
+    assert out.completion_mask.sum() > 20
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+    # the sampled tokens respect top-k: each one is among the 20 most likely at its step
+    assert (out.logprobs[out.completion_mask.bool()] > -30).all()
+
+
+def test_same_seed_same_completions_and_weight_updates_are_seen(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    engine = StaticCacheSampler()
+    params = SamplingParams(10, temperature=1.0, seed=11)
+    a = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    b = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    c = engine.generate(model, ids, mask, SamplingParams(10, temperature=1.0, seed=12), tok.eos_token_id, tok.pad_token_id)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # greedy: the engine and transformers agree; after an in-place update both see the new weights
+    greedy = SamplingParams(10, 0)
+    before = engine.generate(model, ids, mask, greedy, len(tok) + 1, tok.pad_token_id)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0) if not model.config.tie_word_embeddings else model.get_input_embeddings().weight.mul_(-1.0)
+    after = engine.generate(model, ids, mask, greedy, len(tok) + 1, tok.pad_token_id)
+    ref = HFGenerateSampler().generate(model, ids, mask, greedy, len(tok) + 1, tok.pad_token_id)
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    assert torch.equal(after.completion_ids, ref.completion_ids)
+
+
+def reference_filtered_probs(logits, temperature, top_k, top_p):
+    """Expected next-token distribution, written as transformers' warpers define it (temperature,
+    then top-k, then top-p on ascending cumulative probabilities)."""
+    x = logits / temperature
+    if top_k:
+        kth = x.topk(top_k).values[-1]
+        x = torch.where(x < kth, torch.tensor(float("-inf")), x)
+    if top_p < 1:
+        asc, order = x.sort()
+        cum = asc.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - top_p
+        remove[-1] = False
+        x = x.clone()
+        x[order[remove]] = float("-inf")
+    return x.softmax(-1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 12, 1.0), (1.3, 0, 0.8), (0.9, 30, 0.9)])
+def test_first_token_frequencies_match_the_distribution(temperature, top_k, top_p, tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, ["5+6="])
+    n = 4000
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].double()
+    probs = reference_filtered_probs(logits, temperature, top_k, top_p)
+    params = SamplingParams(1, temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+    out = StaticCacheSampler().generate(model, ids.expand(n, -1), mask.expand(n, -1), params, len(tok) + 1, tok.pad_token_id)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0  # nothing outside top-k / the nucleus
+    # chi-square over the supported tokens, pooling the rare ones so every expected count is >= 5
+    support = probs > 0
+    p, c = probs[support], counts[support]
+    order = p.argsort(descending=True)
+    p, c = p[order], c[order]
+    big = n * p >= 5
+    exp_counts = torch.cat([n * p[big], (n * p[~big]).sum().reshape(1)]) if (~big).any() else n * p[big]
+    obs = torch.cat([c[big], c[~big].sum().reshape(1)]) if (~big).any() else c[big]
+    assert support.sum() > 3
+    result = stats.chisquare(obs.numpy(), exp_counts.numpy() * obs.sum().item() / exp_counts.sum().item())
+    assert result.pvalue > 1e-3, (result, support.sum())
+    # and the returned log-prob is the unfiltered temperature-scaled one (what training recomputes)
+    full = torch.log_softmax(logits / temperature, -1).float()
+    torch.testing.assert_close(out.logprobs[:, 0], full[out.completion_ids[:, 0]], atol=1e-5, rtol=0)
+
+
+def test_filter_logits_top_p_keeps_the_smallest_nucleus():
+    x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(x, 0, 0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(x, 0, 0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = torch.isfinite(filter_logits(x, 1, 1.0 - 1e-9))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_min_new_tokens_suppresses_eos(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    out = StaticCacheSampler(min_new_tokens=16).generate(model, ids, mask, SamplingParams(16, 0), eos, tok.pad_token_id)
+    assert out.completion_lengths.tolist() == [16] * len(PROMPTS)
+    assert out.truncated.all()
+
+
+@pytest.mark.parametrize("mode", ["grouped_mm", "gather"])
+def test_decode_experts_match_transformers_grouped_mm(mode, tiny_moe_config):
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from r1lightning.moe import experts_modules
+
+    model, _ = build(tiny_moe_config)
+    _, experts = next(experts_modules(model))
+    experts._r1l_decode_mode = mode
+    torch.manual_seed(1)
+    for T in (1, 3, 16):
+        x = torch.randn(T, experts.gate_up_proj.shape[-1])
+        idx = torch.stack([torch.randperm(experts.num_experts)[:2] for _ in range(T)])
+        w = torch.rand(T, 2).softmax(-1)
+        assert decode_experts.choose_mode(experts, x) == mode
+        with torch.no_grad():
+            ours = decode_experts.decode_experts_forward(experts, x, idx, w)
+            ref = grouped_mm_experts_forward(experts, x, idx, w)
+        assert ((ours - ref).norm() / ref.norm()).item() < 1e-6  # fp32 summation order only
+
+
+def test_grpo_rollout_logprobs_match_the_module_forward(tiny_moe_config):
+    from tests.test_grpo import tiny_module
+
+    module = tiny_module(tiny_moe_config, sampler=StaticCacheSampler(), use_sampler_logprobs=True, max_new_tokens=5,
+                         temperature=0.8)
+    ids, mask = encode(module.tokenizer, ["1+2=", "30+4="])
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "columns": {"answer": ["3", "34"]}}
+    rollout, columns, total, _ = module.rollout(batch)
+    assert rollout.completion_ids.shape[0] == 8 and total.shape == (8,)
+    recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
+    torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
+    assert module.model.config._experts_implementation == "grouped_mm"
