@@ -116,7 +116,7 @@ class GRPOModule(PolicyModule):
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch["columns"].items()}
         rollout = self.generate(prompt_ids, prompt_mask, self.sampling, sampler=self.sampler)
         scores = self.score(rollout, columns)
-        return rollout, columns, scores.total, scores
+        return rollout, columns, scores.total.to(rollout.completion_ids.device), scores
 
     def score(self, rollout: Rollout, columns: dict):
         prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)

@@ -5,12 +5,12 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-/tmp/gpu_quickstart_sft}}
 mkdir -p "$out"
-for seed in 0 1; do
+for seed in ${SEEDS:-0 1}; do
   for backend in grouped_mm megablocks; do
     run="$out/$backend-seed$seed"
     mkdir -p "$run"
     start=$(date +%s.%N)
-    (cd "$run" && r1lightning fit -c "$root/configs/quickstart/sft.yaml" --seed_everything "$seed" \
+    (cd "$run" && r1lightning fit -c "$root/configs/quickstart/sft.yaml" --seed_everything "$seed" --trainer.max_steps "${STEPS:-250}" \
         --trainer.accelerator gpu --trainer.precision bf16-true --trainer.enable_progress_bar false \
         --model.init_args.policy.init_args.moe_backend "$backend" \
         --model.init_args.policy.init_args.dtype bfloat16 > "$run/log.txt" 2>&1)
