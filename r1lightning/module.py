@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
-from r1lightning.policy import Policy, export_pretrained
+from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class PolicyModule(L.LightningModule):
         val_sampler: Sampler | None = None,
         val_max_new_tokens: int = 64,
         export_dir: str | None = None,
+        max_nonfinite_in_a_row: int | None = 3,
     ):
         """
         Args:
@@ -43,6 +44,8 @@ class PolicyModule(L.LightningModule):
             val_sampler: how validation generates (greedy); defaults to transformers' `generate`.
             val_max_new_tokens: generation budget for held-out accuracy.
             export_dir: where `save_pretrained` writes model + tokenizer at the end of fit.
+            max_nonfinite_in_a_row: optimizer steps with a non-finite loss or gradient are skipped
+                (and counted in `train/nonfinite_skipped`); this many in a row stop the run (None: never).
         """
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
@@ -100,6 +103,16 @@ class PolicyModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self):
+        from r1lightning.strategies import ExactResume, NonFiniteGuard
+
+        return [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row)]
+
+    def on_save_checkpoint(self, checkpoint):
+        from r1lightning.export import META_KEY, checkpoint_metadata
+
+        checkpoint[META_KEY] = checkpoint_metadata(self)  # lets `r1lightning export` rebuild the model
+
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
         self.step_tokens = 0  # set by training_step: tokens processed in this step
@@ -116,8 +129,12 @@ class PolicyModule(L.LightningModule):
         return self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
 
     def generate(self, prompt_ids, prompt_mask, params: SamplingParams, sampler: Sampler | None = None):
+        from r1lightning.strategies import gathered
+
         eos, pad = self.sampling_ids()
-        return (sampler or self.val_sampler).generate(self.model, prompt_ids, prompt_mask, params, eos, pad)
+        gather = getattr(self._trainer.strategy, "gather_for_rollout", False) if self._trainer else False
+        with gathered(self.model, gather):  # FSDP: one all-gather per rollout, not one per token
+            return (sampler or self.val_sampler).generate(self.model, prompt_ids, prompt_mask, params, eos, pad)
 
     def decode(self, completion_ids) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -136,12 +153,20 @@ class PolicyModule(L.LightningModule):
         if batch_idx == 0:
             self.last_val_samples = list(zip(prompts[:4], completions[:4]))
 
+    def on_validation_epoch_start(self):
+        # Under bf16-true the module cast would make the metric's sums bf16 (≈ 3 significant digits).
+        self.val_accuracy.set_dtype(torch.float64)
+
     def on_validation_epoch_end(self):
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         self.val_accuracy.reset()
 
     # -- export ------------------------------------------------------------------------------
     def on_fit_end(self):
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            path = export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
-            log.info("exported save_pretrained checkpoint to %s", Path(path).resolve())
+        if self.hparams.export_dir:
+            from r1lightning.export import export_model
+
+            # Every rank: under FSDP gathering the shards is a collective.
+            path = export_model(self.model, self.tokenizer, self.hparams.export_dir, self.trainer.is_global_zero)
+            if path is not None:
+                log.info("exported save_pretrained checkpoint to %s", Path(path).resolve())
