@@ -239,8 +239,8 @@ class GRPOModule(PolicyModule):
         G = self.hparams.num_generations
         groups = total.view(-1, G)
         lengths = rollout.completion_lengths.float()
-        sampled = int(rollout.completion_mask.sum())
-        elapsed = t_rollout + t_ref + t_train
+        # train/tokens_per_s (sampled completion tokens over the whole step) is logged by PolicyModule.
+        self.step_tokens = int(rollout.completion_mask.sum())
         metrics = {
             "reward": total.mean(),
             "reward_std": groups.std(dim=1).mean(),
@@ -251,7 +251,6 @@ class GRPOModule(PolicyModule):
             "time/rollout": t_rollout,
             "time/reference": t_ref,
             "time/train": t_train,
-            "tokens_per_s": sampled / max(elapsed, 1e-9),
             "lr": self.optimizers().param_groups[0]["lr"],
             **stats,
         }
