@@ -141,7 +141,7 @@ def _from_metadata(meta: dict):
 def _from_config_file(config_path: Path):
     """The policy as the run's YAML describes it (config dict or pretrained directory/hub id)."""
     import yaml
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     cfg = yaml.safe_load(config_path.read_text()) or {}
     try:
@@ -151,16 +151,7 @@ def _from_config_file(config_path: Path):
     module_name, _, cls_name = spec.get("class_path", "r1lightning.Policy").rpartition(".")
     policy = getattr(importlib.import_module(module_name), cls_name)(**(spec.get("init_args") or {}))
     tokenizer = policy.build_tokenizer()
-    if policy.config is not None:  # as Policy.build does it
-        model_cfg = dict(policy.config)
-        model_type = model_cfg.pop("model_type")
-        model_cfg.setdefault("vocab_size", len(tokenizer))
-        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            if getattr(tokenizer, key, None) is not None:
-                model_cfg.setdefault(key, getattr(tokenizer, key))
-        config = AutoConfig.for_model(model_type, **model_cfg)
-    else:
-        config = AutoConfig.from_pretrained(policy.name_or_path, revision=policy.revision, trust_remote_code=policy.trust_remote_code)
+    config = policy.model_config(tokenizer)
     generation = GenerationConfig.from_model_config(config)
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     return config, generation, tokenizer

@@ -92,13 +92,7 @@ class Policy:
         tokenizer = self.build_tokenizer()
         dtype = getattr(torch, self.dtype)
         if self.config is not None:
-            cfg = dict(self.config)
-            model_type = cfg.pop("model_type")
-            cfg.setdefault("vocab_size", len(tokenizer))
-            for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-                if getattr(tokenizer, key, None) is not None:
-                    cfg.setdefault(key, getattr(tokenizer, key))
-            config = AutoConfig.for_model(model_type, **cfg)
+            config = self.model_config(tokenizer)
             if self.attn_implementation:
                 config._attn_implementation = self.attn_implementation
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -129,6 +123,19 @@ class Policy:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model, tokenizer
+
+    def model_config(self, tokenizer):
+        """The transformers config of the model this policy builds (no weights are loaded)."""
+        if self.config is None:
+            self._check_exists(self.name_or_path, "policy.name_or_path")
+            return AutoConfig.from_pretrained(self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        cfg = dict(self.config)
+        model_type = cfg.pop("model_type")
+        cfg.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                cfg.setdefault(key, getattr(tokenizer, key))
+        return AutoConfig.for_model(model_type, **cfg)
 
     @staticmethod
     def _check_exists(name: str, key: str) -> None:
