@@ -60,6 +60,15 @@ def rank_and_world(trainer) -> tuple[int, int]:
     return 0, 1
 
 
+def needs_lockstep(trainer) -> bool:
+    """True when every generate call is a collective (FSDP: the policy's shards are gathered), so
+    all ranks must make the same number of calls even when their shares of the work differ."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:
+        return False
+    return bool(getattr(strategy, "gather_for_rollout", False)) or "fsdp" in type(strategy).__name__.lower()
+
+
 def barrier(trainer, name: str) -> None:
     strategy = getattr(trainer, "strategy", None)
     if strategy is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from r1lightning.callbacks._common import barrier, crossed_multiple, gather_objects, log_metrics, rank_and_world, write_json
+from r1lightning.callbacks._common import barrier, crossed_multiple, gather_objects, log_metrics, needs_lockstep, rank_and_world, write_json
 from r1lightning.evaluation import Benchmark, ConsAtK, GreedyAccuracy, PassAt1, PassAtK, evaluate_problems
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,8 @@ class BenchmarkEval(Callback):
     `Metric`s whose sums are reduced over ranks, so every rank logs the global value, and rank 0
     gathers the per-problem records for the report. Generation calls the bare policy (not the
     DDP wrapper), so ranks with more problems than others never wait on a collective. Under FSDP
-    every forward is a collective: give each rank the same number of problems (a `limit` that
-    divides by the world size) and the same `k`.
+    generation gathers the shards (a collective): a rank with fewer problems generates throwaway
+    batches so that every rank makes the same calls.
     """
 
     def __init__(
@@ -137,6 +137,7 @@ class BenchmarkEval(Callback):
                     pl_module, data, mine, k=self.k, temperature=self.temperature, top_p=self.top_p,
                     max_new_tokens=bench.max_new_tokens or self.max_new_tokens, greedy=self.greedy,
                     batch_size=self.batch_size, sampler=self.sampler,
+                    min_batches=_ceil_div(_ceil_div(len(data.rows), world), self.batch_size) if needs_lockstep(trainer) else 0,
                 )
             values = self._compute(records, device)
             metrics.update({f"bench/{bench.name}/{key}": v for key, v in values.items()})
@@ -181,6 +182,10 @@ class BenchmarkEval(Callback):
             ]  # fmt: skip
             _write_jsonl(out / f"step-{step:06d}-{name}.jsonl", records)
         write_json(out / f"step-{step:06d}.json", report)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from r1lightning.callbacks._common import atomic_write, barrier, crossed_multiple, log_metrics, rank_and_world, write_json
+from r1lightning.callbacks._common import atomic_write, barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json
+from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class RejectionSampling(Callback):
     """Write a trace dataset of the policy's own passing samples.
 
     Rows: `prompt` (or `messages` with the assistant turn appended), `completion`, `answer`, the
-    prompt file's other columns, and metadata: `prompt_index`, `sample_index`, `source_model`,
-    `source_step`, `scores` (every reward), `reward` (weighted total), `num_tokens`, `sampling`.
+    prompt file's other columns, and metadata: `prompt_index`, `sample_index`, `source_model` (at
+    `fit_end`: the export directory the sampling policy is saved to; otherwise the run directory
+    and step), `source_init` (where that policy started), `source_step`, `scores` (every reward),
+    `reward` (weighted total), `num_tokens`, `sampling`.
 
     A sample is kept if it ended (EOS within `max_new_tokens`, unless `drop_truncated: false`),
     and: its `correct_reward` score is 1 (`require_correct`), its `format_reward` score is 1
@@ -51,13 +54,18 @@ class RejectionSampling(Callback):
 
     Distributed: the pending prompts are cut into chunks of `batch_size`; rank r samples chunks
     r, r + world, ...; after a barrier rank 0 merges the chunk files. Each chunk is seeded from
-    its first prompt's index, so the samples do not depend on the number of ranks.
+    its first prompt's index, so the samples do not depend on the number of ranks. Under DDP the
+    bare policy generates (no collectives), so ranks may do unequal work; under FSDP generation
+    gathers the shards (a collective), so a rank with fewer chunks samples throwaway ones to
+    keep every rank making the same calls.
     """
 
     def __init__(
         self,
         output: str,
         prompt_files: str | list[str] | None = None,
+        task: SyntheticTask | None = None,
+        data_dir: str = "data/generated",
         num_samples: int = 4,
         when: str = "fit_end",
         every_n_steps: int | None = None,
@@ -90,6 +98,9 @@ class RejectionSampling(Callback):
                 `<stem>-step<N><suffix>` next to it.
             prompt_files: JSONL/Parquet rows with `prompt` (or `messages`), `answer` and any columns
                 the rewards read; default: the training files of the run's data module.
+            task: instead of `prompt_files`, a `SyntheticTask` whose train split (written under
+                `data_dir` if missing) gives the prompts; e.g. more problems than the run trains
+                on, for distillation data.
             num_samples: k, completions sampled per prompt.
             when: `fit_end` (when training ends), `validate_end` (after `r1lightning validate`:
                 sample from a finished model, e.g. a teacher, without training) or `never` (only
@@ -103,7 +114,8 @@ class RejectionSampling(Callback):
             temperature, top_p, top_k, max_new_tokens: sampling.
             batch_size: prompts per generate call (and per progress chunk).
             seed: base sampling seed; the training RNG state is left untouched.
-            system_prompt: prepended as a system message when encoding prompts.
+            system_prompt: prepended as a system message when encoding prompts; default: the data
+                module's `system_prompt`, so prompts look as they did in training.
             correct_reward, format_reward, language_reward: the reward names the filters read.
         """
         if when not in ("fit_end", "validate_end", "never"):
@@ -113,6 +125,8 @@ class RejectionSampling(Callback):
         if num_samples < 1 or batch_size < 1:
             raise ValueError("RejectionSampling: num_samples and batch_size must be >= 1")
         self.prompt_files = [prompt_files] if isinstance(prompt_files, str) else prompt_files
+        self.task = task
+        self.data_dir = data_dir
         self.output = output
         self.num_samples = num_samples
         self.when = when
@@ -184,7 +198,9 @@ class RejectionSampling(Callback):
         files = self._files(trainer)
         rows = self._load_prompts(files)
         composer = self._composer(pl_module)
-        manifest = self._manifest(pl_module, composer, files, len(rows), step)
+        # The prompts are encoded as in training unless told otherwise.
+        system_prompt = self.system_prompt if self.system_prompt is not None else getattr(getattr(trainer, "datamodule", None), "system_prompt", None)
+        manifest = self._manifest(trainer, pl_module, composer, files, len(rows), step, system_prompt)
 
         parts.mkdir(parents=True, exist_ok=True)
         if rank == 0:
@@ -199,8 +215,12 @@ class RejectionSampling(Callback):
             log.info("rejection sampling: %d prompts, %d done before, %d chunks over %d rank(s)", len(rows), len(done), len(chunks), world)
         t0 = time.perf_counter()
         for chunk in mine:
-            samples = self._sample_chunk(pl_module, composer, rows, chunk)
+            samples = self._sample_chunk(pl_module, composer, rows, chunk, system_prompt)
             write_json(parts / f"chunk-{chunk[0]:08d}.json", {"prompt_indices": chunk, "samples": samples})
+        if needs_lockstep(trainer) and chunks:
+            # FSDP: generation is a collective; a rank with one chunk fewer samples a throwaway one.
+            for _ in range(-(-len(chunks) // world) - len(mine)):
+                self._sample_chunk(pl_module, composer, rows, chunks[0], system_prompt)
         barrier(trainer, "rejection_sampled")
 
         stats: dict = {}
@@ -222,6 +242,8 @@ class RejectionSampling(Callback):
     def _files(self, trainer) -> list[str]:
         if self.prompt_files is not None:
             return list(self.prompt_files)
+        if self.task is not None:
+            return [str(self.task.write(self.data_dir)["train"])]  # atomic; every rank may call it
         datamodule = getattr(trainer, "datamodule", None)
         files = datamodule.files("train") if datamodule is not None and hasattr(datamodule, "files") else None
         if not files:
@@ -262,7 +284,7 @@ class RejectionSampling(Callback):
             raise ValueError(f"RejectionSampling: min_scores names rewards {missing} that are not among {sorted(names)}")
         return RewardComposer(rewards)
 
-    def _manifest(self, pl_module, composer, prompt_files: list[str], num_prompts: int, step: int) -> dict:
+    def _manifest(self, trainer, pl_module, composer, prompt_files: list[str], num_prompts: int, step: int, system_prompt: str | None) -> dict:
         files = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size if Path(f).is_file() else None} for f in prompt_files]
         return {
             "prompt_files": files,
@@ -270,9 +292,10 @@ class RejectionSampling(Callback):
             "num_samples": self.num_samples,
             "sampling": self.sampling_info(),
             "rewards": composer.names,
-            "system_prompt": self.system_prompt,
+            "system_prompt": system_prompt,
             "seed": self.seed,
-            "source_model": _source_model(pl_module),
+            "source_model": _source_model(trainer, pl_module, step, self.when),
+            "source_init": _source_init(pl_module),
             "source_step": step,
             "policy_fingerprint": weights_fingerprint(getattr(pl_module, "model", None)),
         }
@@ -294,7 +317,7 @@ class RejectionSampling(Callback):
                 "top_k": self.top_k, "max_new_tokens": self.max_new_tokens}  # fmt: skip
 
     @torch.no_grad()
-    def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int]) -> list[dict]:
+    def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int], system_prompt: str | None) -> list[dict]:
         from r1lightning.data.chat import encode_prompt, row_messages
         from r1lightning.evaluation import left_pad
         from r1lightning.rollout import SamplingParams
@@ -302,7 +325,7 @@ class RejectionSampling(Callback):
         tok = pl_module.tokenizer
         k = self.num_samples
         batch = [rows[i] for i in chunk]
-        ids = [encode_prompt(tok, row_messages(_prompt_only(r), self.system_prompt)) for r in batch]
+        ids = [encode_prompt(tok, row_messages(_prompt_only(r), system_prompt)) for r in batch]
         prompt_ids, mask = left_pad(ids, tok.pad_token_id)
         device = getattr(pl_module, "device", torch.device("cpu"))
         prompt_ids, mask = prompt_ids.to(device).repeat_interleave(k, 0), mask.to(device).repeat_interleave(k, 0)
@@ -393,6 +416,7 @@ class RejectionSampling(Callback):
             "prompts_covered": covered / prompts if prompts else 0.0,
             "mean_scores": {name: sum(v) / len(v) for name, v in score_sums.items()},
             "source_model": manifest["source_model"],
+            "source_init": manifest["source_init"],
             "source_step": manifest["source_step"],
             "sampling": manifest["sampling"],
         }
@@ -410,6 +434,7 @@ class RejectionSampling(Callback):
             prompt_index=sample["prompt_index"],
             sample_index=sample["sample_index"],
             source_model=manifest["source_model"],
+            source_init=manifest["source_init"],
             source_step=manifest["source_step"],
             scores=sample["scores"],
             reward=sample["reward"],
@@ -435,7 +460,18 @@ def _finite(v) -> float | None:
     return None if v != v else v  # NaN means "reward did not apply"
 
 
-def _source_model(pl_module) -> str:
+def _source_model(trainer, pl_module, step: int, when: str) -> str:
+    export = getattr(getattr(pl_module, "hparams", None), "export_dir", None) if hasattr(pl_module, "hparams") else None
+    state = getattr(getattr(trainer, "state", None), "fn", None)
+    if export and when == "fit_end" and state == "fit":
+        return str(export)  # exported right after this callback, with exactly these weights
+    if state == "validate":
+        return _source_init(pl_module)  # validate does not train: the samples come from the loaded model
+    root = getattr(trainer, "default_root_dir", None) or "run"
+    return f"{root}@step{step}"
+
+
+def _source_init(pl_module) -> str:
     policy = getattr(pl_module, "policy", None)
     name = getattr(policy, "name_or_path", None)
     if name:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 from torchmetrics import Metric
 
 from r1lightning.rewards.math import extract_answer
+from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class BenchmarkData:
     rows: list[dict]
     kind: str  # "math" or "code"
     include_prompt: bool = True  # code: the prompt is a stub the completion continues
-    extra: dict = field(default_factory=dict)
+    system_prompt: str | None = None
 
 
 class Benchmark:
@@ -191,7 +192,7 @@ class Benchmark:
         self,
         name: str,
         path: str | None = None,
-        task: Any = None,
+        task: SyntheticTask | None = None,
         humaneval: bool = False,
         limit: int | None = None,
         prompt_field: str = "prompt",
@@ -235,6 +236,7 @@ class Benchmark:
         return f"Benchmark({self.name!r}, source={source!r})"
 
     def load(self, datamodule: Any = None) -> BenchmarkData:
+        system_prompt = self.system_prompt
         if self.path is not None:
             rows = load_benchmark_rows(self.path, self.prompt_field, self.answer_field)
         elif self.task is not None:
@@ -249,12 +251,13 @@ class Benchmark:
             if not files:
                 raise ValueError(f"Benchmark {self.name!r}: no path, task or humaneval, and the data module has no held-out files")
             rows = [r for f in files for r in load_benchmark_rows(f)]
+            system_prompt = self.system_prompt or getattr(datamodule, "system_prompt", None)  # as in validation
         if self.limit is not None:
             rows = rows[: self.limit]
         kind = self.kind
         if kind == "auto":
             kind = "code" if rows and rows[0].get("test") is not None else "math"
-        return BenchmarkData(self.name, rows, kind, self.include_prompt)
+        return BenchmarkData(self.name, rows, kind, self.include_prompt, system_prompt)
 
 
 def load_benchmark_rows(path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
@@ -333,22 +336,28 @@ def left_pad(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Ten
 
 def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k: int, temperature: float, top_p: float,
                       max_new_tokens: int, greedy: bool = True, batch_size: int = 16, sampler=None,
-                      code_reward=None) -> list[dict]:  # fmt: skip
+                      code_reward=None, min_batches: int = 0) -> list[dict]:  # fmt: skip
     """Generate and score problems `indices` of `data` with `module` (a `PolicyModule`).
 
     Returns one record per problem: `correct` [k] (sampled), `vote` (index of the majority sample
     or None), `cons` (its correctness), `greedy` (correctness of the greedy answer, if asked) and
-    the completions. The caller seeds the RNG.
+    the completions. The caller seeds the RNG. `min_batches`: make at least this many batches of
+    generate calls, repeating a throwaway batch (FSDP: every rank must make the same calls).
     """
     from r1lightning.rollout import SamplingParams
 
     tok = module.tokenizer
     device = module.device if hasattr(module, "device") else torch.device("cpu")
     records = []
-    for start in range(0, len(indices), batch_size):
+    starts = list(range(0, len(indices), batch_size))
+    throwaway = max(0, min_batches - len(starts))
+    for start in starts + [None] * throwaway:
+        if start is None:
+            _generate_only(module, data, [0], k, temperature, top_p, max_new_tokens, greedy, sampler)  # one problem: only the call count matters
+            continue
         idx = list(indices[start : start + batch_size])
         rows = [data.rows[i] for i in idx]
-        ids, mask = left_pad(encode_problems(tok, rows, None), tok.pad_token_id)
+        ids, mask = left_pad(encode_problems(tok, rows, data.system_prompt), tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         prompts = tok.batch_decode(ids, skip_special_tokens=True)
         greedy_scores = [None] * len(idx)
@@ -385,3 +394,17 @@ def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k:
                 "completions": samples[j],
             })
     return records
+
+
+def _generate_only(module, data: BenchmarkData, idx, k, temperature, top_p, max_new_tokens, greedy, sampler) -> None:
+    from r1lightning.rollout import SamplingParams
+
+    tok = module.tokenizer
+    device = module.device if hasattr(module, "device") else torch.device("cpu")
+    ids, mask = left_pad(encode_problems(tok, [data.rows[i] for i in idx], data.system_prompt), tok.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    if greedy:
+        module.generate(ids, mask, SamplingParams(max_new_tokens, temperature=0.0), sampler=sampler)
+    if k > 0:
+        module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
+                        SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), sampler=sampler)  # fmt: skip

@@ -511,6 +511,10 @@ def summarize(pipeline: Pipeline, done: dict[str, dict]) -> str:
                 notes.append(f"wrote {st['kept']} traces ({100 * st['pass_rate']:.1f}% of {st['sampled']} samples passed)")
         if stage.data_from:
             notes.append("trained on " + " + ".join(stage.data_from) + (" + extra files" if stage.extra_train_files else ""))
+        last = rec.get("metrics", {}).get("last") or {}
+        bench = [f"{k[len('bench/'):]} {v:.3f}" for k, v in sorted(last.items()) if k.startswith("bench/")]
+        if bench:
+            notes.append(", ".join(bench))
         if stage.compare_to and acc is not None:
             ref = done.get(stage.compare_to, {}).get("metrics", {}).get("accuracy")
             if ref is not None:

@@ -178,7 +178,7 @@ def test_no_reference_warns_and_does_nothing():
 def make_rs(prompt_file, output, tokenizer, **kwargs):
     args = dict(num_samples=5, batch_size=2, max_new_tokens=32)
     args.update(kwargs)
-    rs = RejectionSampling(str(output), str(prompt_file), **args)
+    rs = RejectionSampling(str(output), None if prompt_file is None else str(prompt_file), **args)
     rs.sampler = StubSampler(tokenizer, addition_sample)
     return rs
 
@@ -195,6 +195,7 @@ def test_keeps_exactly_the_passing_samples(prompt_file, tmp_path, tiny_moe_confi
     assert [r["answer"] for r in rows] == ["46", "12", "42", "100", "6"]
     assert rows[0]["prompt"] == "What is 12+34?" and rows[0]["level"] == 0
     assert rows[0]["scores"] == {"accuracy": 1.0, "format": 1.0} and rows[0]["source_step"] == 0
+    assert rows[0]["source_init"] == "config:qwen3_moe" and rows[0]["source_model"] == "run@step0"
     assert rows[0]["sampling"]["num_samples"] == 5 and rows[0]["num_tokens"] == 12  # 4 tags + "12+34" + "46" + EOS
     assert (stats["sampled"], stats["passed"], stats["duplicates"], stats["kept"]) == (25, 10, 5, 5)
     assert stats["pass_rate"] == pytest.approx(10 / 25) and stats["prompts_covered"] == 1.0
@@ -248,6 +249,23 @@ def test_samples_of_other_weights_are_not_mixed_in(prompt_file, tmp_path, tiny_m
     assert len(read_jsonl(out)) == 5
 
 
+def test_validate_end_samples_a_finished_model(prompt_file, tmp_path, tiny_moe_config):
+    """`r1lightning validate` + `when: validate_end`: traces from a model without training it."""
+    from r1lightning.data import PromptDataModule
+    from r1lightning.policy import Policy
+    from r1lightning.sft import SFTModule
+
+    module = SFTModule(Policy(config=tiny_moe_config, tokenizer="char"), val_max_new_tokens=4)
+    out = tmp_path / "teacher.jsonl"
+    rs = make_rs(None, out, module.tokenizer, when="validate_end")
+    dm = PromptDataModule(train_files=str(prompt_file), val_files=str(prompt_file), batch_size=5)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[rs])
+    trainer.validate(module, datamodule=dm)
+    rows = read_jsonl(out)  # prompts default to the data module's training files
+    assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["source_model"] == "config:qwen3_moe" and rs.sampler.calls == 3
+
+
 class FlakyJson:
     """`json` whose dumps fails on the n-th call, after earlier rows were written."""
 
@@ -298,7 +316,7 @@ def test_parquet_output_loads_as_sft_data(prompt_file, tmp_path, tiny_moe_config
     assert supervised.startswith("<think>") and supervised.endswith("</answer><|end|>")
 
 
-def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir):
+def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir, lockstep):
     import torch.distributed as dist
 
     from r1lightning.tokenizer import build_char_tokenizer
@@ -311,23 +329,26 @@ def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir):
         rs = RejectionSampling(out, prompt_file, num_samples=5, batch_size=2)
         rs.sampler = sampler = StubSampler(tok, addition_sample)
         module.generate = lambda ids, mask, params, sampler: sampler.generate(None, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
-        trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=7, loggers=[], callback_metrics={},
-                                  strategy=SimpleNamespace(barrier=lambda name=None: dist.barrier()))  # fmt: skip
+        strategy = SimpleNamespace(barrier=lambda name=None: dist.barrier(), gather_for_rollout=lockstep)
+        trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=7, loggers=[], callback_metrics={}, strategy=strategy)
         rs.run(trainer, module)
         with open(os.path.join(calls_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(sorted(set(sampler.prompts_seen)), f)
+            json.dump({"prompts": sorted(set(sampler.prompts_seen)), "calls": sampler.calls}, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_split_the_prompts_and_rank0_merges(prompt_file, tmp_path):
+@pytest.mark.parametrize("lockstep", [False, True], ids=["ddp", "fsdp-like"])
+def test_two_ranks_split_the_prompts_and_rank0_merges(prompt_file, tmp_path, lockstep):
     out = tmp_path / "traces.jsonl"
     # fork: the children need nothing re-imported, which keeps the test to a second or two
-    torch.multiprocessing.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), str(prompt_file), str(out), str(tmp_path)),
-                                         nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_two_rank_worker, args=(2, str(tmp_path / "init"), str(prompt_file), str(out), str(tmp_path), lockstep),
+                                         nprocs=2, start_method="fork")  # fmt: skip
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    # chunks [0,1], [2,3], [4]: rank 0 takes the first and third, rank 1 the second.
-    assert seen[0] == sorted(["What is 12+34?", "What is 5+7?", "What is 3+3?"])
-    assert seen[1] == sorted(["What is 40+2?", "What is 99+1?"])
+    # chunks [0,1], [2,3], [4]: rank 0 takes the first and third, rank 1 the second ...
+    assert seen[0]["prompts"] == sorted(["What is 12+34?", "What is 5+7?", "What is 3+3?"]) and seen[0]["calls"] == 2
+    # ... and when generation is a collective it samples one throwaway chunk to match rank 0.
+    assert seen[1]["prompts"] == sorted(["What is 40+2?", "What is 99+1?"] + (["What is 5+7?", "What is 12+34?"] if lockstep else []))
+    assert seen[1]["calls"] == (2 if lockstep else 1)
     rows = read_jsonl(out)
     assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["source_step"] == 7

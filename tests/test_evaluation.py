@@ -148,3 +148,17 @@ def test_synthetic_heldout_set_as_a_benchmark(tmp_path):
     # the run's own held-out files when no source is given
     dm = SimpleNamespace(files=lambda split: [str(AdditionTask(digits=2, num_train=20, num_test=6).directory(tmp_path) / "test.jsonl")])
     assert len(Benchmark("heldout").load(dm).rows) == 6
+
+
+def test_throwaway_batches_keep_ranks_in_step(bench_file, tmp_path):
+    from r1lightning.evaluation import evaluate_problems
+
+    bench = Benchmark("toy", path=str(bench_file), prompt_field="problem", answer_field="solution").load()
+    sampler = StubSampler(stub_module().tokenizer, fixed_sample)
+    # A rank with no problems left still makes the greedy and the sampled call of one batch.
+    records = evaluate_problems(stub_module(), bench, [], k=4, temperature=0.6, top_p=0.95, max_new_tokens=8,
+                                batch_size=2, sampler=sampler, min_batches=1)  # fmt: skip
+    assert records == [] and sampler.calls == 2
+    records = evaluate_problems(stub_module(), bench, [0, 1, 2], k=4, temperature=0.6, top_p=0.95, max_new_tokens=8,
+                                batch_size=2, sampler=sampler, min_batches=3)  # fmt: skip
+    assert len(records) == 3 and sampler.calls == 2 + 6

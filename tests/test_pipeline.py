@@ -174,6 +174,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, c
     assert json.loads((run / "reasoning_rl" / "marker.json").read_text()) == {"step": 2, "note": str(run / "cold_start" / "model")}
     traces = [json.loads(line) for line in open(run / "reasoning_rl" / "traces.jsonl")]
     assert {r["prompt_index"] for r in traces} == set(range(6)) and all(r["source_step"] == 2 for r in traces)
+    assert traces[0]["source_model"] == str(run / "reasoning_rl" / "model")  # the model exported after sampling
     rsft = yaml.safe_load((run / "rejection_sft" / "config.yaml").read_text())
     assert rsft["data"]["init_args"]["train_files"] == [str(run / "reasoning_rl" / "traces.jsonl")]
     assert rsft["model"]["init_args"]["policy"]["init_args"]["name_or_path"] == str(run / "reasoning_rl" / "model")
