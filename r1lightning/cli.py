@@ -13,20 +13,13 @@ import sys
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from r1lightning.errors import UserError
+
 
 class R1CLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # Project commands that are not Trainer methods: `r1lightning <name> ...` runs `module:main(argv)`.
@@ -49,7 +42,13 @@ def main(args: list[str] | None = None) -> None:
     import r1lightning.sft  # noqa: F401
     import r1lightning.data  # noqa: F401
 
-    R1CLI(args=argv)
+    try:
+        R1CLI(args=argv)
+    except (UserError, FileNotFoundError) as err:
+        if os.environ.get("R1L_TRACEBACK"):
+            raise
+        print(f"r1lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

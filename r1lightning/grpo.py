@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from r1lightning.errors import UserError
 from r1lightning.losses import grpo_loss, group_advantages, mask_truncated, zero_variance_groups
 from r1lightning.module import PolicyModule
 from r1lightning.policy import Policy
@@ -84,11 +85,11 @@ class GRPOModule(PolicyModule):
         """
         super().__init__(policy, optimizer, **kwargs)
         if aggregation not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-            raise ValueError(f"aggregation: {aggregation!r} is not one of grpo, bnpo, dr_grpo, dapo")
+            raise UserError(f"model.aggregation: {aggregation!r} is not one of grpo, bnpo, dr_grpo, dapo")
         if advantage_scale not in ("group", "batch", "none"):
-            raise ValueError(f"advantage_scale: {advantage_scale!r} is not one of group, batch, none")
+            raise UserError(f"model.advantage_scale: {advantage_scale!r} is not one of group, batch, none")
         if num_generations < 2:
-            raise ValueError("num_generations: GRPO needs at least 2 completions per prompt")
+            raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         self.automatic_optimization = False
         self.rewards = RewardComposer(rewards)
@@ -223,7 +224,7 @@ class GRPOModule(PolicyModule):
                 self.manual_backward(loss)
                 m = mask[rows]
                 weight = float(m.sum()) / norm["num_tokens"]  # token-weighted average of micro-batch means
-                metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
+                metrics["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / h.num_iterations

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
+from r1lightning.errors import UserError
 from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
 
@@ -49,7 +50,7 @@ class PolicyModule(L.LightningModule):
         """
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule: {lr_schedule!r} is not one of cosine, constant")
+            raise UserError(f"model.lr_schedule: {lr_schedule!r} is not one of cosine, constant")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler"])
         self.policy = policy
         self.optimizer_factory = optimizer

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from r1lightning.errors import UserError
 from r1lightning.moe import apply_moe_backend
 from r1lightning.tokenizer import build_char_tokenizer
 
@@ -59,9 +60,9 @@ class Policy:
             gradient_checkpointing: recompute activations in backward to save memory.
         """
         if (name_or_path is None) == (config is None):
-            raise ValueError("policy: give exactly one of `name_or_path` or `config`")
+            raise UserError("policy: give exactly one of `name_or_path` or `config`")
         if config is not None and "model_type" not in config:
-            raise ValueError("policy.config: missing key `model_type` (e.g. qwen3_moe, olmoe, mixtral, qwen2)")
+            raise UserError("policy.config: missing key `model_type` (e.g. qwen3_moe, olmoe, mixtral, qwen2)")
         self.name_or_path = name_or_path
         self.config = dict(config) if config is not None else None
         self.tokenizer_name = tokenizer
@@ -76,7 +77,7 @@ class Policy:
     def build_tokenizer(self):
         name = self.tokenizer_name or self.name_or_path
         if name is None:
-            raise ValueError("policy.tokenizer: required when the model comes from `config`")
+            raise UserError("policy.tokenizer: required when the model comes from `config`")
         if name == CHAR_TOKENIZER:
             return build_char_tokenizer()
         self._check_exists(name, "policy.tokenizer")

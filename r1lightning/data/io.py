@@ -14,10 +14,12 @@ from pathlib import Path
 
 import datasets
 
+from r1lightning.errors import UserError
+
 datasets.disable_progress_bars()
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data. The message is one line: `file:line: what is wrong`."""
 
 
