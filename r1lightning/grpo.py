@@ -164,7 +164,10 @@ class GRPOModule(PolicyModule):
             logits = logits / self.hparams.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, rollout.completion_ids[rows].unsqueeze(-1)).squeeze(-1)  # [n, C]
-        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, C]
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():  # a metric: no graph for it
+                entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, C]
         return logp, entropy, aux
 
     @torch.no_grad()
@@ -224,7 +227,7 @@ class GRPOModule(PolicyModule):
                 self.manual_backward(loss)
                 m = mask[rows]
                 weight = float(m.sum()) / norm["num_tokens"]  # token-weighted average of micro-batch means
-                metrics["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp(min=1)
+                metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / h.num_iterations
