@@ -155,7 +155,9 @@ def test_writes_outside_the_workdir_do_not_land(harden):
     prog += f"open({str(REPO / 'README.md')!r}, 'a').write('pwned')\n" + GOOD
     r = run_program(prog, test=TEST, harden=harden, **FAST)
     assert_blocked(r, FAST["timeout"])
-    assert r.error in ("PermissionError", "OSError")
+    # A checkout under /tmp is not even visible inside the sandbox (its /tmp is a private tmpfs).
+    hidden = str(REPO).startswith("/tmp/") and not harden
+    assert r.error in ("PermissionError", "OSError") or (hidden and r.error == "FileNotFoundError")
     for t in targets:
         assert not os.path.exists(t), t
     assert "pwned" not in (REPO / "README.md").read_text() if (REPO / "README.md").exists() else True
