@@ -129,3 +129,22 @@ def test_tokenizer_without_chat_template(tmp_path, char_tokenizer):
     dm.connect(char_tokenizer)
     with pytest.raises(ValueError, match="has no chat template"):
         dm.setup("fit")
+
+
+def test_parquet_and_dataset_dir_errors_name_the_row_and_field(tmp_path):
+    bad = datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}, {"prompt": None, "answer": "2"}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet: row 1: missing field, need one of 'prompt', 'messages'"):
+        load_rows(str(tmp_path / "bad.parquet"), any_of=(("prompt", "messages"),))
+    datasets.Dataset.from_list([{"prompt": 5}]).to_parquet(str(tmp_path / "typed.parquet"))
+    with pytest.raises(DataError, match=r"typed.parquet: row 0: field 'prompt' must be a string, got int"):
+        load_rows(str(tmp_path / "typed.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"dd: is a DatasetDict \(train\); point at one split's directory"):
+        load_rows(str(tmp_path / "dd"))
+    datasets.Dataset.from_list([{"prompt": "a"}]).select([]).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(DataError, match=r"empty.parquet: no rows"):
+        load_rows(str(tmp_path / "empty.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"junk.parquet: not a readable Parquet file"):
+        load_rows(str(tmp_path / "junk.parquet"))

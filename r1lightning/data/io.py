@@ -90,6 +90,14 @@ def load_rows(
                 raise DataError(f"{path}: no rows (empty file)")
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
         elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                num_rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as err:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+            if num_rows == 0:
+                raise DataError(f"{path}: no rows (empty dataset)")
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
             for i, row in enumerate(ds):
                 _check_row(row, required, any_of, f"{path}: row {i}")
