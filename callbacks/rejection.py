@@ -318,8 +318,7 @@ class RejectionSampling(Callback):
 
     @torch.no_grad()
     def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int], system_prompt: str | None) -> list[dict]:
-        from r1lightning.data.chat import encode_prompt, row_messages
-        from r1lightning.evaluation import left_pad
+        from r1lightning.data.chat import encode_prompt, left_pad, row_messages
         from r1lightning.rollout import SamplingParams
 
         tok = pl_module.tokenizer

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from r1lightning.data.chat import left_pad
 from r1lightning.rewards.math import extract_answer
 from r1lightning.tasks import SyntheticTask
 
@@ -322,16 +323,6 @@ def encode_problems(tokenizer, rows: Sequence[dict], system_prompt: str | None =
     from r1lightning.data.chat import encode_prompt, row_messages
 
     return [encode_prompt(tokenizer, row_messages(r, system_prompt)) for r in rows]
-
-
-def left_pad(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    prompt_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        prompt_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x) :] = 1
-    return prompt_ids, mask
 
 
 def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k: int, temperature: float, top_p: float,

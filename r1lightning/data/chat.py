@@ -111,6 +111,17 @@ class SFTCollator:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def left_pad(ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts for generation: ids [N, P] left-padded with `pad_token_id`, and their mask [N, P]."""
+    width = max(len(x) for x in ids)
+    prompt_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        prompt_ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x) :] = 1
+    return prompt_ids, mask
+
+
 @dataclass
 class PromptCollator:
     """Left-pads prompts for generation; every other column is passed through as a list."""
@@ -118,12 +129,6 @@ class PromptCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
-        width = max(len(e["prompt_ids"]) for e in examples)
-        prompt_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["prompt_ids"])
-            prompt_ids[i, width - n :] = torch.tensor(e["prompt_ids"])
-            prompt_mask[i, width - n :] = 1
+        prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in examples], self.pad_token_id)
         columns = {k: [e[k] for e in examples] for k in examples[0] if k != "prompt_ids"}
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "columns": columns}
