@@ -332,12 +332,9 @@ class RejectionSampling(Callback):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1_000_003 + chunk[0])  # per chunk: independent of ranks and resumes
             rollout = pl_module.generate(prompt_ids, mask, params, sampler=self.sampler)
-        completions = pl_module.decode(rollout.completion_ids)
-        prompts = tok.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
-        lengths = rollout.completion_lengths.tolist()
-        completion_ids = [row[: int(n)].tolist() for row, n in zip(rollout.completion_ids, lengths)]
         columns = {key: [r.get(key) for r in batch for _ in range(k)] for key in batch[0] if key not in _RESERVED_COLUMNS}
-        scores = composer(prompts, completions, columns, completion_ids=completion_ids)
+        scores = pl_module.score(rollout, columns, composer)
+        completions, lengths = scores.completions, rollout.completion_lengths.tolist()
         samples = []
         for j in range(len(completions)):
             samples.append({

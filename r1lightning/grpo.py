@@ -116,16 +116,8 @@ class GRPOModule(PolicyModule):
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch["columns"].items()}
         rollout = self.generate(prompt_ids, prompt_mask, self.sampling, sampler=self.sampler)
-        scores = self.score(rollout, columns)
+        scores = self.score(rollout, columns, self.rewards)
         return rollout, columns, scores.total.to(rollout.completion_ids.device), scores
-
-    def score(self, rollout: Rollout, columns: dict):
-        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
-        completions = self.decode(rollout.completion_ids)
-        ids = [row[: int(n)].tolist() for row, n in zip(rollout.completion_ids, rollout.completion_lengths)]
-        out = self.rewards(prompts, completions, columns, completion_ids=ids)
-        out.completions = completions
-        return out
 
     def resample_flat_groups(self, batch, rollout, total, scores):
         """Dynamic sampling: give groups with zero reward variance more tries, then drop them.

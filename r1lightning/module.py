@@ -140,6 +140,15 @@ class PolicyModule(L.LightningModule):
     def decode(self, completion_ids) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
+    def score(self, rollout, columns: dict, rewards):
+        """Decode a rollout and score it with a `RewardComposer`; `.completions` carries the text."""
+        prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+        completions = self.decode(rollout.completion_ids)
+        ids = [row[: int(n)].tolist() for row, n in zip(rollout.completion_ids, rollout.completion_lengths)]
+        out = rewards(prompts, completions, columns, completion_ids=ids)
+        out.completions = completions
+        return out
+
     def validation_step(self, batch, batch_idx):
         from r1lightning.rewards import get_reward
 

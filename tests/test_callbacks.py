@@ -319,6 +319,7 @@ def test_parquet_output_loads_as_sft_data(prompt_file, tmp_path, tiny_moe_config
 def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir, lockstep):
     import torch.distributed as dist
 
+    from r1lightning.module import PolicyModule
     from r1lightning.tokenizer import build_char_tokenizer
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -329,6 +330,7 @@ def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir, lockst
         rs = RejectionSampling(out, prompt_file, num_samples=5, batch_size=2)
         rs.sampler = sampler = StubSampler(tok, addition_sample)
         module.generate = lambda ids, mask, params, sampler: sampler.generate(None, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+        module.score = lambda rollout, columns, rewards: PolicyModule.score(module, rollout, columns, rewards)
         strategy = SimpleNamespace(barrier=lambda name=None: dist.barrier(), gather_for_rollout=lockstep)
         trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=7, loggers=[], callback_metrics={}, strategy=strategy)
         rs.run(trainer, module)
