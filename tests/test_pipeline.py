@@ -1,9 +1,9 @@
 """The pipeline command: composing stage configs, a tiny end-to-end run, skipping, custom callbacks."""
 
 import json
+import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import yaml
 
@@ -13,15 +13,15 @@ from tests.conftest import TINY_MOE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class StageMarker(L.Callback):
-    """The README's example of a custom stage callback: records where training ended."""
+def _readme_example(name: str):
+    """The README's custom stage callback, executed from the README itself so the two cannot drift."""
+    block = re.search(r"```python\n# my_project/callbacks.py\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    namespace = {"__name__": __name__}  # importable as tests.test_pipeline.<name> from YAML
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    return namespace[name]
 
-    def __init__(self, path: str, note: str = ""):
-        self.path, self.note = path, note
 
-    def on_train_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            Path(self.path).write_text(json.dumps({"step": trainer.global_step, "note": self.note}))
+StageMarker = _readme_example("StageMarker")
 
 
 # --------------------------------------------------------------------------- composition rules
