@@ -160,8 +160,6 @@ class PolicyModule(L.LightningModule):
         scores = self._accuracy_fn(prompts, completions, **batch["columns"])
         correct = torch.tensor([float(s or 0.0) for s in scores], device=self.device)
         self.val_accuracy.update(correct)
-        if batch_idx == 0:
-            self.last_val_samples = list(zip(prompts[:4], completions[:4]))
 
     def on_validation_epoch_start(self):
         # Under bf16-true the module cast would make the metric's sums bf16 (≈ 3 significant digits).

@@ -148,10 +148,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def has_router_aux_loss(model: PreTrainedModel) -> bool:
-    return hasattr(model.config, "router_aux_loss_coef") or hasattr(model.config, "output_router_logits")
-
-
 def export_pretrained(model: PreTrainedModel, tokenizer, directory: str | Path) -> Path:
     """Write model + tokenizer + generation config atomically: a sibling temp dir, then rename."""
     directory = Path(directory)
