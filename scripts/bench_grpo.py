@@ -236,16 +236,12 @@ def summarize(name, res, args):
 
 
 def main(argv=None):
+    from bench_rollout import add_model_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frameworks", nargs="+", default=["ours"],
                     choices=["ours", "ours_megablocks", "trl", "trl_megablocks"])
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--expert-ffn", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=50304)
+    add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)

@@ -27,6 +27,17 @@ import time
 import torch
 
 
+def add_model_args(ap) -> None:
+    """The model shape options (OLMoE-1B-7B by default) that build_model reads."""
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--expert-ffn", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=50304)
+
+
 def build_model(args, device):
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
@@ -167,13 +178,7 @@ def profile_decode(model, sampler, ids, mask, steps=8):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--expert-ffn", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=50304)
+    add_model_args(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
