@@ -155,9 +155,12 @@ def run_trl(args, device, tok, tokdir, texts, megablocks):
         del model
         torch.cuda.empty_cache() if device == "cuda" else None
     fields = trl.GRPOConfig.__dataclass_fields__
+    micro = min(args.micro_batch, args.prompts * args.G)
+    if (args.prompts * args.G) % micro:
+        raise ValueError(f"--micro-batch {micro} must divide prompts x G = {args.prompts * args.G}")
     want = dict(
-        output_dir=os.path.join(args.workdir, "trl_out"), per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.prompts * args.G // args.micro_batch, num_generations=args.G,
+        output_dir=os.path.join(args.workdir, "trl_out"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.prompts * args.G // micro, num_generations=args.G,
         max_completion_length=args.new_tokens, max_prompt_length=args.prompt_len, temperature=1.0, top_p=1.0,
         beta=args.beta, num_iterations=1, use_vllm=False, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device == "cuda", learning_rate=1e-6,
