@@ -7,6 +7,11 @@ compared, tensor by tensor and by logits, with the trained weights.
 
     python3 scripts/bench_fsdp.py --json $OUT/bench_fsdp.json            # H200
     python3 scripts/bench_fsdp.py --tiny --device cpu --json -            # a smoke run on the CPU
+    python3 scripts/bench_fsdp.py --devices 2 --runs sft:fsdp grpo:fsdp  # 2 GPUs, one process each
+
+With `--devices N` Lightning's own launcher starts the other N-1 processes (each re-runs this script);
+every rank trains on its own batch of the sizes below, so tokens/s is reported per GPU and in total,
+and peak memory per GPU.
 
 Both strategies use bf16 weights (`precision: bf16-true`, Adam state in bf16): with fp32 master
 weights the 6.9 B parameters need ~111 GB for weights, gradients and Adam before activations, and
@@ -121,7 +126,8 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
     if kind == "sft":
         module = SFTModule(policy, optimizer=optimizer, lr_schedule="constant", export_dir=export_dir)
         steps = args.sft_warmup + args.sft_steps
-        data = torch.utils.data.DataLoader(RandomTokens(steps * args.batch, args.seq, cfg["vocab_size"]), batch_size=args.batch)
+        data = torch.utils.data.DataLoader(RandomTokens(steps * args.batch * args.devices, args.seq, cfg["vocab_size"]),
+                                           batch_size=args.batch)
         warmup = args.sft_warmup
     else:
         module = GRPOModule(policy, rewards=[Reward("format")], optimizer=optimizer, num_generations=args.group,
@@ -130,13 +136,13 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
         steps = args.grpo_warmup + args.grpo_steps
         prompts = Path(tempfile.mkdtemp()) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{b}? Think step by step.", "answer": str(a + b)}) + "\n"
-                                   for a in range(100, 100 + steps * args.prompts) for b in (7,)))
+                                   for a in range(100, 100 + steps * args.prompts * args.devices) for b in (7,)))
         data = PromptDataModule(train_files=str(prompts), batch_size=args.prompts, max_length=128)
         warmup = args.grpo_warmup
     meter = meter_class()(warmup)
     accelerator = "cuda" if args.device == "cuda" else "cpu"
     strategy = FSDP2Strategy() if strategy_name == "fsdp" else "auto"
-    trainer = L.Trainer(accelerator=accelerator, devices=1, strategy=strategy, precision="bf16-true", max_steps=steps,
+    trainer = L.Trainer(accelerator=accelerator, devices=args.devices, strategy=strategy, precision="bf16-true", max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, callbacks=[meter])
     if torch.cuda.is_available():
@@ -149,12 +155,19 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
         trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - t0
     step = statistics.median(meter.times)
+    peak = torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None
+    world = trainer.world_size
+    peaks = [peak]
+    if world > 1:
+        peaks = [None] * world
+        torch.distributed.all_gather_object(peaks, peak)
     out = {
         "kind": kind, "strategy": strategy_name, "lightning_strategy": type(trainer.strategy).__name__,
         "moe_backend": policy.moe_backend_in_effect, "steps_timed": len(meter.times), "step_s_median": step,
         "step_s_all": meter.times, "tokens_per_step": statistics.median(meter.tokens),
-        "tokens_per_s": statistics.median(meter.tokens) / step, "fit_wall_s": wall,
-        "peak_gib": torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None,
+        "tokens_per_s": statistics.median(meter.tokens) / step, "fit_wall_s": wall, "world_size": world,
+        "tokens_per_s_total": world * statistics.median(meter.tokens) / step,
+        "peak_gib": max(peaks) if None not in peaks else None, "peak_gib_per_rank": peaks,
         "params": sum(p.numel() for p in module.model.parameters()),
     }
     if meter.split:
@@ -162,18 +175,24 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
     return out, module
 
 
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def check_export(module, directory: str, device: str) -> dict:
-    """The export holds exactly the trained weights and gives the same logits in plain transformers."""
+    """The export holds exactly the trained weights and gives the same logits in plain transformers.
+    Every rank takes part (gathering the shards and the sharded forward are collectives); rank 0 reports."""
     from transformers import AutoModelForCausalLM
 
     from r1lightning.strategies import full_state_dict
 
-    trained = full_state_dict(module.model) or module.model.state_dict()
+    trained = full_state_dict(module.model)
+    trained = module.model.state_dict() if trained is None else trained
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has finished writing the export
     t0 = time.perf_counter()
     reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
     load_s = time.perf_counter() - t0
-    state = reloaded.state_dict()
-    same = sorted(k for k in trained if k in state and torch.equal(state[k].cpu(), trained[k].cpu()))
     # Same experts implementation on both sides (transformers' default); the trained model ran MegaBlocks.
     impl = getattr(reloaded.config, "_experts_implementation", None) or "grouped_mm"
     module.model.set_experts_implementation(impl)
@@ -188,6 +207,10 @@ def check_export(module, directory: str, device: str) -> dict:
     with torch.no_grad():
         a = module.model.eval()(input_ids=ids).logits.float()
         b = reloaded(input_ids=ids).logits.float()
+    if rank() != 0:
+        return {}
+    state = reloaded.state_dict()
+    same = sorted(k for k in trained if k in state and torch.equal(state[k].cpu(), trained[k].cpu()))
     return {"tensors": len(trained), "tensors_equal": len(same), "missing": sorted(set(trained) - set(state))[:5],
             "logits_equal": bool(torch.equal(a, b)), "logits_max_abs_diff": float((a - b).abs().max()),
             "experts_implementation": impl, "reload_s": load_s, "buffers_cast_by_bf16_true": rounded[:3] + (["..."] if len(rounded) > 3 else []),
@@ -211,8 +234,12 @@ def main() -> None:
     p.add_argument("--grpo-warmup", type=int, default=1)
     p.add_argument("--grpo-steps", type=int, default=2)
     p.add_argument("--export-after", default="grpo:fsdp", help="the run whose end-of-fit export is reloaded and checked ('' = none)")
-    p.add_argument("--export-dir", default=None)
+    p.add_argument("--export-dir", default=os.path.join(tempfile.gettempdir(), "r1l-bench-fsdp-export"),
+                   help="shared by all ranks (every rank re-runs this script with the same arguments)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs (one process each, Lightning's launcher)")
     args = p.parse_args()
+    if args.devices > 1 and any(not spec.endswith(":fsdp") for spec in args.runs):
+        p.error("--devices > 1 runs only the FSDP strategy: --runs sft:fsdp grpo:fsdp")
     if args.tiny:
         args.seq = min(args.seq, 64)
 
@@ -225,13 +252,13 @@ def main() -> None:
 
     def save():
         text = json.dumps(results, indent=1)
-        if args.json != "-":
+        if args.json != "-" and rank() == 0:
             Path(args.json).write_text(text)
 
     for spec in args.runs:
         kind, strategy = spec.split(":")
         export = spec == args.export_after
-        export_dir = (args.export_dir or tempfile.mkdtemp(prefix="r1l-export-")) if export else None
+        export_dir = args.export_dir if export else None
         try:
             res, module = run(kind, strategy, args, export_dir)
             if export:
@@ -243,19 +270,23 @@ def main() -> None:
             res, module = {"kind": kind, "strategy": strategy, "error": f"{type(err).__name__}: {err}"}, None
         results["runs"].append(res)
         save()
-        print(json.dumps({k: v for k, v in res.items() if k != "step_s_all"}), flush=True)
+        if rank() == 0:
+            print(json.dumps({k: v for k, v in res.items() if k != "step_s_all"}), flush=True)
         del module
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    print("\n| run | strategy | step s (median) | tokens/s | peak GiB |\n|---|---|---|---|---|")
+    if rank() != 0:
+        return
+    print("\n| run | strategy | GPUs | step s (median) | tokens/s per GPU | tokens/s total | peak GiB per GPU |\n|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if "error" in r:
-            print(f"| {r['kind']} | {r['strategy']} | error: {r['error'][:80]} | | |")
+            print(f"| {r['kind']} | {r['strategy']} | | error: {r['error'][:80]} | | | |")
         else:
-            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-            print(f"| {r['kind']} | {r['strategy']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {peak} |")
+            peak = " / ".join(f"{g:.1f}" for g in r["peak_gib_per_rank"]) if r["peak_gib"] is not None else "-"
+            print(f"| {r['kind']} | {r['strategy']} | {r['world_size']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
+                  f"{r['tokens_per_s_total']:.0f} | {peak} |")
 
 
 if __name__ == "__main__":
