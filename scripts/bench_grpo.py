@@ -87,17 +87,10 @@ def run_ours(args, device, tok, tokdir, texts, megablocks):
 
     if "bench_parity" not in __import__("r1lightning.rewards", fromlist=["registered_rewards"]).registered_rewards():
         register_reward("bench_parity")(parity_reward)
-    class BenchGRPO(GRPOModule):
-        # GRPOModule keeps the reward totals on the CPU (RewardComposer's output) and then mixes them
-        # with CUDA masks (grpo.py, training_step): move them to the policy's device here.
-        def rollout(self, batch):
-            rollout, columns, total, scores = super().rollout(batch)
-            return rollout, columns, total.to(rollout.completion_ids.device), scores
-
     model, backend = build(args, device, megablocks)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = StaticCacheSampler(min_new_tokens=args.new_tokens, kv_bucket=64, keep_cache=not args.free_cache)
-    module = BenchGRPO(
+    module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=device == "cuda"),
         sampler=sampler, num_generations=args.G, max_new_tokens=args.new_tokens, temperature=1.0, num_iterations=1,
