@@ -192,6 +192,9 @@ def main(argv=None):
     ap.add_argument("--small-batch", type=int, default=4, help="batch for the decode-experts grouped_mm vs gather check (0: skip)")
     ap.add_argument("--bucket", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true", help="also time the engine without CUDA graphs")
+    ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                    help="also time the engine with its decode step through torch.compile in these modes "
+                         "(default, reduce-overhead, max-autotune-no-cudagraphs), first batch size only")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--bandwidth", type=float, default=4.3e12)
     ap.add_argument("--time-budget", type=float, default=1e9, help="skip remaining sections after this many seconds")
@@ -292,6 +295,27 @@ def main(argv=None):
 
                 traceback.print_exc()
                 print(f"# engine {impl} failed: {type(err).__name__}: {err}", flush=True)
+            sampler.release()
+        for mode in args.compile if bi == 0 else []:
+            if left() < 120:
+                print(f"# skipped compile {mode}: time budget", flush=True)
+                continue
+            model.set_experts_implementation(args.prefill[0])
+            sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=C, timing=True, compile=mode)
+            graphs = "torch.compile's CUDA graphs" if mode == "reduce-overhead" else "CUDA graphs"
+            try:
+                s1, _, st1 = time_engine(model, sampler, ids, mask, C)
+                s2, _, st2 = time_engine(model, sampler, ids, mask, C)
+                row(f"engine, torch.compile {mode}, {graphs} (first call, incl. compile)", n, s1, n * C,
+                    {"capture_s": st1["capture_s"], "decode_s": st1["decode_s"]})
+                row(f"engine, torch.compile {mode}, {graphs} (warm)", n, s2, n * C,
+                    {"prefill_s": st2["prefill_s"], "decode_s": st2["decode_s"],
+                     "ms_per_decode_step": st2["decode_s"] / (C - 1) * 1e3, "decode_only_tok_s": n * (C - 1) / st2["decode_s"]})
+            except Exception as err:
+                import traceback
+
+                traceback.print_exc()
+                print(f"# compile {mode} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
             sampler.release()
         if args.no_graphs and bi == 0 and left() > 60:
             model.set_experts_implementation(args.prefill[0])

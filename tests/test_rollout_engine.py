@@ -222,3 +222,26 @@ def test_grpo_rollout_logprobs_match_the_module_forward(tiny_moe_config):
     recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
     torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
     assert module.model.config._experts_implementation == "grouped_mm"
+
+
+def test_compile_mode_is_validated():
+    with pytest.raises(ValueError, match="compile: 'fast' is not one of"):
+        StaticCacheSampler(compile="fast")
+
+
+@pytest.mark.slow  # compiling the decode step takes ~10 s per mode on two cores
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decode_greedy_matches_generate(mode, tiny_moe_config):
+    torch._dynamo.reset()
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
+    params = SamplingParams(12, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = StaticCacheSampler(compile=mode, kv_bucket=8)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)  # the compiled step, reused
+    width = ref.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids[:, :width], ref.completion_ids)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+    torch.testing.assert_close(ours.logprobs[:, :width], ref.logprobs, atol=2e-5, rtol=0)

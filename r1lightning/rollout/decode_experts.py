@@ -30,8 +30,11 @@ def _grouped_mm_fn():
 
 def _aligned(*tensors) -> bool:
     # _grouped_mm needs 16-byte aligned strides and base pointers (CPU and CUDA kernels alike).
+    # Under torch.compile pointers are unknown at trace time: the strides decide (inductor's
+    # buffers and the allocator's are aligned; a view at an odd offset is what the check catches).
+    compiling = torch.compiler.is_compiling()
     for t in tensors:
-        if t.data_ptr() % 16:
+        if not compiling and t.data_ptr() % 16:
             return False
         for s, n in zip(t.stride(), t.shape):
             if n > 1 and s != 1 and (s * t.element_size()) % 16:
@@ -44,7 +47,9 @@ def choose_mode(module, hidden_states: torch.Tensor) -> str:
     if mode != "auto":
         return mode
     w1 = module.gate_up_proj if getattr(module, "has_gate", True) else module.up_proj
-    if _grouped_mm_fn() is None or (w1.is_cuda and w1.dtype != torch.bfloat16):
+    # bf16 only on CUDA, and under torch.compile on any device (its shape checks are CUDA's).
+    bf16_only = w1.is_cuda or torch.compiler.is_compiling()
+    if _grouped_mm_fn() is None or (bf16_only and w1.dtype != torch.bfloat16):
         return "gather"
     if not _aligned(w1, module.down_proj) or hidden_states.shape[-1] * w1.element_size() % 16:
         return "gather"

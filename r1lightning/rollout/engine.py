@@ -19,6 +19,11 @@ between transformers releases (a `cache_position` argument, then a device counte
 passes a ready 4-D attention mask, which transformers uses as given. Attention reads only the first
 `kv_len` slots, rounded up to `kv_bucket` (one graph per bucket), not the whole cache.
 
+`compile` puts the decode step through `torch.compile` instead: `reduce-overhead` lets its own CUDA
+graphs replace the engine's, the other modes fuse kernels that the engine's graphs then capture. The
+compiled step has one shape (attention reads the whole capacity): a compile per KV bucket would take
+minutes on a real model.
+
 Log-probs: each sampled token's log-prob under `softmax(logits / temperature)` (raw logits when
 greedy), before top-k/top-p and EOS suppression, i.e. what GRPO's training forward computes, so with
 mu = 1 `use_sampler_logprobs` can skip that forward (numerics: see docs/benchmarks.md).
@@ -116,6 +121,7 @@ class _Graphs:
         self.graphs: dict = {}
         self.pool = None
         self.fingerprint = None
+        self.static_marked = False
 
 
 class StaticCacheSampler(Sampler):
@@ -134,6 +140,9 @@ class StaticCacheSampler(Sampler):
         keep_cache: keep the KV cache and graphs between calls (fast); False frees them after each
             rollout (memory for the policy update).
         return_logprobs: fill `Rollout.logprobs`.
+        compile: None, or a `torch.compile` mode for the decode step: `reduce-overhead` (torch's CUDA
+            graphs instead of ours), `default` or `max-autotune-no-cudagraphs` (fused kernels inside
+            our graphs). See the module docstring.
         timing: wait for the device at phase ends and record prefill / capture / decode seconds in
             `last_stats` (benchmarks; three extra syncs per call).
     """
@@ -147,10 +156,15 @@ class StaticCacheSampler(Sampler):
         min_new_tokens: int = 0,
         keep_cache: bool = True,
         return_logprobs: bool = True,
+        compile: str | None = None,
         timing: bool = False,
     ):
         if decode_experts not in decode_experts_modes():
             raise ValueError(f"decode_experts: {decode_experts!r} is not one of {', '.join(decode_experts_modes())}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile: {compile!r} is not one of {', '.join(map(str, COMPILE_MODES))}")
+        self.compile = compile
+        self._compiled_step = None
         self.cuda_graphs = cuda_graphs
         self.decode_experts = decode_experts
         self.kv_bucket = max(1, int(kv_bucket))
@@ -172,7 +186,7 @@ class StaticCacheSampler(Sampler):
             empty = prompt_ids.new_zeros(N, 0)
             return Rollout(prompt_ids, prompt_mask, empty, empty.clone(), torch.ones(N, dtype=torch.bool, device=device),
                            empty.float() if self.return_logprobs else None)
-        use_graphs = self.cuda_graphs and device.type == "cuda"
+        use_graphs = self.cuda_graphs and device.type == "cuda" and self.compile != "reduce-overhead"
         was_training = model.training
         model.eval()
         prev_experts = getattr(model.config, "_experts_implementation", None)
@@ -207,6 +221,8 @@ class StaticCacheSampler(Sampler):
     def _generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, P, C, use_graphs, prev_experts):
         device = prompt_ids.device
         capacity = _round_up(P + C, self.kv_bucket)
+        step_fn = self._step_fn()
+        bucket = capacity if self.compile else self.kv_bucket  # compiled: one shape
         key = (N, str(device))
         st = self._state.get(key)
         fp = _fingerprint(model)
@@ -243,6 +259,12 @@ class StaticCacheSampler(Sampler):
         cache.kv_len, cache.seen = P, 0
         logits = self._forward(model, prompt_ids, self._mask(allowed[:, None], mask_dtype), positions, cache, keep_last=True)
         cache.seen = P
+        if self.compile == "reduce-overhead" and not st.static_marked:
+            # The step updates these buffers in place: as static addresses torch's graphs keep them.
+            for t in (*vars(st).values(), *cache.keys, *cache.values):
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.mark_static_address(t)
+            st.static_marked = True
         t_prefill = clock()
 
         # -- decode state --
@@ -257,11 +279,11 @@ class StaticCacheSampler(Sampler):
         elif experts == "policy" and use_graphs:
             raise ValueError("decode_experts: 'policy' is not graph-safe; set cuda_graphs: false")
 
-        buckets = sorted({min(capacity, _round_up(P + j, self.kv_bucket)) for j in range(1, C)})
+        buckets = sorted({min(capacity, _round_up(P + j, bucket)) for j in range(1, C)})
         if use_graphs:
             for kv_len in buckets:
                 if (kv_len, mode) not in st.graphs:
-                    self._capture(st, model, kv_len, mode, mask_dtype)
+                    self._capture(st, model, kv_len, mode, mask_dtype, step_fn)
             st.positions.copy_(prompt_mask.long().sum(-1, keepdim=True))  # warm-up steps advanced these
             st.slot.fill_(P)
             st.step.fill_(0)
@@ -280,10 +302,10 @@ class StaticCacheSampler(Sampler):
             steps = 1
             for j in range(1, C):
                 if use_graphs:
-                    st.graphs[(min(capacity, _round_up(P + j, self.kv_bucket)), mode)].replay()
+                    st.graphs[(min(capacity, _round_up(P + j, bucket)), mode)].replay()
                 else:
-                    cache.kv_len = min(capacity, _round_up(P + j, self.kv_bucket))
-                    self._decode_step(st, model, mode, mask_dtype)
+                    cache.kv_len = min(capacity, _round_up(P + j, bucket))
+                    step_fn(st, model, mode, mask_dtype)
                 steps += 1
                 if steps % self.sync_every == 0 and bool(st.done.all()):
                     break
@@ -383,7 +405,14 @@ class StaticCacheSampler(Sampler):
         st.tok.copy_(nxt[:, None])
         st.step.add_(1)
 
-    def _capture(self, st, model, kv_len, mode, mask_dtype):
+    def _step_fn(self):
+        if self.compile is None:
+            return self._decode_step
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._decode_step, mode=self.compile, dynamic=False)
+        return self._compiled_step
+
+    def _capture(self, st, model, kv_len, mode, mask_dtype, step_fn):
         st.cache.kv_len = kv_len
         snapshot = [t.clone() for t in (st.tok, st.positions, st.slot, st.step, st.done)]
         side = torch.cuda.Stream()
@@ -392,15 +421,18 @@ class StaticCacheSampler(Sampler):
             for _ in range(2):
                 for t, s in zip((st.tok, st.positions, st.slot, st.step, st.done), snapshot):
                     t.copy_(s)
-                self._decode_step(st, model, mode, mask_dtype)
+                step_fn(st, model, mode, mask_dtype)
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip((st.tok, st.positions, st.slot, st.step, st.done), snapshot):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=st.pool):
-            self._decode_step(st, model, mode, mask_dtype)
+            step_fn(st, model, mode, mask_dtype)
         st.pool = graph.pool()
         st.graphs[(kv_len, mode)] = graph
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 class _Clock:
