@@ -84,17 +84,39 @@ def test_megablocks_prefill_graph_decode(tiny_moe_config):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_decode_bf16_agrees_with_graphs(mode, tiny_moe_config):
+def test_compiled_decode_greedy_matches_generate_fp32(mode, tiny_moe_config):
+    torch._dynamo.reset()
+    model, tok = on_cuda(tiny_moe_config, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok))
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    params = SamplingParams(16, 0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = StaticCacheSampler(compile=mode)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    w = ref.completion_ids.shape[1]
+    assert ref.truncated.any() and (~ref.truncated).any()
+    assert torch.equal(ours.completion_ids[:, :w], ref.completion_ids)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+    torch.testing.assert_close(ours.logprobs[:, :w], ref.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decode_bf16_logprobs_match_a_training_forward(mode, tiny_moe_config):
+    # Greedy bf16 rows diverge for good after one near-tied flip, so compare per token: the compiled
+    # step's log-probs of the tokens it sampled against a teacher-forced forward over them.
     torch._dynamo.reset()
     model, tok = on_cuda(tiny_moe_config, torch.bfloat16, moe_backend="grouped_mm")
     ids, mask = (t.cuda() for t in encode(tok))
     ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
-    params = SamplingParams(12, 0)
-    ref = StaticCacheSampler().generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
-    engine = StaticCacheSampler(compile=mode)
-    a = engine.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
-    b = engine.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
-    assert torch.equal(a.completion_ids, b.completion_ids)
-    # bf16 kernels fused differently: near-tied greedy choices may flip, most must agree
-    assert (a.completion_ids == ref.completion_ids).float().mean() > 0.8
-    torch.testing.assert_close(a.logprobs[:, :2], ref.logprobs[:, :2], atol=0.05, rtol=0)
+    params = SamplingParams(12, 1.0, seed=0)
+
+    def gap(sampler):  # mean |sampler log-prob - teacher-forced log-prob| over the sampled tokens
+        out = sampler.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+        with torch.no_grad():
+            ref = training_logprobs(model, out, 1.0)
+        return (out.logprobs - ref)[out.completion_mask.bool()].abs().mean().item()
+
+    compiled, graphs = gap(StaticCacheSampler(compile=mode)), gap(StaticCacheSampler())
+    # Same bf16 rounding noise as the uncompiled engine; a stale cache slot or position would cost nats.
+    assert compiled < 2 * graphs + 0.01, (compiled, graphs)
