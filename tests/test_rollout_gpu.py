@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -102,21 +104,24 @@ def test_compiled_decode_greedy_matches_generate_fp32(mode, tiny_moe_config):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_decode_bf16_logprobs_match_a_training_forward(mode, tiny_moe_config):
-    # Greedy bf16 rows diverge for good after one near-tied flip, so compare per token: the compiled
-    # step's log-probs of the tokens it sampled against a teacher-forced forward over them.
+def test_compiled_decode_bf16_logprobs_as_close_to_fp32_as_eager(mode, tiny_moe_config):
+    # Greedy bf16 rows diverge for good after one near-tied flip, so compare per token: each sampler's
+    # log-probs of the tokens it sampled against a teacher-forced fp32 forward over them. Inductor
+    # keeps fp32 between fused ops, so the compiled step is not bit-equal to eager bf16; it must be
+    # no further from fp32 than eager is (a stale cache slot or position would cost nats).
     torch._dynamo.reset()
-    model, tok = on_cuda(tiny_moe_config, torch.bfloat16, moe_backend="grouped_mm")
+    model, tok = on_cuda(tiny_moe_config, moe_backend="grouped_mm")
+    truth = copy.deepcopy(model)
+    model = model.to(torch.bfloat16)
     ids, mask = (t.cuda() for t in encode(tok))
     ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
     params = SamplingParams(12, 1.0, seed=0)
 
-    def gap(sampler):  # mean |sampler log-prob - teacher-forced log-prob| over the sampled tokens
+    def gap(sampler):
         out = sampler.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
         with torch.no_grad():
-            ref = training_logprobs(model, out, 1.0)
+            ref = training_logprobs(truth, out, 1.0)
         return (out.logprobs - ref)[out.completion_mask.bool()].abs().mean().item()
 
-    compiled, graphs = gap(StaticCacheSampler(compile=mode)), gap(StaticCacheSampler())
-    # Same bf16 rounding noise as the uncompiled engine; a stale cache slot or position would cost nats.
-    assert compiled < 2 * graphs + 0.01, (compiled, graphs)
+    compiled, eager = gap(StaticCacheSampler(compile=mode)), gap(StaticCacheSampler())
+    assert compiled < 1.5 * eager + 0.01, (compiled, eager)
