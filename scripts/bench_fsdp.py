@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
-OLMOE = dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-             num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-             max_position_embeddings=4096, router_aux_loss_coef=0.01)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from olmoe_shape import OLMOE_1B_7B  # noqa: E402
+
+OLMOE = dict(model_type="olmoe", **OLMOE_1B_7B, router_aux_loss_coef=0.01)
 TINY = dict(model_type="olmoe", vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
             max_position_embeddings=512, router_aux_loss_coef=0.01)

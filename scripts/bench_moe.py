@@ -71,10 +71,10 @@ def time_cuda(fn, warmup, iters):
 def olmoe_config(layers, **kw):
     from transformers import OlmoeConfig
 
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                      max_position_embeddings=4096, output_router_logits=True, router_aux_loss_coef=0.01,
-                      pad_token_id=1, bos_token_id=None, eos_token_id=50279, **kw)
+    from olmoe_shape import OLMOE_1B_7B
+
+    cfg = OlmoeConfig(**dict(OLMOE_1B_7B, num_hidden_layers=layers), output_router_logits=True,
+                      router_aux_loss_coef=0.01, pad_token_id=1, bos_token_id=None, eos_token_id=50279, **kw)
     cfg._attn_implementation = "sdpa"
     return cfg
 

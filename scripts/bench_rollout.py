@@ -29,13 +29,15 @@ import torch
 
 def add_model_args(ap) -> None:
     """The model shape options (OLMoE-1B-7B by default) that build_model reads."""
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--expert-ffn", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=50304)
+    from olmoe_shape import OLMOE_1B_7B as shape
+
+    ap.add_argument("--layers", type=int, default=shape["num_hidden_layers"])
+    ap.add_argument("--hidden", type=int, default=shape["hidden_size"])
+    ap.add_argument("--heads", type=int, default=shape["num_attention_heads"])
+    ap.add_argument("--experts", type=int, default=shape["num_experts"])
+    ap.add_argument("--top-k", type=int, default=shape["num_experts_per_tok"])
+    ap.add_argument("--expert-ffn", type=int, default=shape["intermediate_size"])
+    ap.add_argument("--vocab", type=int, default=shape["vocab_size"])
 
 
 def build_model(args, device):
