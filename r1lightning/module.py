@@ -107,7 +107,11 @@ class PolicyModule(L.LightningModule):
     def configure_callbacks(self):
         from r1lightning.strategies import ExactResume, NonFiniteGuard
 
-        return [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row)]
+        # Every run needs these; an instance listed in `trainer.callbacks` is kept as configured
+        # (Lightning would otherwise replace it with the one returned here).
+        listed = self.trainer.callbacks if self._trainer is not None else []
+        defaults = [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row)]
+        return [cb for cb in defaults if not any(isinstance(c, type(cb)) for c in listed)]
 
     def on_save_checkpoint(self, checkpoint):
         from r1lightning.export import META_KEY, checkpoint_metadata

@@ -365,5 +365,19 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(kind, tmp_path):
     assert snaps.changed == [True, False]  # the second bad step was skipped too before stopping
 
 
+def test_a_guard_listed_in_the_trainer_keeps_its_settings(tmp_path):
+    from r1lightning.strategies import ExactResume, NonFiniteGuard
+
+    trainer, module, data, snaps = _fit("sft", tmp_path, poison=[1, 2], max_steps=6, max_nonfinite_in_a_row=2)
+    mine = NonFiniteGuard(max_in_a_row=5)
+    trainer.callbacks.insert(0, mine)  # as `trainer.callbacks` in a YAML puts it
+    trainer.fit(module, data)  # two bad steps in a row: the module's default (2) would have stopped here
+    assert trainer.global_step == 6
+    guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    assert guards == [mine]
+    assert sum(isinstance(c, ExactResume) for c in trainer.callbacks) == 1  # the default still came in
+    assert snaps.skipped[-1] == 2.0
+
+
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))
