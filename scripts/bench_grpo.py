@@ -89,7 +89,8 @@ def run_ours(args, device, tok, tokdir, texts, megablocks):
         register_reward("bench_parity")(parity_reward)
     model, backend = build(args, device, megablocks)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sampler = StaticCacheSampler(min_new_tokens=args.new_tokens, kv_bucket=64, keep_cache=not args.free_cache)
+    sampler = StaticCacheSampler(min_new_tokens=args.new_tokens, kv_bucket=64, keep_cache=not args.free_cache,
+                                 compile=args.compile)
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=device == "cuda"),
@@ -246,6 +247,7 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward (both frameworks)")
     ap.add_argument("--steps", type=int, default=3, help="steps per framework; the first is reported apart")
     ap.add_argument("--free-cache", action="store_true", help="ours: free the KV cache and graphs after each rollout")
+    ap.add_argument("--compile", default=None, help="ours: the engine's torch.compile mode for the decode step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
