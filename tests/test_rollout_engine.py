@@ -245,3 +245,13 @@ def test_compiled_decode_greedy_matches_generate(mode, tiny_moe_config):
     assert torch.equal(ours.completion_ids[:, :width], ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)
     torch.testing.assert_close(ours.logprobs[:, :width], ref.logprobs, atol=2e-5, rtol=0)
+    # Shorter prompts (GRPO batches vary in length) reuse the compiled step: no recompile.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    short_ids, short_mask = encode(tok, ["1+1=", "2+3=", "5+5=", "1+4=", "9=", "7+7="])
+    assert short_ids.shape[1] < ids.shape[1]
+    short = engine.generate(model, short_ids, short_mask, params, eos, tok.pad_token_id)
+    assert counters["stats"]["unique_graphs"] == graphs
+    ref_short = HFGenerateSampler().generate(model, short_ids, short_mask, params, eos, tok.pad_token_id)
+    assert torch.equal(short.completion_ids[:, : ref_short.completion_ids.shape[1]], ref_short.completion_ids)

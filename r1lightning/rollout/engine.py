@@ -222,7 +222,6 @@ class StaticCacheSampler(Sampler):
         device = prompt_ids.device
         capacity = _round_up(P + C, self.kv_bucket)
         step_fn = self._step_fn()
-        bucket = capacity if self.compile else self.kv_bucket  # compiled: one shape
         key = (N, str(device))
         st = self._state.get(key)
         fp = _fingerprint(model)
@@ -232,6 +231,10 @@ class StaticCacheSampler(Sampler):
             self._state = {key: st}  # one live batch size at a time: caches are large
         cache = st.cache
         mask_dtype = self._mask_dtype(model)
+        if self.compile:  # one shape across calls whatever the prompt length: the whole allocated cache
+            kv_len_at = lambda j: cache.capacity  # noqa: E731
+        else:
+            kv_len_at = lambda j: min(capacity, _round_up(P + j, self.kv_bucket))  # noqa: E731
 
         # -- per-call inputs into the static buffers --
         eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
@@ -279,7 +282,7 @@ class StaticCacheSampler(Sampler):
         elif experts == "policy" and use_graphs:
             raise ValueError("decode_experts: 'policy' is not graph-safe; set cuda_graphs: false")
 
-        buckets = sorted({min(capacity, _round_up(P + j, bucket)) for j in range(1, C)})
+        buckets = sorted({kv_len_at(j) for j in range(1, C)})
         if use_graphs:
             for kv_len in buckets:
                 if (kv_len, mode) not in st.graphs:
@@ -302,9 +305,9 @@ class StaticCacheSampler(Sampler):
             steps = 1
             for j in range(1, C):
                 if use_graphs:
-                    st.graphs[(min(capacity, _round_up(P + j, bucket)), mode)].replay()
+                    st.graphs[(kv_len_at(j), mode)].replay()
                 else:
-                    cache.kv_len = min(capacity, _round_up(P + j, bucket))
+                    cache.kv_len = kv_len_at(j)
                     step_fn(st, model, mode, mask_dtype)
                 steps += 1
                 if steps % self.sync_every == 0 and bool(st.done.all()):
