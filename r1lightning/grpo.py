@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from r1lightning.errors import UserError
-from r1lightning.losses import grpo_loss, group_advantages, mask_truncated, zero_variance_groups
+from r1lightning.losses import AGGREGATIONS, grpo_loss, group_advantages, mask_truncated, zero_variance_groups
 from r1lightning.module import PolicyModule
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer
@@ -84,8 +84,8 @@ class GRPOModule(PolicyModule):
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         super().__init__(policy, optimizer, **kwargs)
-        if aggregation not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-            raise UserError(f"model.aggregation: {aggregation!r} is not one of grpo, bnpo, dr_grpo, dapo")
+        if aggregation not in AGGREGATIONS:
+            raise UserError(f"model.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
         if advantage_scale not in ("group", "batch", "none"):
             raise UserError(f"model.advantage_scale: {advantage_scale!r} is not one of group, batch, none")
         if num_generations < 2:
@@ -247,7 +247,6 @@ class GRPOModule(PolicyModule):
             "time/rollout": t_rollout,
             "time/reference": t_ref,
             "time/train": t_train,
-            "lr": self.optimizers().param_groups[0]["lr"],
             **stats,
         }
         for name, values in scores.per_fn.items():
