@@ -64,7 +64,7 @@ class PolicyModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model, _ = self.policy.build()
+        self.model, _ = self.policy.build(self.tokenizer)
         config = self.model.config
         self.is_moe = hasattr(config, "router_aux_loss_coef")
         coef = self.hparams.router_aux_loss_coef

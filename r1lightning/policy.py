@@ -89,8 +89,9 @@ class Policy:
             tok.pad_token = tok.eos_token
         return tok
 
-    def build(self) -> tuple[PreTrainedModel, Any]:
-        tokenizer = self.build_tokenizer()
+    def build(self, tokenizer=None) -> tuple[PreTrainedModel, Any]:
+        """The model and its tokenizer (`tokenizer`: one already built by `build_tokenizer`)."""
+        tokenizer = tokenizer if tokenizer is not None else self.build_tokenizer()
         dtype = getattr(torch, self.dtype)
         if self.config is not None:
             config = self.model_config(tokenizer)

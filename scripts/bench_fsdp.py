@@ -57,9 +57,9 @@ def policy_class():
 
         device = "cpu"
 
-        def build(self):
+        def build(self, tokenizer=None):
             with torch.device(self.device):
-                return super().build()
+                return super().build(tokenizer)
 
     return DevicePolicy
 
