@@ -200,10 +200,10 @@ class RejectionSampling(Callback):
         composer = self._composer(pl_module)
         # The prompts are encoded as in training unless told otherwise.
         system_prompt = self.system_prompt if self.system_prompt is not None else getattr(getattr(trainer, "datamodule", None), "system_prompt", None)
-        manifest = self._manifest(trainer, pl_module, composer, files, len(rows), step, system_prompt)
-
         parts.mkdir(parents=True, exist_ok=True)
+        manifest = None  # rank 0 checks and merges; the weights fingerprint is a pass over every parameter
         if rank == 0:
+            manifest = self._manifest(trainer, pl_module, composer, files, len(rows), step, system_prompt)
             self._check_manifest(parts, manifest)
         barrier(trainer, "rejection_manifest")
 
