@@ -335,34 +335,27 @@ def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k:
     the completions. The caller seeds the RNG. `min_batches`: make at least this many batches of
     generate calls, repeating a throwaway batch (FSDP: every rank must make the same calls).
     """
-    from r1lightning.rollout import SamplingParams
-
     tok = module.tokenizer
-    device = module.device if hasattr(module, "device") else torch.device("cpu")
     records = []
     starts = list(range(0, len(indices), batch_size))
     throwaway = max(0, min_batches - len(starts))
     for start in starts + [None] * throwaway:
-        if start is None:
-            _generate_only(module, data, [0], k, temperature, top_p, max_new_tokens, greedy, sampler)  # one problem: only the call count matters
+        if start is None:  # one problem: only the call count matters
+            _generate(module, data, [data.rows[0]], k, temperature, top_p, max_new_tokens, greedy, sampler)
             continue
         idx = list(indices[start : start + batch_size])
         rows = [data.rows[i] for i in idx]
-        ids, mask = left_pad(encode_problems(tok, rows, data.system_prompt), tok.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, greedy_out, sampled_out = _generate(module, data, rows, k, temperature, top_p, max_new_tokens, greedy, sampler)
         prompts = tok.batch_decode(ids, skip_special_tokens=True)
         greedy_scores = [None] * len(idx)
         greedy_texts = [None] * len(idx)
-        if greedy:
-            out = module.generate(ids, mask, SamplingParams(max_new_tokens, temperature=0.0), sampler=sampler)
-            greedy_texts = module.decode(out.completion_ids)
+        if greedy_out is not None:
+            greedy_texts = module.decode(greedy_out.completion_ids)
             greedy_scores = score_completions(data, rows, prompts, greedy_texts, code_reward)
         samples: list[list[str]] = [[] for _ in idx]
         correct: list[list[float]] = [[] for _ in idx]
-        if k > 0:
-            out = module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
-                                  SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), sampler=sampler)  # fmt: skip
-            texts = module.decode(out.completion_ids)  # [B*k], problem-major
+        if sampled_out is not None:
+            texts = module.decode(sampled_out.completion_ids)  # [B*k], problem-major
             rep_rows = [r for r in rows for _ in range(k)]
             rep_prompts = [p for p in prompts for _ in range(k)]
             scores = score_completions(data, rep_rows, rep_prompts, texts, code_reward)
@@ -387,15 +380,18 @@ def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k:
     return records
 
 
-def _generate_only(module, data: BenchmarkData, idx, k, temperature, top_p, max_new_tokens, greedy, sampler) -> None:
+def _generate(module, data: BenchmarkData, rows, k, temperature, top_p, max_new_tokens, greedy, sampler):
+    """The prompt ids of `rows`, their greedy rollout (if asked) and k sampled rollouts each (if k > 0)."""
     from r1lightning.rollout import SamplingParams
 
     tok = module.tokenizer
     device = module.device if hasattr(module, "device") else torch.device("cpu")
-    ids, mask = left_pad(encode_problems(tok, [data.rows[i] for i in idx], data.system_prompt), tok.pad_token_id)
+    ids, mask = left_pad(encode_problems(tok, rows, data.system_prompt), tok.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
+    greedy_out = sampled_out = None
     if greedy:
-        module.generate(ids, mask, SamplingParams(max_new_tokens, temperature=0.0), sampler=sampler)
+        greedy_out = module.generate(ids, mask, SamplingParams(max_new_tokens, temperature=0.0), sampler=sampler)
     if k > 0:
-        module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
-                        SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), sampler=sampler)  # fmt: skip
+        sampled_out = module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
+                                      SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), sampler=sampler)  # fmt: skip
+    return ids, greedy_out, sampled_out
