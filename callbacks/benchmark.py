@@ -191,7 +191,7 @@ def _ceil_div(a: int, b: int) -> int:
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     import json
 
-    from r1lightning.callbacks._common import atomic_write
+    from r1lightning.files import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

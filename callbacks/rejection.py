@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from r1lightning.callbacks._common import atomic_write, barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json
+from r1lightning.callbacks._common import barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json
+from r1lightning.files import atomic_write
 from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)

@@ -62,6 +62,8 @@ from typing import Any
 
 import yaml
 
+from r1lightning.files import atomic_write_text
+
 log = logging.getLogger("r1lightning.pipeline")
 
 _PREVIOUS = object()  # model_from not given: the previous stage
@@ -326,16 +328,6 @@ def config_hash(config: dict) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _last_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
@@ -429,7 +421,7 @@ def run_pipeline(pipeline: Pipeline, cli_overrides=(), rerun_from: str | None = 
         if dry_run:
             here.mkdir(parents=True, exist_ok=True)
             config_path = here / "config.dry-run.yaml"
-            _write_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             done[stage.name] = {"model": str(here / "model"), "datasets": produced_datasets(config), "config": str(config_path)}
             continue
         rerun = True  # everything after a stage that runs again must run again too
@@ -445,7 +437,7 @@ def run_pipeline(pipeline: Pipeline, cli_overrides=(), rerun_from: str | None = 
                 log.info("%s: config changed; moving the old attempt to %s", stage.name, aside)
                 os.replace(here, aside)
         here.mkdir(parents=True, exist_ok=True)
-        _write_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
         log.info("[%d/%d] %s: r1lightning %s -c %s%s", i + 1, len(pipeline.stages), stage.name, stage.command, config_path,
                  f" (resuming from {resume})" if resume else "")  # fmt: skip
         t0 = time.perf_counter()
@@ -472,7 +464,7 @@ def run_pipeline(pipeline: Pipeline, cli_overrides=(), rerun_from: str | None = 
             "config_hash": digest,
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _write_atomic(marker, json.dumps(record, indent=1))
+        atomic_write_text(marker, json.dumps(record, indent=1))
         done[stage.name] = record
         acc = record["metrics"].get("accuracy")
         log.info("[%d/%d] %s: done in %.0f s%s", i + 1, len(pipeline.stages), stage.name, wall,
@@ -536,8 +528,8 @@ def summarize(pipeline: Pipeline, done: dict[str, dict]) -> str:
     total = sum(r["wall_s"] or 0 for r in rows)
     lines += ["", f"Total stage wall time: {total:.0f} s ({total / 60:.1f} min).", ""]
     text = "\n".join(lines)
-    _write_atomic(pipeline.run_dir / "summary.md", text)
-    _write_atomic(pipeline.run_dir / "summary.json", json.dumps({"stages": rows, "total_wall_s": total}, indent=1))
+    atomic_write_text(pipeline.run_dir / "summary.md", text)
+    atomic_write_text(pipeline.run_dir / "summary.json", json.dumps({"stages": rows, "total_wall_s": total}, indent=1))
     try:
         plot(pipeline, done, pipeline.run_dir / "summary.png")
     except ImportError:

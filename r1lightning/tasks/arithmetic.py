@@ -18,10 +18,10 @@ the trace split, `completion`; held-out problems never appear in training.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
+from r1lightning.files import atomic_write_text
 from r1lightning.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
 
 
@@ -57,13 +57,8 @@ class SyntheticTask:
         paths = {split: out / f"{split}.jsonl" for split in ("train", "test")}
         if all(p.exists() for p in paths.values()):
             return paths
-        out.mkdir(parents=True, exist_ok=True)
-        for split, rows in self.splits().items():
-            tmp = paths[split].with_suffix(f".tmp-{os.getpid()}")
-            with open(tmp, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, paths[split])  # atomic: a reader never sees half a file
+        for split, rows in self.splits().items():  # atomic: a reader never sees half a file
+            atomic_write_text(paths[split], "".join(json.dumps(row) + "\n" for row in rows))
         return paths
 
 
