@@ -11,6 +11,24 @@ import torch
 from r1lightning.files import atomic_write
 
 
+def write_table(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL or Parquet (by suffix), atomically."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+    return atomic_write(path, write)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from r1lightning.callbacks._common import barrier, crossed_multiple, gather_objects, log_metrics, needs_lockstep, rank_and_world, write_json
+from r1lightning.callbacks._common import (barrier, crossed_multiple, gather_objects, log_metrics, needs_lockstep, rank_and_world, write_json,
+                                          write_table)
 from r1lightning.evaluation import Benchmark, ConsAtK, GreedyAccuracy, PassAt1, PassAtK, evaluate_problems
 
 log = logging.getLogger(__name__)
@@ -180,22 +181,9 @@ class BenchmarkEval(Callback):
                  "completions": r["completions"][:2], "greedy_completion": r["greedy_completion"]}
                 for r in records[: self.samples_in_report]
             ]  # fmt: skip
-            _write_jsonl(out / f"step-{step:06d}-{name}.jsonl", records)
+            write_table(out / f"step-{step:06d}-{name}.jsonl", records)
         write_json(out / f"step-{step:06d}.json", report)
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    import json
-
-    from r1lightning.files import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
-
-    atomic_write(path, write)

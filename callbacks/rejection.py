@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from r1lightning.callbacks._common import barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json
-from r1lightning.files import atomic_write
+from r1lightning.callbacks._common import (barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json,
+                                          write_table)
 from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
@@ -497,21 +497,3 @@ def _read_chunks(parts: Path) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             chunks.append(json.load(f))
     return chunks
-
-
-def write_table(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows as JSONL or Parquet (by suffix), atomically."""
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        if path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    return atomic_write(path, write)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from r1lightning.callbacks import ReferenceModelRefresh, RejectionSampling, refresh_reference
-from r1lightning.callbacks import rejection as rejection_module
+from r1lightning.callbacks import _common as files_module  # write_table: where the dataset is written
 from r1lightning.rollout import Rollout, Sampler
 from r1lightning.rollout.base import completion_mask_from_ids
 
@@ -285,16 +285,16 @@ class FlakyJson:
 def test_a_crash_while_writing_leaves_no_partial_file(prompt_file, tmp_path, tiny_moe_config, monkeypatch):
     module = tiny_sft(tiny_moe_config)
     out = tmp_path / "traces.jsonl"
-    monkeypatch.setattr(rejection_module, "json", FlakyJson(fail_at=3))
+    monkeypatch.setattr(files_module, "json", FlakyJson(fail_at=3))
     with pytest.raises(OSError, match="disk full"):
         make_rs(prompt_file, out, module.tokenizer).run(None, module)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
     # A complete older dataset survives a failed rewrite untouched.
-    monkeypatch.setattr(rejection_module, "json", json)
+    monkeypatch.setattr(files_module, "json", json)
     make_rs(prompt_file, out, module.tokenizer).run(None, module)
     before = out.read_bytes()
-    monkeypatch.setattr(rejection_module, "json", FlakyJson(fail_at=2))
+    monkeypatch.setattr(files_module, "json", FlakyJson(fail_at=2))
     with pytest.raises(OSError):
         make_rs(prompt_file, out, module.tokenizer, require_format=False).run(None, module)
     assert out.read_bytes() == before
