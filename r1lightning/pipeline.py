@@ -229,8 +229,8 @@ def produced_datasets(config: dict) -> list[str]:
     return out
 
 
-def stage_dir(pipeline: Pipeline, stage: Stage) -> Path:
-    return pipeline.run_dir / stage.name
+def stage_dir(pipeline: Pipeline, name: str) -> Path:
+    return pipeline.run_dir / name
 
 
 def compose(pipeline: Pipeline, stage: Stage, index: int, done: dict[str, dict], cli_overrides: list[tuple[str | None, str, Any]] = ()) -> dict:
@@ -248,7 +248,7 @@ def compose(pipeline: Pipeline, stage: Stage, index: int, done: dict[str, dict],
     if stage.callbacks:
         set_dotted(config, "trainer.callbacks", _callbacks(config) + copy.deepcopy(stage.callbacks))
 
-    here = stage_dir(pipeline, stage)
+    here = stage_dir(pipeline, stage.name)
     old_root = get_dotted(config, "trainer.default_root_dir")
     if old_root:
         old_root = str(old_root).rstrip("/")
@@ -294,7 +294,7 @@ def compose(pipeline: Pipeline, stage: Stage, index: int, done: dict[str, dict],
 
     values = {"run_dir": str(pipeline.run_dir), "stage_dir": str(here)}
     for name, rec in done.items():
-        values[f"{name}.dir"] = str(stage_dir(pipeline, _stage(pipeline, name)))
+        values[f"{name}.dir"] = str(stage_dir(pipeline, name))
         values[f"{name}.model"] = rec.get("model") or ""
 
     def substitute(s: str) -> str:
@@ -315,10 +315,6 @@ def _is_empty(dataset: str) -> bool:
         return stats.get("kept", 1) == 0
     p = Path(dataset)
     return p.is_file() and p.stat().st_size == 0
-
-
-def _stage(pipeline: Pipeline, name: str) -> Stage:
-    return next(s for s in pipeline.stages if s.name == name)
 
 
 def config_hash(config: dict) -> str:
@@ -411,7 +407,7 @@ def run_pipeline(pipeline: Pipeline, cli_overrides=(), rerun_from: str | None = 
         rerun = rerun or stage.name == rerun_from
         config = compose(pipeline, stage, i, done, cli_overrides)
         digest = config_hash(config)
-        here = stage_dir(pipeline, stage)
+        here = stage_dir(pipeline, stage.name)
         marker = here / "DONE"
         previous = json.loads(marker.read_text()) if marker.exists() else None
         if previous and previous.get("config_hash") == digest and not rerun:

@@ -83,10 +83,6 @@ class StaticKV(Cache):
     def __len__(self):
         return self.num_layers
 
-    @property
-    def allocated(self) -> bool:
-        return self.keys[0] is not None
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
