@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rollout import sync  # noqa: E402
 from olmoe_shape import OLMOE_1B_7B  # noqa: E402
 
 OLMOE = dict(model_type="olmoe", **OLMOE_1B_7B, router_aux_loss_coef=0.01)
@@ -71,16 +72,12 @@ def meter_class():
         def __init__(self, warmup: int):
             self.warmup, self.times, self.tokens, self.split = warmup, [], [], []
 
-        def _sync(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self._sync()
+            sync()
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self._sync()
+            sync()
             dt = time.perf_counter() - self.t0
             m = trainer.callback_metrics
             if "input_ids" in batch:

@@ -27,6 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rollout import add_model_args, build_model, sync  # noqa: E402
 
 
 def parity_reward(prompts=None, completions=None, **kwargs):
@@ -53,20 +54,13 @@ def make_tokenizer(vocab: int, directory: str):
     return tok
 
 
-def prompts(args, tok):
+def prompts(args):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, args.vocab, (args.prompts * args.steps, args.prompt_len), generator=g)
     return [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def build(args, device, megablocks: bool):
-    from bench_rollout import build_model
-
     from r1lightning.moe import apply_moe_backend
 
     torch.manual_seed(0)
@@ -85,8 +79,7 @@ def run_ours(args, device, tok, tokdir, texts, megablocks):
     from r1lightning.rewards import Reward, register_reward
     from r1lightning.rollout import StaticCacheSampler
 
-    if "bench_parity" not in __import__("r1lightning.rewards", fromlist=["registered_rewards"]).registered_rewards():
-        register_reward("bench_parity")(parity_reward)
+    register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
     model, backend = build(args, device, megablocks)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = StaticCacheSampler(min_new_tokens=args.new_tokens, kv_bucket=64, keep_cache=not args.free_cache,
@@ -233,8 +226,6 @@ def summarize(name, res, args):
 
 
 def main(argv=None):
-    from bench_rollout import add_model_args
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frameworks", nargs="+", default=["ours"],
                     choices=["ours", "ours_megablocks", "trl", "trl_megablocks"])
@@ -255,7 +246,7 @@ def main(argv=None):
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
     tokdir = os.path.join(args.workdir, "tokenizer")
     tok = make_tokenizer(args.vocab, tokdir)
-    texts = prompts(args, tok)
+    texts = prompts(args)
     out = {"args": vars(args), "torch": torch.__version__, "results": {}}
     for fw in args.frameworks:
         runner = run_ours if fw.startswith("ours") else run_trl

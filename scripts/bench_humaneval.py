@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = load_humaneval()
     caps = sandbox_capabilities()
-    workers = args.workers or os.cpu_count() or 1
-    print(f"{len(problems)} problems, isolation={caps['isolation']}, workers={workers}, cpus={os.cpu_count()}")
-    reward = CodeReward(timeout=args.timeout, max_workers=workers, include_prompt=True,
+    reward = CodeReward(timeout=args.timeout, max_workers=args.workers, include_prompt=True,
                         partial_credit=args.partial_credit)  # fmt: skip
+    print(f"{len(problems)} problems, isolation={caps['isolation']}, workers={reward.max_workers}, cpus={os.cpu_count()}")
     prompts = [p["prompt"] for p in problems]
     kw = dict(test=[p["test"] for p in problems], entry_point=[p["entry_point"] for p in problems])
     failed = 0

@@ -19,7 +19,7 @@ def read_series(path: Path, column: str, smooth: int = 1) -> tuple[list[int], li
                 values.append(float(row[column]))
     if smooth > 1 and values:
         # Trailing moving average: the per-step reward of 128 samples is noisy.
-        values = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1]) for i in range(len(values))]
+        values = [sum(values[max(0, i - smooth + 1) : i + 1]) / min(smooth, i + 1) for i in range(len(values))]
     return steps, values
 
 
