@@ -257,14 +257,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
 
 
+def _samplers(loader) -> tuple:
+    """Where a DataLoader's sampler can be: its own, or inside its batch sampler."""
+    return getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+
+
 def _set_epoch(loader, epoch: int) -> None:
-    for obj in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+    for obj in _samplers(loader):
         if hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
 
 
 def _epoch_of(loader) -> int | None:
-    for obj in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+    for obj in _samplers(loader):
         if hasattr(obj, "epoch"):
             return int(obj.epoch)
     return None

@@ -107,7 +107,8 @@ class SFTCollator:
                 position_ids[i, at : at + n] = torch.arange(n)
                 at += n
             # Padding continues the last example's positions so it is not read as a new sequence.
-            position_ids[i, at:] = torch.arange(n, n + width - at) if at < width else position_ids[i, at:]
+            if at < width:
+                position_ids[i, at:] = torch.arange(n, n + width - at)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 

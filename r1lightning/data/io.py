@@ -83,8 +83,6 @@ def load_rows(
                 raise DataError(f"{path}: not a datasets.save_to_disk directory ({err})") from None
             if isinstance(ds, datasets.DatasetDict):
                 raise DataError(f"{path}: is a DatasetDict ({', '.join(ds)}); point at one split's directory")
-            for i, row in enumerate(ds):
-                _check_row(row, required, any_of, f"{path}: row {i}")
         elif path.suffix in (".jsonl", ".json"):
             if _check_jsonl(path, required, any_of) == 0:
                 raise DataError(f"{path}: no rows (empty file)")
@@ -99,10 +97,11 @@ def load_rows(
             if num_rows == 0:
                 raise DataError(f"{path}: no rows (empty dataset)")
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-            for i, row in enumerate(ds):
-                _check_row(row, required, any_of, f"{path}: row {i}")
         else:
             raise DataError(f"{path}: unsupported format (use .jsonl, .parquet or a save_to_disk directory)")
+        if path.is_dir() or path.suffix == ".parquet":  # JSONL was checked line by line above
+            for i, row in enumerate(ds):
+                _check_row(row, required, any_of, f"{path}: row {i}")
         if len(ds) == 0:
             raise DataError(f"{path}: no rows (empty dataset)")
         parts.append(ds)
