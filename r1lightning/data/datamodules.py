@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -54,6 +53,7 @@ class _BaseDataModule(L.LightningDataModule):
         self.seed = seed
         self.system_prompt = system_prompt
         self.tokenizer = None
+        self.train_rows = self.val_rows = None
 
     # -- files -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -122,6 +122,17 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def setup(self, stage: str | None = None) -> None:
+        self._tokenizer()  # fail early without one, whatever the stage
+        if self.train_rows is None and stage in (None, "fit"):
+            self.train_rows = self.load_train(self.files("train"))
+        val_files = self.files("val")
+        if self.val_rows is None and val_files:
+            self.val_rows = self.load_prompts(val_files, self.max_val_samples)
+
+    def load_train(self, files: list[str]):
+        raise NotImplementedError
+
     def val_dataloader(self) -> DataLoader | list:
         if self.val_rows is None:
             return []
@@ -142,24 +153,18 @@ class TraceDataModule(_BaseDataModule):
         """
         super().__init__(*args, **kwargs)
         self.packing = packing
-        self.train_rows = self.val_rows = None
 
-    def setup(self, stage: str | None = None) -> None:
+    def load_train(self, files: list[str]):
         tok = self._tokenizer()
-        if self.train_rows is None and stage in (None, "fit"):
-            files = self.files("train")
-            rows = load_rows(files, any_of=(("completion", "messages"),) + PROMPT_FIELDS)
-            system_prompt = self.system_prompt
+        rows = load_rows(files, any_of=(("completion", "messages"),) + PROMPT_FIELDS)
+        system_prompt = self.system_prompt
 
-            def encode(row):
-                ids, labels = encode_conversation(tok, row_messages(row, system_prompt))
-                return {"input_ids": ids, "labels": labels}
+        def encode(row):
+            ids, labels = encode_conversation(tok, row_messages(row, system_prompt))
+            return {"input_ids": ids, "labels": labels}
 
-            rows = rows.map(encode, remove_columns=rows.column_names)
-            self.train_rows = self._drop_long(rows, "input_ids", files)
-        val_files = self.files("val")
-        if self.val_rows is None and val_files:
-            self.val_rows = self.load_prompts(val_files, self.max_val_samples)
+        rows = rows.map(encode, remove_columns=rows.column_names)
+        return self._drop_long(rows, "input_ids", files)
 
     def train_dataloader(self) -> DataLoader:
         tok = self._tokenizer()
@@ -179,16 +184,8 @@ class PromptDataModule(_BaseDataModule):
     """RL prompts: `prompt` (or `messages`) plus every other column, which reaches the reward functions
     unchanged (`answer`, `test`, `language`, ...)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_rows = self.val_rows = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_rows is None and stage in (None, "fit"):
-            self.train_rows = self.load_prompts(self.files("train"))
-        val_files = self.files("val")
-        if self.val_rows is None and val_files:
-            self.val_rows = self.load_prompts(val_files, self.max_val_samples)
+    def load_train(self, files: list[str]):
+        return self.load_prompts(files)
 
     def train_dataloader(self) -> DataLoader:
         return self._prompt_loader(self.train_rows, self.batch_size, shuffle=True)
