@@ -221,7 +221,7 @@ class RejectionSampling(Callback):
         if needs_lockstep(trainer) and chunks:
             # FSDP: generation is a collective; a rank with one chunk fewer samples a throwaway one.
             for _ in range(-(-len(chunks) // world) - len(mine)):
-                self._sample_chunk(pl_module, composer, rows, chunks[0], system_prompt)
+                self._generate_chunk(pl_module, rows, chunks[0], system_prompt)  # thrown away: not scored
         barrier(trainer, "rejection_sampled")
 
         stats: dict = {}
@@ -318,21 +318,26 @@ class RejectionSampling(Callback):
                 "top_k": self.top_k, "max_new_tokens": self.max_new_tokens}  # fmt: skip
 
     @torch.no_grad()
-    def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int], system_prompt: str | None) -> list[dict]:
+    def _generate_chunk(self, pl_module, rows: list[dict], chunk: list[int], system_prompt: str | None):
+        """The chunk's k samples per prompt (under FSDP a collective: every rank calls it as often)."""
         from r1lightning.data.chat import encode_prompt, left_pad, row_messages
         from r1lightning.rollout import SamplingParams
 
         tok = pl_module.tokenizer
         k = self.num_samples
-        batch = [rows[i] for i in chunk]
-        ids = [encode_prompt(tok, row_messages(_prompt_only(r), system_prompt)) for r in batch]
+        ids = [encode_prompt(tok, row_messages(_prompt_only(rows[i]), system_prompt)) for i in chunk]
         prompt_ids, mask = left_pad(ids, tok.pad_token_id)
         device = getattr(pl_module, "device", torch.device("cpu"))
         prompt_ids, mask = prompt_ids.to(device).repeat_interleave(k, 0), mask.to(device).repeat_interleave(k, 0)
         params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1_000_003 + chunk[0])  # per chunk: independent of ranks and resumes
-            rollout = pl_module.generate(prompt_ids, mask, params, sampler=self.sampler)
+            return pl_module.generate(prompt_ids, mask, params, sampler=self.sampler)
+
+    def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int], system_prompt: str | None) -> list[dict]:
+        k = self.num_samples
+        batch = [rows[i] for i in chunk]
+        rollout = self._generate_chunk(pl_module, rows, chunk, system_prompt)
         columns = {key: [r.get(key) for r in batch for _ in range(k)] for key in batch[0] if key not in _RESERVED_COLUMNS}
         scores = pl_module.score(rollout, columns, composer)
         completions, lengths = scores.completions, rollout.completion_lengths.tolist()
