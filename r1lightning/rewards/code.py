@@ -120,13 +120,6 @@ class CodeReward:
         self.include_prompt = include_prompt
         self.last_results: list[SandboxResult | None] = []  # for debugging and logging
 
-    def programs(self, prompts, completions, entry_point=None) -> list[str]:
-        n = len(completions)
-        prompts = list(prompts) if prompts is not None else [None] * n
-        entry = list(entry_point) if entry_point is not None else [None] * n
-        return [build_program(extract_code(c), p, e, self.include_prompt)
-                for p, c, e in zip(prompts, completions, entry)]  # fmt: skip
-
     def _prelude(self, prompt: Any, entry_point: str | None) -> str | None:
         # With the prompt prepended, its helpers (HumanEval's poly, encode_cyclic, ...) are part of the
         # task, not of the answer: the tests use the prompt's own definitions. Needs the entry point
@@ -155,11 +148,11 @@ class CodeReward:
         entries = list(entry_point) if entry_point is not None else [None] * n
         if len(tests) != n or len(entries) != n:
             raise ValueError(f"{n} completions but {len(tests)} tests / {len(entries)} entry points")
-        programs = self.programs(prompts, completions, entries)
-        todo = [i for i in range(n) if tests[i]]
         prompts = list(prompts) if prompts is not None else [None] * n
-        jobs = [SandboxJob(programs[i], tests[i], entries[i] or None, self.partial_credit,
-                           self._prelude(prompts[i], entries[i])) for i in todo]  # fmt: skip
+        todo = [i for i in range(n) if tests[i]]  # rows without a test are not run
+        jobs = [SandboxJob(build_program(extract_code(completions[i]), prompts[i], entries[i], self.include_prompt),
+                           tests[i], entries[i] or None, self.partial_credit, self._prelude(prompts[i], entries[i]))
+                for i in todo]  # fmt: skip
         results = run_programs(jobs, max_workers=self.max_workers, config=self.config)
         scores: list[float | None] = [None] * n
         self.last_results = [None] * n
