@@ -132,9 +132,9 @@ class ForcedLengths:
     With an engine that has a `forced_lengths` hook the rows really stop (and free their slot);
     otherwise the completions are cut after sampling, so only the update sees the shorter lengths."""
 
-    def __init__(self, inner, args, length):
-        self.inner, self.args, self.length = inner, args, length
-        self.step = 0  # 0: the warm-up at full length
+    def __init__(self, inner, args, length, warmup: int):
+        self.inner, self.args, self.length, self.warmup = inner, args, length, warmup
+        self.calls = 0
         self.hooked = hasattr(inner, "forced_lengths")
 
     def __getattr__(self, name):  # timing, last_stats, ... of the engine
@@ -145,8 +145,8 @@ class ForcedLengths:
     def generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id):
         from r1lightning.rollout import Rollout
 
-        step, self.step = self.step, self.step + 1
-        if step == 0:
+        step, self.calls = self.calls - self.warmup + 1, self.calls + 1  # timed steps count from 1
+        if step < 1:  # the warm-up runs at the full length
             return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
         lengths = draw_lengths(prompt_ids.shape[0], self.length, step, self.args).to(prompt_ids.device)
         if self.hooked:
@@ -166,38 +166,44 @@ class ForcedLengths:
         return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
 
 
-def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str):
+def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save):
+    from r1lightning.rollout import StaticCacheSampler
+
     model, backend = build(args, device, megablocks)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    points, failed = [], False
+    result = {"backend": backend, "points": []}
+    points, failed = result["points"], False
     for length in args.lengths:
+        # One engine per length: after the first distribution's warm-up at full length it stays warm.
+        engine, warm = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
+                                          compile=args.compile), False
         for dist in args.length_dist:
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
                 continue
             try:
-                points.append(ours_point(args, device, tok, tokdir, model, length, dist, liger, name))
+                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name))
+                warm = True
             except torch.cuda.OutOfMemoryError as err:
                 failed = True
                 points.append({"length": length, "dist": dist, "skipped": f"out of memory: {str(err)[:200]}"})
             release(device)
             print(json.dumps({"framework": name, **points[-1]}, default=str), flush=True)
+            save(result)
+        del engine
     del model
     release(device)
-    return {"backend": backend, "points": points}
+    return result
 
 
-def ours_point(args, device, tok, tokdir, model, length, dist, liger, name):
+def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name):
     import lightning as L
 
     from r1lightning.grpo import GRPOModule
     from r1lightning.policy import Policy
     from r1lightning.rewards import Reward, register_reward
-    from r1lightning.rollout import StaticCacheSampler
-
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
-    engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache, compile=args.compile)
-    sampler = ForcedLengths(engine, args, length) if dist == "lognormal" else engine
+    sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
@@ -215,7 +221,7 @@ def ours_point(args, device, tok, tokdir, model, length, dist, liger, name):
            "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
     assert got == settings(args, length, dist), (got, settings(args, length, dist))
 
-    steps = 1 + args.reps
+    steps = warmup + args.reps
     texts = prompts(args, steps)
     enc = tok(texts, return_tensors="pt", padding=True)
     batches = [{"prompt_ids": enc["input_ids"][i : i + args.prompts], "prompt_mask": enc["attention_mask"][i : i + args.prompts],
@@ -247,8 +253,8 @@ def ours_point(args, device, tok, tokdir, model, length, dist, liger, name):
     trainer.fit(module, train_dataloaders=loader)
     extra = {"micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
-    del trainer, module, engine, sampler
-    return summarize(length, dist, rec, settings(args, length, dist), extra)
+    del trainer, module, sampler
+    return summarize(length, dist, rec, warmup, settings(args, length, dist), extra)
 
 
 # -- TRL -------------------------------------------------------------------------------------------
@@ -262,7 +268,9 @@ def trl_micro_batch(args, length: int) -> int:
     return micro
 
 
-def run_trl(args, device, tok, tokdir, megablocks: bool, name: str):
+def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
+    import trl
+
     modeldir = os.path.join(args.workdir, "model")
     if not os.path.exists(os.path.join(modeldir, "config.json")):
         model, _ = build(args, device, False)
@@ -270,7 +278,8 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str):
         tok.save_pretrained(modeldir)
         del model
         release(device)
-    points, last, failed = [], None, False
+    result = {"backend": "megablocks" if megablocks else "grouped_mm", "trl": trl.__version__, "points": []}
+    points, last, failed = result["points"], None, False
     for length in args.lengths:
         for dist in args.length_dist:
             predicted = None if last is None else last[1] * length / last[0]
@@ -289,9 +298,8 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str):
                     points.append({"length": length, "dist": dist, "skipped": f"out of memory: {str(err)[:200]}"})
             release(device)
             print(json.dumps({"framework": name, **points[-1]}, default=str), flush=True)
-    import trl
-
-    return {"backend": "megablocks" if megablocks else "grouped_mm", "trl": trl.__version__, "points": points}
+            save(result)
+    return result
 
 
 def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
@@ -412,12 +420,12 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
     reset_peak(device)
     trainer.train()
     del trainer
-    return summarize(length, dist, rec, settings(args, length, dist), {"micro_batch": micro})
+    return summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
 
 
 # -- report ----------------------------------------------------------------------------------------
-def summarize(length, dist, rec, setting, extra) -> dict:
-    timed = rec[1:] or rec  # the first step is the warm-up at full length
+def summarize(length, dist, rec, warmup, setting, extra) -> dict:
+    timed = rec[warmup:] or rec  # a warm-up step runs at the full length
     med = {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
     tokens = [s.get("completion_tokens") for s in timed]
     tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
@@ -426,7 +434,7 @@ def summarize(length, dist, rec, setting, extra) -> dict:
             "step_s_max": max(s["step_s"] for s in timed), "reps": len(timed),
             "completion_tokens": statistics.mean(tokens) if all(t is not None for t in tokens) else None,
             "completion_tok_s": statistics.median(tok_s) if tok_s else None,
-            "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"],
+            "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
             "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra}
 
 
@@ -487,20 +495,24 @@ def main(argv=None):
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "results": {}}
     for fw in args.frameworks:
         megablocks, liger = "megablocks" in fw, fw.endswith("liger")
+
+        def save(result, fw=fw):  # after every point, so a crash or a time limit keeps what ran
+            out["results"][fw] = result
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+
         try:
             if fw.startswith("ours"):
-                out["results"][fw] = run_ours(args, args.device, tok, tokdir, megablocks, liger, fw)
+                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save)
             else:
-                out["results"][fw] = run_trl(args, args.device, tok, tokdir, megablocks, fw)
+                run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:
             import traceback
 
             traceback.print_exc()
             print(f"# {fw} failed: {type(err).__name__}: {err}", flush=True)
         release(args.device)
-        if args.json:  # after every framework, so a later crash keeps what ran
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1, default=str)
     print()
     print(table(out["results"]))
     return out

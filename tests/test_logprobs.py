@@ -223,3 +223,48 @@ def test_micro_batches_follow_the_token_budget(tiny_moe_config):
         assert lay.real_tokens == sum(lengths[i] for i in mb)
     assert micro == [[1], [4], [3], [0], [5, 2]]  # longest first; 4 + 3 share a micro-batch
     assert module.padding_fraction(rollout, micro) == pytest.approx(1 / 46)  # one pad: [5, 2] is 4 | 3 + 1
+
+
+# -- GPU: liger-kernel against the chunked path (`python -m pytest -m gpu tests/test_logprobs.py`) -----
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_liger_logprobs_match_the_chunked_ones_on_gpu(temperature):
+    from r1lightning.logprobs import liger_available
+
+    if not liger_available():
+        pytest.skip("needs liger-kernel and CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, H, V = 3000, 256, 50_304
+    hidden = torch.randn(M, H, device="cuda", generator=g).requires_grad_(True)
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).requires_grad_(True)
+    targets = torch.randint(0, V, (M,), device="cuda", generator=g)
+    upstream = torch.linspace(-2, 3, M, device="cuda")
+    out = {}
+    for impl in ("chunked", "liger"):
+        logp, ent = token_logprobs(hidden, weight, targets, temperature=temperature, with_entropy=True, impl=impl)
+        out[impl] = (logp.detach(), ent, *torch.autograd.grad((logp * upstream).sum(), [hidden, weight]))
+    for a, b in zip(out["liger"], out["chunked"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_chunked_head_peak_memory_on_gpu_is_far_below_the_logits():
+    """16k tokens of the OLMoE head (V = 50,304, H = 2,048, bf16): the fp32 logits alone would be
+    16,384 x 50,304 x 4 B = 3.3 GB (and as much again for log-softmax and gradients). The chunked
+    path holds the fp32 weight-gradient accumulator (412 MB), the bf16 gradients (206 + 67 MB) and
+    one chunk's transients (< 0.7 GB)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    M, H, V = 16_384, 2_048, 50_304
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(M, H, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, V, (M,), device="cuda", generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logp, _ = token_logprobs(hidden, weight, targets, with_entropy=True)
+    (logp * torch.linspace(-1, 1, M, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 2 * 2**30, f"{peak / 2**30:.2f} GiB"
