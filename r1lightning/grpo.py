@@ -200,7 +200,7 @@ class GRPOModule(PolicyModule):
             padded = sum(len(pack_rows([lengths[i] for i in rows])) * max(lengths[i] for i in rows) for rows in micro if rows)
         else:
             padded = sum(len(rows) for rows in micro) * (rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
-        return 1.0 - real / max(padded, 1)
+        return 1.0 - real / padded if padded else 0.0
 
     def _max_across_ranks(self, count: int) -> int:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -151,12 +151,12 @@ def test_packed_layout_restarts_positions_and_predicts_each_completion_token():
 
 
 # -- the update -----------------------------------------------------------------------------------
-def _module(tiny_moe_config, **kwargs):
+def _module(tiny_moe_config, attn="sdpa", **kwargs):
     torch.manual_seed(0)
     args = dict(num_generations=3, max_new_tokens=7, beta=0.04, router_aux_loss_coef=0.0, temperature=0.8,
                 log_completions_every=0)
     args.update(kwargs)
-    module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], **args)
+    module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char", attn_implementation=attn), rewards=[Reward("accuracy")], **args)
     module.configure_model()
     module.model.float()
     return module
@@ -184,8 +184,8 @@ def _update(module, rollout, advantages, mask, old=None):
     return stats, grads, ref, micro
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_packed_update_equals_the_padded_full_logits_update(tiny_moe_config, aggregation):
+@pytest.mark.parametrize("aggregation,attn", [(a, "sdpa") for a in AGGREGATIONS] + [("dapo", "eager")])
+def test_packed_update_equals_the_padded_full_logits_update(tiny_moe_config, aggregation, attn):
     rollout = _ragged_rollout()
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.3])
     mask = rollout.completion_mask.float()
@@ -196,7 +196,7 @@ def test_packed_update_equals_the_padded_full_logits_update(tiny_moe_config, agg
     out = {}
     for name, kw in {"padded_full": dict(packing=False, logprob_impl="full", micro_batch_size=padded_size),
                      "packed_chunked": dict(packing=True, logprob_impl="chunked", micro_batch_tokens=budget)}.items():
-        module = _module(tiny_moe_config, aggregation=aggregation, num_iterations=2, **kw)
+        module = _module(tiny_moe_config, attn, aggregation=aggregation, num_iterations=2, **kw)
         old = module.frozen_logprobs(rollout, module.model)
         out[name] = _update(module, rollout, advantages, mask, old)
     (s0, g0, ref0, _), (s1, g1, ref1, micro) = out["padded_full"], out["packed_chunked"]
@@ -268,3 +268,21 @@ def test_chunked_head_peak_memory_on_gpu_is_far_below_the_logits():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 2 * 2**30, f"{peak / 2**30:.2f} GiB"
+
+
+def test_a_rank_with_fewer_micro_batches_runs_empty_ones_that_change_nothing(tiny_moe_config):
+    """Under FSDP/DDP every rank must run as many forwards as the busiest one; the extra ones count zero."""
+    rollout = _ragged_rollout()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.3])
+    mask = rollout.completion_mask.float()
+    runs = []
+    for extra in (0, 2):
+        module = _module(tiny_moe_config, micro_batch_tokens=24)
+        module._max_across_ranks = lambda count, extra=extra: count + extra
+        stats, grads, _, micro = _update(module, rollout, advantages, mask)
+        assert sum(not rows for rows in micro) == extra
+        runs.append((stats, grads))
+    (s0, g0), (s1, g1) = runs
+    assert s1["loss"] == pytest.approx(s0["loss"], rel=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7)
