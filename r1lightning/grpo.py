@@ -237,14 +237,23 @@ class GRPOModule(PolicyModule):
         return out
 
     # -- the step --------------------------------------------------------------------------------
+    def _memory_peak(self, name: str, peaks: dict) -> None:
+        """Peak GPU memory since the previous phase, in GiB (CUDA only)."""
+        if self.device.type == "cuda":
+            peaks[f"memory/{name}_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def training_step(self, batch, batch_idx):
         h = self.hparams
+        peaks: dict[str, float] = {}
+        self._memory_peak("before", peaks)
         t0 = time.perf_counter()
         rollout, columns, total, scores = self.rollout(batch)
         keep = torch.ones_like(total, dtype=torch.bool)
         if h.dynamic_sampling:
             rollout, keep = self.resample_flat_groups(batch, rollout, total, scores)
         t_rollout = time.perf_counter() - t0
+        self._memory_peak("rollout", peaks)
 
         advantages = group_advantages(total, h.num_generations, h.advantage_scale)  # [B*G]
         mask = rollout.completion_mask.float()  # [B*G, C]
@@ -259,12 +268,16 @@ class GRPOModule(PolicyModule):
             old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
         ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None
         t_ref = time.perf_counter() - t1
+        self._memory_peak("reference", peaks)
 
         t2 = time.perf_counter()
         stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp, micro)
         t_train = time.perf_counter() - t2
         stats["update/padding"] = self.padding_fraction(rollout, micro)
         stats["update/micro_batches"] = float(len(micro))
+        self._memory_peak("update", peaks)
+        peaks.pop("memory/before_GiB", None)
+        stats.update(peaks)
 
         self.log_step(rollout, total, scores, keep, stats, t_rollout, t_ref, t_train)
 

@@ -242,7 +242,10 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
                         "completion_tokens": float(m["train/completions/mean_length"]) * args.prompts * args.G,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
-                        "peak_GiB": peak_gib(device), "rollout_decode_s": engine.last_stats.get("decode_s")})
+                        "rollout_decode_s": engine.last_stats.get("decode_s"),
+                        # GRPOModule resets the peak at each phase and logs each phase's peak
+                        **{k[len("train/memory/"):]: float(v) for k, v in m.items() if k.startswith("train/memory/")}})
+            rec[-1]["peak_GiB"] = max([peak_gib(device)] + [v for k, v in rec[-1].items() if k.endswith("_GiB")])
             print(json.dumps({"framework": name, "length": length, "dist": dist, "step": batch_idx, **rec[-1]}), flush=True)
 
     engine.timing = True
@@ -435,12 +438,21 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
             "completion_tokens": statistics.mean(tokens) if all(t is not None for t in tokens) else None,
             "completion_tok_s": statistics.median(tok_s) if tok_s else None,
             "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
-            "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra}
+            "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
+            **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
+               for phase in ("rollout", "reference", "update") if all(f"{phase}_GiB" in s for s in timed)}}
+
+
+def phases(p: dict) -> str:
+    if "update_GiB" not in p:
+        return ""
+    return f" ({p['rollout_GiB']:.1f} / {p['reference_GiB']:.1f} / {p['update_GiB']:.1f})"
 
 
 def table(results: dict) -> str:
     lines = ["| length | dist | framework | s / step (min-max) | rollout s | reference s | update s | completion tokens/s "
-             "| mean tokens | padding | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mean tokens | padding | peak GiB (rollout / reference / update) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = [(p["length"], p["dist"], fw, p) for fw, r in results.items() for p in r.get("points", [])]
     order = {d: i for i, d in enumerate(["fixed", "lognormal"])}
     for length, dist, fw, p in sorted(rows, key=lambda x: (x[0], order.get(x[1], 9))):
@@ -452,7 +464,7 @@ def table(results: dict) -> str:
             f"| {length:,} | {dist} | {fw} | {p['step_s']:.2f} ({p['step_s_min']:.2f}-{p['step_s_max']:.2f}) | {p['rollout_s']:.2f} "
             f"| {p['reference_s']:.2f} | {p['update_s']:.2f} | {fmt(p['completion_tok_s'], ',.0f')} "
             f"| {fmt(p['completion_tokens'] and p['completion_tokens'] / (p['settings']['prompts'] * p['settings']['G']), ',.0f')} "
-            f"| {fmt(p['padding'] and 100 * p['padding'], '.1f')}% | {p['peak_GiB']:.1f} |")
+            f"| {fmt(p['padding'] and 100 * p['padding'], '.1f')}% | {p['peak_GiB']:.1f}{phases(p)} |")
     return "\n".join(lines)
 
 
