@@ -45,7 +45,7 @@ class GRPOModule(PolicyModule):
         top_p: float = 1.0,
         top_k: int = 0,
         num_iterations: int = 1,
-        micro_batch_tokens: int = 16384,
+        micro_batch_tokens: int = 8192,
         micro_batch_size: int | None = None,
         packing: bool = True,
         logprob_impl: str = "chunked",
@@ -73,14 +73,16 @@ class GRPOModule(PolicyModule):
             num_iterations: mu, optimizer steps on each batch of rollouts (old log-probs kept fixed).
             micro_batch_tokens: tokens per forward/backward (prompt + completion, padding included);
                 the rest is gradient accumulation. Sequences are bucketed by length, longest first,
-                and a sequence longer than this gets a forward of its own. The default fits one H200
-                (141 GB) at 8k-token completions for the OLMoE-1B-7B shape: the static part is 4 x 13.8
-                GB (bf16 weights, gradients, AdamW's two moments) + 13.8 GB (reference) = 69 GB; a token
-                in a forward/backward costs about 2 MiB of activations without gradient checkpointing
-                (16 layers x ~130 KiB: attention q/k/v/out 20 KiB, 8 expert copies of the token's
-                input, gate, up, product and output 110 KiB, in bf16) and about 0.35 MiB with it (the
-                16 layer inputs, 64 KiB, plus one recomputed layer and its gradients); 16,384 tokens
-                thus take ~34 GB (~6 GB checkpointed), and the chunked LM head adds < 1 GiB.
+                and a sequence longer than this gets a forward of its own. From bytes, for the
+                OLMoE-1B-7B shape (6.9 B parameters) on one H200 (~139 GiB): the update's static part
+                is 5 x 12.9 GiB (bf16 weights, gradients, AdamW's two moments, the reference) = 64.4
+                GiB; a token in a forward/backward holds ~0.35 MiB of activations with gradient
+                checkpointing (16 saved layer inputs of 4 KiB, one recomputed layer of ~130 KiB and
+                its gradients) and ~2.5 MiB without (16 layers x ~150 KiB: attention q/k/v/out 20
+                KiB; 8 expert copies of the input, gate, up, product, output ~130 KiB; bf16). 8,192
+                tokens thus take ~3 GiB (~20 GiB without checkpointing) and the chunked LM head
+                < 1.5 GiB: the update peaks near 68 GiB (TRL 1.16 at 256 tokens: 69.7), and an
+                8k-token completion (8,320 tokens with its prompt) runs alone.
             micro_batch_size: optional cap on sequences per forward/backward (None: tokens only).
             packing: lay the sequences of a micro-batch end to end in rows (position ids restart per
                 sequence, no padding inside a row, attention never crosses sequences); False runs the
