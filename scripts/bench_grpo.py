@@ -314,7 +314,7 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
 
     fields = trl.GRPOConfig.__dataclass_fields__
     micro = trl_micro_batch(args, length)
-    steps = 1 + args.reps
+    steps = 1 + (args.reps if args.trl_reps is None else args.trl_reps)
     want = dict(
         output_dir=os.path.join(args.workdir, "trl_out"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=args.prompts * args.G // micro, num_generations=args.G,
@@ -468,12 +468,52 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def head_bench(args) -> dict:
+    """The LM head alone: per-token log-probs + entropy, forward and backward, for `--head-tokens`
+    tokens of the model's hidden/vocab shape (bf16): chunked PyTorch vs liger-kernel vs full logits."""
+    from r1lightning.logprobs import liger_available, token_logprobs
+
+    dev = args.device
+    H, V = args.hidden, args.vocab
+    out = {}
+    for M in args.head_tokens:
+        g = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(M, H, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_(True)
+        weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16).requires_grad_(True)
+        targets = torch.randint(0, V, (M,), device=dev, generator=g)
+        upstream = torch.linspace(-1, 1, M, device=dev)
+        for impl in ["chunked"] + (["liger"] if liger_available() else []) + ["full"]:
+            def once():
+                logp, _ = token_logprobs(hidden, weight, targets, temperature=0.9, with_entropy=True, impl=impl)
+                (logp * upstream).sum().backward()
+                hidden.grad = weight.grad = None
+            try:
+                once()
+                sync()
+                reset_peak(dev)
+                base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    once()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                r = {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+                     "extra_peak_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30 if dev == "cuda" else 0.0}
+            except torch.cuda.OutOfMemoryError:
+                r = {"skipped": "out of memory"}
+            release(dev)
+            out[f"{impl}@{M}"] = r
+            print(json.dumps({"head": impl, "tokens": M, **r}), flush=True)
+    return out
+
+
 FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frameworks", nargs="+", default=["ours"], choices=FRAMEWORKS)
+    ap.add_argument("--frameworks", nargs="*", default=["ours"], choices=FRAMEWORKS)
     add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
@@ -493,6 +533,9 @@ def main(argv=None):
     ap.add_argument("--max-step-s", type=float, default=120.0, help="skip a TRL point predicted slower than this")
     ap.add_argument("--free-cache", action="store_true", help="ours: free the KV cache and graphs after each rollout")
     ap.add_argument("--compile", default=None, help="ours: the engine's torch.compile mode for the decode step")
+    ap.add_argument("--trl-reps", type=int, default=None, help="TRL: timed steps per point (default: --reps)")
+    ap.add_argument("--head-tokens", type=int, nargs="*", default=[],
+                    help="first time the LM head alone (chunked / liger / full logits) at these token counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -505,6 +548,11 @@ def main(argv=None):
     tok = make_tokenizer(args.vocab, tokdir)
     out = {"args": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "results": {}}
+    if args.head_tokens:
+        out["head"] = head_bench(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=str)
     for fw in args.frameworks:
         megablocks, liger = "megablocks" in fw, fw.endswith("liger")
 
