@@ -11,7 +11,8 @@ survives to backward is the ``[tokens, H]`` hidden states the model keeps anyway
 The head is swapped in *inside* the model's forward (`head_logprobs`): the model's own forward
 still runs (MoE load-balancing loss, FSDP2's unshard/reshard hooks of the root unit that owns the
 head), only the output projection is replaced by the chunked one for the positions that have a
-target.
+target, and the log-probs come back as the model's `logits` output (FSDP2 gathers the head again
+for backward through hooks on the forward's outputs).
 
 Packing (`pack_sequences`): the sequences of a micro-batch are laid end to end in rows, position ids
 restarting at every sequence and no attention mask, which transformers (>= 5) reads as packed
