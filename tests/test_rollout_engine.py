@@ -397,3 +397,19 @@ def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config):
     static.generate(module.model, ids, mask, SamplingParams(3, 0), module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
     static.release_for_update()
     assert static._state  # keep_cache: the static engine keeps it (its default)
+
+
+@pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
+def test_paged_compiled_decode_greedy_matches_generate(tiny_moe_config):
+    torch._dynamo.reset()
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
+    params = SamplingParams(12, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
