@@ -179,8 +179,9 @@ class PagedSampler(StaticCacheSampler):
             blocks = need
             where = "the KV pool"
             if device.type == "cuda":
-                free = torch.cuda.mem_get_info(device)[0] + sum(
-                    st.cache.nbytes() for st in self._state.values())  # a pool about to be replaced is free too
+                # free on the device + cached by torch's allocator + a pool about to be replaced
+                free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                        - torch.cuda.memory_allocated(device) + sum(st.cache.nbytes() for st in self._state.values()))
                 blocks = min(need, int(free * self.kv_memory_fraction // per_block))
                 where = f"kv_memory_fraction {self.kv_memory_fraction} of {free / GIB:.1f} GiB free"
         if blocks - trash_blocks < blocks_per_seq:
@@ -200,15 +201,20 @@ class PagedSampler(StaticCacheSampler):
         Pmax = int(lengths.max())
         MB = -(-(Pmax + C) // bs)  # block-table width: one sequence at full length
         trash = -(-S // bs)  # blocks 0..trash-1: where idle slots write
-        blocks, per_block = self._pool_blocks(model, device, S, MB, trash)
-        key = (S, MB, blocks, str(device))
         fp = _fingerprint(model)
-        st = self._state.get(key)
-        if st is None or st.fingerprint != fp or st.model is not model:
+        st = next(iter(self._state.values()), None)
+        # reuse the pool while it fits: same slots, a table at least as wide, a pool that holds one sequence
+        if (st is None or st.fingerprint != fp or st.model is not model or st.S != S or st.MB < MB or str(st.device) != str(device)
+                or st.blocks - trash < MB or (self.kv_cache_gib is not None and st.budget != self.kv_cache_gib)):
+            blocks, per_block = self._pool_blocks(model, device, S, MB, trash)
+            MB += 2  # table headroom: the next batch's prompts may be a little longer
             self._state.clear()
             st = self._new_paged_state(model, S, MB, blocks, C, N, device)
-            st.fingerprint = fp
-            self._state = {key: st}
+            st.fingerprint, st.S, st.MB, st.device, st.blocks, st.per_block = fp, S, MB, device, blocks, per_block
+            st.budget = self.kv_cache_gib
+            self._state = {(S, MB, str(device)): st}
+        MB, blocks, per_block = st.MB, st.blocks, st.per_block
+        seq_blocks = -(-(Pmax + C) // bs)  # what one sequence of this call can reach (MB: the table, wider)
         if st.out_ids.numel() < N * C + S:  # more samples or tokens than the graphs were captured with
             st.out_ids = torch.empty(N * C + S, dtype=torch.long, device=device)
             st.out_logp = torch.empty(N * C + S, dtype=torch.float32, device=device)
@@ -263,7 +269,7 @@ class PagedSampler(StaticCacheSampler):
         clock = _Clock(device if self.timing else None)
         t_prefill = t_capture = t_decode = 0.0
         k = self.sync_every
-        need_blocks = lambda s, steps: min(MB, -(-(slot_pos[s] + steps) // bs))  # noqa: E731
+        need_blocks = lambda s, steps: min(seq_blocks, -(-(slot_pos[s] + steps) // bs))  # noqa: E731
         tick = 0
 
         def set_table(s):
@@ -320,7 +326,7 @@ class PagedSampler(StaticCacheSampler):
                 while waiting and free_slots:
                     i, g = waiting[0]
                     total = host_lengths[i] + g
-                    want = min(MB, -(-(total + k) // bs))
+                    want = min(seq_blocks, -(-(total + k) // bs))
                     if want > len(free_blocks):
                         break
                     waiting.popleft()
