@@ -302,6 +302,10 @@ def test_paged_reused_slot_never_reads_its_previous_occupant(tiny_moe_config):
     order = torch.randperm(len(RAGGED), generator=torch.Generator().manual_seed(0))
     shuffled = engine.generate(model, ids[order], mask[order], params, eos, tok.pad_token_id)
     assert torch.equal(shuffled.completion_ids, batched.completion_ids[order])
+    fewer_ids, fewer_mask = encode(tok, RAGGED[3:5])  # fewer, shorter prompts: the same pool, not a new one
+    fewer = engine.generate(model, fewer_ids, fewer_mask, params, eos, tok.pad_token_id)
+    assert next(iter(engine._state.values())) is state
+    assert torch.equal(fewer.completion_ids, batched.completion_ids[3:5])
     for i in (0, 3, 8):
         one_ids, one_mask = encode(tok, [RAGGED[i]])
         alone = PagedSampler(max_slots=1, block_size=4).generate(model, one_ids, one_mask, params, eos, tok.pad_token_id)
