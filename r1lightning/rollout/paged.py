@@ -197,12 +197,14 @@ class PagedSampler(StaticCacheSampler):
         device = prompt_ids.device
         bs = self.block_size
         S = min(N, self.max_slots)
+        st = next(iter(self._state.values()), None)
+        if st is not None and S <= st.S <= self.max_slots:
+            S = st.S  # a live pool with more slots serves fewer samples (dynamic sampling's retries)
         lengths = prompt_mask.long().sum(-1)  # real prompt tokens per sample
         Pmax = int(lengths.max())
         MB = -(-(Pmax + C) // bs)  # block-table width: one sequence at full length
         trash = -(-S // bs)  # blocks 0..trash-1: where idle slots write
         fp = _fingerprint(model)
-        st = next(iter(self._state.values()), None)
         # reuse the pool while it fits: same slots, a table at least as wide, a pool that holds one sequence
         if (st is None or st.fingerprint != fp or st.model is not model or st.S != S or st.MB < MB or str(st.device) != str(device)
                 or st.blocks - trash < MB or (self.kv_cache_gib is not None and st.budget != self.kv_cache_gib)):
