@@ -280,6 +280,7 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, tiny_moe_co
     assert ref.truncated.any() and (~ref.truncated).any()
     assert engine.last_stats["slots"] == 3 and engine.last_stats["admitted"] == len(RAGGED)
     assert engine.last_stats["preempted"] == 0
+    assert engine.last_stats["compactions"] >= 1  # the tail ran narrower, its sequences moved to low slots
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(ours.completion_mask, ref.completion_mask)
     assert torch.equal(ours.truncated, ref.truncated)
@@ -365,6 +366,8 @@ def test_forced_lengths_end_rows_at_the_drawn_step(engine, tiny_moe_config):
     sampler = StaticCacheSampler() if engine == "static" else PagedSampler(max_slots=4, block_size=4)
     out = sampler.generate(model, ids, mask, SamplingParams(16, 1.0, seed=0), eos, tok.pad_token_id, forced_lengths=forced)
     assert out.completion_lengths.tolist() == [1, 16, 3, 16, 7, 2]
+    if engine == "paged":
+        assert sampler.last_stats["compactions"] >= 1
     assert out.truncated.tolist() == [False, False, False, True, False, False]
     ends = out.completion_ids[torch.arange(6), out.completion_lengths - 1]
     assert (ends[~out.truncated] == eos).all()

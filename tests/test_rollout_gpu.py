@@ -142,6 +142,7 @@ def test_paged_graphs_greedy_matches_generate_fp32(arch, tiny_moe_config):
     engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["graphs"] >= 2 and engine.last_stats["admitted"] == len(RAGGED)
+    assert engine.last_stats["compactions"] >= 1
     assert ref.truncated.any() and (~ref.truncated).any()
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(ours.truncated, ref.truncated)

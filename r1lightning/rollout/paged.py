@@ -21,6 +21,10 @@ The host runs `sync_every` replays, then reads the slot states once (which slots
 each stands), frees, allocates blocks for the next `sync_every` steps, preempts if needed and admits
 waiting samples (one prefill forward for all admitted, with the policy's own experts).
 
+Tail: once no sample waits, the live sequences move to the first slots (their block-table rows move,
+not their KV) and a step over a power-of-two number of slots runs (`compact_tail`), so the last long
+sequences do not pay for idle slots.
+
 Memory: `release_for_update()` (GRPO calls it after scoring, before the update) frees the pool and
 the graphs unless `keep_cache`; the next rollout allocates and captures again (at most ~16 graphs:
 the KV bucket grows with the length).
@@ -113,8 +117,10 @@ class _PagedState:
 
     def __init__(self):
         self.graphs: dict = {}
+        self.views: dict = {}
         self.pool = None
         self.static_marked = False
+        self.dummy_base = 0
 
 
 class PagedSampler(StaticCacheSampler):
@@ -134,12 +140,15 @@ class PagedSampler(StaticCacheSampler):
             buckets over the longest sequence.
         keep_cache: keep pool and graphs through the policy update (`release_for_update` does
             nothing); False frees them there and the next rollout captures again.
+        compact_tail: once no sample waits, move the live sequences to the first slots and decode
+            only a power-of-two number of slots (a graph per width reached; not with `compile`).
     """
 
     release_after_call = False
 
     def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.5,
-                 block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, **kwargs):
+                 block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
+                 **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
         if int(max_slots) < 1:
             raise UserError(f"max_slots: must be >= 1, got {max_slots}")
@@ -150,6 +159,7 @@ class PagedSampler(StaticCacheSampler):
         self.kv_memory_fraction = float(kv_memory_fraction)
         self.block_size = max(1, int(block_size))
         self.auto_bucket = kv_bucket is None
+        self.compact_tail = compact_tail
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
@@ -220,7 +230,8 @@ class PagedSampler(StaticCacheSampler):
         if st.out_ids.numel() < N * C + S:  # more samples or tokens than the graphs were captured with
             st.out_ids = torch.empty(N * C + S, dtype=torch.long, device=device)
             st.out_logp = torch.empty(N * C + S, dtype=torch.float32, device=device)
-            st.graphs, st.pool, st.static_marked = {}, None, False
+            st.graphs, st.pool, st.static_marked, st.views = {}, None, False, {}
+        st.dummy_base = st.out_ids.numel() - S  # idle slot s writes its draw to out cell dummy_base + s
         cache = st.cache
         mask_dtype = self._mask_dtype(model)
         if self.compile:
@@ -267,7 +278,9 @@ class PagedSampler(StaticCacheSampler):
         slot_gen = [0] * S
         admitted_at = [0] * S
         host_lengths = lengths.tolist()
-        stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, max_live=0)
+        stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, max_live=0,
+                     compactions=0)
+        compact = self.compact_tail and self.compile is None  # a compiled step would recompile per width
         clock = _Clock(device if self.timing else None)
         t_prefill = t_capture = t_decode = 0.0
         k = self.sync_every
@@ -362,24 +375,35 @@ class PagedSampler(StaticCacheSampler):
                         raise RuntimeError("paged engine: no slot could be filled (pool accounting bug)")
                     break
                 stats["max_live"] = max(stats["max_live"], len(live))
-                # 3. k decode steps (rows admitted with a finished first token just idle)
+                # 3. k decode steps (rows admitted with a finished first token just idle). Once nothing
+                # waits, the live sequences move to the first slots and a narrower step runs: moving a
+                # sequence is moving its block-table row, its KV stays where it is.
+                if not waiting and compact:
+                    width = self._compact(st, live, S, slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at, table)
+                    live = [s for s in range(S) if slot_sample[s] >= 0]
+                    st.block_table.copy_(table)
+                    stats["compactions"] += width < stats.setdefault("_width", S)
+                    stats["_width"] = width
+                else:
+                    width = S
+                view = self._view(st, width)
                 if C > 1:
                     kv_len = kv_len_for(max(slot_pos[s] for s in live) + k)
-                    if use_graphs and (kv_len, mode) not in st.graphs:
+                    if use_graphs and (width, kv_len, mode) not in st.graphs:
                         clock()
-                        self._capture_paged(st, model, kv_len, mode, mask_dtype, step_fn)
+                        self._capture_paged(st, view, model, (width, kv_len, mode), mask_dtype, step_fn)
                         if self.timing:
                             t_capture += clock()
                     else:
                         clock()
                     for _ in range(k):
                         if use_graphs:
-                            st.graphs[(kv_len, mode)].replay()
+                            st.graphs[(width, kv_len, mode)].replay()
                         else:
                             cache.kv_len = kv_len
-                            step_fn(st, model, mode, mask_dtype)
+                            step_fn(view, model, mode, mask_dtype)
                     stats["replays"] += k
-                    stats["slot_steps"] += k * S
+                    stats["slot_steps"] += k * width
                     if self.timing:
                         t_decode += clock()
                 # 4. sync: which slots finished, where each stands
@@ -398,6 +422,7 @@ class PagedSampler(StaticCacheSampler):
         logprobs = (st.out_logp[: N * C].view(N, C)[:, :width] * mask) if self.return_logprobs else None
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
+        stats.pop("_width", None)
         self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(),
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
@@ -406,6 +431,40 @@ class PagedSampler(StaticCacheSampler):
                                decode_s=t_decode if self.timing else None)
         return Rollout(prompt_ids, prompt_mask, completion_ids.clone(), mask.clone(), truncated,
                        logprobs.clone() if logprobs is not None else None)
+
+    SLOT_BUFFERS = ("tok", "pos", "gen", "row", "done", "block_table", "write_trash", "logits", "force_len")
+
+    @classmethod
+    def _view(cls, st, width: int):
+        """The state with its per-slot buffers narrowed to the first `width` slots (views: same memory)."""
+        if width not in st.views:
+            view = _PagedState()
+            view.__dict__.update(st.__dict__)
+            for name in cls.SLOT_BUFFERS:
+                setattr(view, name, getattr(st, name)[:width])
+            st.views[width] = view
+        view = st.views[width]
+        view.dummy_base = st.dummy_base
+        return view
+
+    def _compact(self, st, live, S, slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at, table) -> int:
+        """Move the live slots into 0..len(live)-1; return the width to decode with (a power of two)."""
+        width = min(S, 1 << max(len(live) - 1, 0).bit_length())
+        movers = [s for s in live if s >= len(live)]
+        holes = [t for t in range(len(live)) if slot_sample[t] < 0]
+        if movers:
+            src = torch.tensor(movers, device=st.tok.device)
+            dst = torch.tensor(holes[: len(movers)], device=st.tok.device)
+            for name in ("tok", "pos", "gen", "row", "done", "force_len"):
+                buf = getattr(st, name)
+                buf[dst] = buf[src].clone()
+            st.done[src] = True
+            for s, t in zip(movers, holes):
+                for lst in (slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at):
+                    lst[t], lst[s] = lst[s], lst[t]
+                table[t] = table[s]
+                table[s] = 0
+        return width
 
     def _new_paged_state(self, model, S, MB, blocks, C, N, device) -> _PagedState:
         st = _PagedState()
@@ -479,7 +538,7 @@ class PagedSampler(StaticCacheSampler):
     def _draw_into(self, st, mode, live, min_new):
         """Draw every live slot's next token into its sample's output cell; advance gen, done, tok."""
         nxt, logp = draw(st, mode, st.gen, st.force_len, min_new)
-        cell = torch.where(live, st.row + st.gen, st.write_trash + st.out_ids.numel() - st.write_trash.numel())
+        cell = torch.where(live, st.row + st.gen, st.write_trash + st.dummy_base)
         st.out_ids.index_copy_(0, cell, nxt)
         st.out_logp.index_copy_(0, cell, logp)
         finished = st.eos_mask[nxt] | (st.gen + 1 >= st.C)
@@ -505,7 +564,8 @@ class PagedSampler(StaticCacheSampler):
         st.pos.add_(live.long()[:, None])
         self._draw_into(st, mode, live, self.min_new_tokens > 0)
 
-    def _capture_paged(self, st, model, kv_len, mode, mask_dtype, step_fn):
+    def _capture_paged(self, st, view, model, key, mask_dtype, step_fn):
+        _, kv_len, mode = key
         st.cache.kv_len = kv_len
         bufs = (st.tok, st.pos, st.gen, st.done, st.out_ids, st.out_logp)
         snapshot = [t.clone() for t in bufs]
@@ -517,14 +577,14 @@ class PagedSampler(StaticCacheSampler):
                 for t, s in zip(bufs, snapshot):
                     t.copy_(s)
                 st.done.fill_(True)
-                step_fn(st, model, mode, mask_dtype)
+                step_fn(view, model, mode, mask_dtype)
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(bufs, snapshot):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=st.pool):
-            step_fn(st, model, mode, mask_dtype)
+            step_fn(view, model, mode, mask_dtype)
         st.pool = graph.pool()
-        st.graphs[(kv_len, mode)] = graph
+        st.graphs[key] = graph
         for t, s in zip(bufs, snapshot):  # capture only records kernels; restore anyway
             t.copy_(s)
