@@ -26,8 +26,8 @@ not their KV) and a step over a power-of-two number of slots runs (`compact_tail
 sequences do not pay for idle slots.
 
 Memory: `release_for_update()` (GRPO calls it after scoring, before the update) frees the pool and
-the graphs unless `keep_cache`; the next rollout allocates and captures again (at most ~16 graphs:
-the KV bucket grows with the length).
+the graphs unless `keep_cache`; the next rollout allocates and captures again (~16 KV buckets, the
+bucket grows with the length, times the tail widths reached).
 
 Output: the same `Rollout` as the static engine (completion ids, masks, truncation flags, sampler
 log-probs), rows in input order. Sampling draws differ from the static engine (slots, not rows, draw
