@@ -223,15 +223,17 @@ def one_length_dist(model, args, device, results, gen, dist):
     model.set_experts_implementation(args.prefill[0] if args.prefill[0] != "megablocks" or megablocks_ok() else "grouped_mm")
     engines = [(f"static, batches of {B}", "static", B)]
     for slots in args.slots:
-        S = slots or B
-        engines.append((f"paged, {S} slots" + (f", {args.kv_gib} GiB KV" if args.kv_gib else ""), "paged", S))
+        for gib in args.kv_gib:
+            S = slots or B
+            engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else ""), "paged", (S, gib or None)))
     params = SamplingParams(C, temperature=1.0)
     for name, kind, S in engines:
+        S, gib = S if kind == "paged" else (S, None)
         if kind == "static":
             sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=C, timing=True)
             chunks = [slice(i, min(i + B, n)) for i in range(0, n, B)]
         else:
-            sampler = PagedSampler(max_slots=S, kv_cache_gib=args.kv_gib, min_new_tokens=C, timing=True)
+            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True)
             chunks = [slice(0, n)]
         try:
             # warm at full length: the first call's rows run every token (every graph captured, buffers sized)
@@ -333,7 +335,8 @@ def main(argv=None):
     ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma")
     ap.add_argument("--slots", type=int, nargs="+", default=[0],
                     help="paged engine slot counts for the --length-dist section (0: one slot per row)")
-    ap.add_argument("--kv-gib", type=float, default=None, help="paged engine KV pool (default: its own)")
+    ap.add_argument("--kv-gib", type=float, nargs="+", default=[0],
+                    help="paged engine KV pool sizes in GiB, each run with each --slots (0: the engine's default)")
     args = ap.parse_args(argv)
 
     from r1lightning.moe import apply_moe_backend, megablocks_status

@@ -94,7 +94,9 @@ class PagedKV(Cache):
         K.index_copy_(0, self.write, k.to(K.dtype))
         V.index_copy_(0, self.write, v.to(V.dtype))
         S, T = self.read.shape
-        return K[self.read].view(S, T, h, d).transpose(1, 2), V[self.read].view(S, T, h, d).transpose(1, 2)
+        dtype = key_states.dtype  # a pool kept in another dtype (e.g. fp32 parameters, bf16 compute) is read as computed
+        return (K[self.read].view(S, T, h, d).transpose(1, 2).to(dtype),
+                V[self.read].view(S, T, h, d).transpose(1, 2).to(dtype))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
