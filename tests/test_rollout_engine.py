@@ -420,3 +420,32 @@ def test_paged_compiled_decode_greedy_matches_generate(tiny_moe_config):
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
+def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp_path, tiny_moe_config, monkeypatch):
+    import json
+
+    from r1lightning.cli import R1CLI
+    from tests.test_grpo import ROWS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+            "rewards": [{"fn": "format", "weight": 1.0}],
+            "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
+            "num_generations": 4, "max_new_tokens": 6, "num_iterations": 2, "micro_batch_size": 3,
+            "mask_truncated_completions": True, "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
+    }
+    (tmp_path / "grpo.yaml").write_text(json.dumps(config))
+    cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
+    assert cli.trainer.global_step == 4
+    sampler = cli.model.sampler
+    assert isinstance(sampler, PagedSampler) and sampler.last_stats["admitted"] >= 8
+    assert not sampler._state  # released for the update of the last step
+    assert 0 < cli.trainer.logged_metrics["train/completions/mean_length"] <= 6
