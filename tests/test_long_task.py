@@ -167,3 +167,18 @@ def test_long_sft_smoke_through_the_cli(tmp_path, monkeypatch):
     assert "train/loss" in text and "val/accuracy" in text
     assert (tmp_path / "runs/gpu/long_sft/model/config.json").exists()
     assert (tmp_path / "data/generated/longsum2x2-3-seed0-train40-test6/train.jsonl").exists()
+
+
+def test_char_tokenizer_is_one_token_per_character_on_long_traces():
+    from r1lightning.tokenizer import SPECIAL_TOKENS, char_vocabulary
+
+    tok = build_char_tokenizer()
+    vocab = {t: i for i, t in enumerate(char_vocabulary())}
+    row = LongSumTask(num_train=3, num_test=1).splits()["train"][0]
+    body = row["completion"].removeprefix("<think>").split("</think>")[0] + "\u00e9\u00e9"  # two unknown characters
+    text = "<think>" + body + "</think><|end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    expected = [vocab["<think>"]] + [vocab.get(c, vocab["<|unk|>"]) for c in body] + [vocab["</think>"], vocab["<|end|>"]]
+    assert ids == expected and len(ids) > 1000
+    assert tok.decode(ids[:-4], skip_special_tokens=False) == "<think>" + body[:-2]
+    assert set(SPECIAL_TOKENS) <= set(vocab)
