@@ -140,6 +140,7 @@ def test_master_weight_adamw_equals_adamw_in_fp32_and_keeps_small_bf16_steps():
     assert state["master"].dtype == torch.float32 and state["step"] == 20
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_long_sft_smoke_through_the_cli(tmp_path, monkeypatch):
     """The GPU recipe's SFT on CPU, shrunk: a tiny model, 3-term sums, a few steps and one validation."""
     from r1lightning.cli import main
@@ -182,3 +183,18 @@ def test_char_tokenizer_is_one_token_per_character_on_long_traces():
     assert ids == expected and len(ids) > 1000
     assert tok.decode(ids[:-4], skip_special_tokens=False) == "<think>" + body[:-2]
     assert set(SPECIAL_TOKENS) <= set(vocab)
+
+
+def test_plot_of_a_long_reasoning_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_long_reasoning", ROOT / "scripts/plot_long_reasoning.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    sft, grpo = tmp_path / "sft.csv", tmp_path / "grpo.csv"
+    sft.write_text("step,val/accuracy,train/loss\n49,0.1,\n59,,0.5\n99,0.35,\n")
+    grpo.write_text("step,bench/longsum/greedy,train/reward,train/completions/mean_length\n0,0.33,,\n1,,0.2,1150\n"
+                    "3,,0.3,1149\n4,0.41,,\n")
+    out = plot.main(["--sft", str(sft), "--grpo", str(grpo), "-o", str(tmp_path / "p.png")])
+    assert out.stat().st_size > 10_000
