@@ -83,6 +83,24 @@ class PolicyModule(L.LightningModule):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
         return out.logits, getattr(out, "aux_loss", None)
 
+    def forward_logprobs(self, layout, model=None, temperature: float = 1.0, with_entropy: bool = False,
+                         impl: str = "chunked"):
+        """One forward over a `Layout` (packed or padded rows) that computes completion log-probs from
+        the final hidden states, never the [n, C, V] logits (see `r1lightning.logprobs`).
+
+        Returns (logp [n, C] fp32, entropy [n, C] fp32 or None, load-balancing loss or None);
+        positions without a completion token hold 0.
+        """
+        from r1lightning.logprobs import head_logprobs
+
+        model = model or self.model
+        kwargs = {"output_router_logits": True} if self.is_moe and self.aux_coef > 0 else {}
+        with head_logprobs(model, layout.positions, layout.targets, temperature, with_entropy, impl) as out:
+            res = model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                        position_ids=layout.position_ids, use_cache=False, **kwargs)
+        entropy = layout.scatter(out["entropy"]) if out["entropy"] is not None else None
+        return layout.scatter(res.logits), entropy, getattr(res, "aux_loss", None)  # logits: the log-probs [M]
+
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         params = self.model.parameters()  # not the frozen reference
