@@ -47,7 +47,7 @@ sft = [(int(r["step"]), float(r["val/accuracy"])) for r in rows("long_sft") if r
 print("SFT held-out accuracy (first 200 problems, greedy) by step:", ", ".join(f"{s}: {a:.3f}" for s, a in sft))
 grpo = rows("long_grpo")
 acc = [(int(r["step"]), float(r["bench/longsum/greedy"])) for r in grpo if r.get("bench/longsum/greedy")]
-print("GRPO held-out accuracy (500 problems, greedy) by optimizer step:", ", ".join(f"{s}: {a:.3f}" for s, a in acc))
+print("GRPO held-out accuracy (500 problems, greedy) by optimizer step (mu per batch):", ", ".join(f"{s}: {a:.3f}" for s, a in acc))
 if len(acc) >= 2:
     print(f"GRPO change: {100 * (acc[-1][1] - acc[0][1]):+.1f} points ({acc[0][1]:.3f} -> {acc[-1][1]:.3f})")
 def col(name):
@@ -59,5 +59,6 @@ for name in ("train/reward", "train/completions/mean_length", "train/frac_reward
         k = max(1, len(v) // 4)
         print(f"{name}: first quarter {sum(v[:k]) / k:.3f}, last quarter {sum(v[-k:]) / k:.3f} ({len(v)} values)")
 PY
+mu=$(python3 -c "import glob, sys, yaml; print(yaml.safe_load(open(sorted(glob.glob('runs/gpu/long_grpo/logs/version_*/hparams.yaml'))[-1]))['num_iterations'])" 2>/dev/null || echo 1)
 python3 "$root/scripts/plot_long_reasoning.py" --sft "$out/long_sft_metrics.csv" --grpo "$out/long_grpo_metrics.csv" \
-  -o "$out/long_reasoning.png" || echo "plot failed (matplotlib missing?)"
+  --num-iterations "$mu" -o "$out/long_reasoning.png" || echo "plot failed (matplotlib missing?)"
