@@ -6,11 +6,14 @@
 # evaluation reports (bench/), sampled completions, both logs, long_reasoning.png (reward, held-out
 # accuracy, mean completion length) and summary.txt. Budget (configs/gpu/*.yaml): SFT <= 3 min,
 # GRPO <= 5 min (trainer.max_time). Extra CLI arguments per stage: SFT_ARGS="..." GRPO_ARGS="...".
-# The data and the exported models stay in WORK (default /tmp/long_reasoning), not in OUTDIR.
+# The data and the exported models stay in WORK (default: runs/long_reasoning in the repository, git-
+# ignored), not in OUTDIR. STAGES="sft" or STAGES="grpo" runs one stage (e.g. two calls of at most
+# 10 minutes each; the GRPO stage needs the SFT export in the same WORK); default: both.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-/tmp/gpu_long_reasoning}}
-work=${WORK:-/tmp/long_reasoning}
+work=${WORK:-$root/runs/long_reasoning}
+stages=${STAGES:-sft grpo}
 mkdir -p "$out" "$work"
 cd "$work"
 export R1L_LOG_LEVEL=${R1L_LOG_LEVEL:-INFO}
@@ -34,9 +37,16 @@ stage() {  # stage NAME CONFIG EXTRA_ARGS: run one `r1lightning fit`, time it, k
 
 : > "$out/summary.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$out/summary.txt" 2>/dev/null || true
-stage long_sft long_sft.yaml "${SFT_ARGS:-}"
-grep -o "policy: .*moe_backend=[a-z_]*" "$out/long_sft.log" | head -n 1 | tee -a "$out/summary.txt" || true
+if [[ " $stages " == *" sft "* ]]; then
+  stage long_sft long_sft.yaml "${SFT_ARGS:-}"
+  grep -o "policy: .*moe_backend=[a-z_]*" "$out/long_sft.log" | head -n 1 | tee -a "$out/summary.txt" || true
+fi
+if [[ " $stages " != *" grpo "* ]]; then
+  exit 0
+fi
+[ -f "$out/long_sft_metrics.csv" ] || cp "$(ls -d runs/gpu/long_sft/logs/version_* | tail -n 1)/metrics.csv" "$out/long_sft_metrics.csv"
 stage long_grpo long_grpo.yaml "${GRPO_ARGS:-}"
+grep -o "policy: .*moe_backend=[a-z_]*" "$out/long_grpo.log" | head -n 1 | tee -a "$out/summary.txt" || true
 
 python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
 import csv, sys
