@@ -254,6 +254,7 @@ class GRPOModule(PolicyModule):
         keep = torch.ones_like(total, dtype=torch.bool)
         if h.dynamic_sampling:
             rollout, keep = self.resample_flat_groups(batch, rollout, total, scores)
+        getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
         t_rollout = time.perf_counter() - t0
         self._memory_peak("rollout", peaks)
 

@@ -1,5 +1,6 @@
 """Synthetic verifiable tasks (the embedded default) and benchmark loaders."""
 
 from r1lightning.tasks.arithmetic import AdditionTask, SyntheticTask
+from r1lightning.tasks.long_arithmetic import LongSumTask
 
-__all__ = ["AdditionTask", "SyntheticTask"]
+__all__ = ["AdditionTask", "LongSumTask", "SyntheticTask"]
