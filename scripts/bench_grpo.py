@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import math
 import os
@@ -135,7 +136,7 @@ class ForcedLengths:
     def __init__(self, inner, args, length, warmup: int):
         self.inner, self.args, self.length, self.warmup = inner, args, length, warmup
         self.calls = 0
-        self.hooked = hasattr(inner, "forced_lengths")
+        self.hooked = "forced_lengths" in inspect.signature(inner.generate).parameters
 
     def __getattr__(self, name):  # timing, last_stats, ... of the engine
         if name.startswith("__") or name == "inner":  # copies look these up before __init__ ran
@@ -149,12 +150,10 @@ class ForcedLengths:
         if step < 1:  # the warm-up runs at the full length
             return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
         lengths = draw_lengths(prompt_ids.shape[0], self.length, step, self.args).to(prompt_ids.device)
-        if self.hooked:
-            self.inner.forced_lengths = lengths
-            try:
-                return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
-            finally:
-                self.inner.forced_lengths = None
+        if self.hooked:  # a row drawn at the full length gets no EOS (truncated), as in TRL's processor
+            forced = torch.where(lengths >= self.length, self.length + 1, lengths)
+            return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id,
+                                       forced_lengths=forced)
         r = self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
         C = r.completion_ids.shape[1]
         col = torch.arange(C, device=lengths.device)[None]
@@ -167,7 +166,7 @@ class ForcedLengths:
 
 
 def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save):
-    from r1lightning.rollout import StaticCacheSampler
+    from r1lightning.rollout import PagedSampler, StaticCacheSampler
 
     model, backend = build(args, device, megablocks)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -175,8 +174,12 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
     points, failed = result["points"], False
     for length in args.lengths:
         # One engine per length: after the first distribution's warm-up at full length it stays warm.
-        engine, warm = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
-                                          compile=args.compile), False
+        if args.engine == "paged":  # the engine's defaults: slots, KV budget, cache released for the update
+            engine = PagedSampler(min_new_tokens=length, compile=args.compile)
+        else:
+            engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
+                                        compile=args.compile)
+        warm = False
         for dist in args.length_dist:
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
@@ -254,7 +257,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
     return summarize(length, dist, rec, warmup, settings(args, length, dist), extra)
@@ -531,6 +534,8 @@ def main(argv=None):
     ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
                     help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")
     ap.add_argument("--max-step-s", type=float, default=120.0, help="skip a TRL point predicted slower than this")
+    ap.add_argument("--engine", default="paged", choices=["paged", "static"],
+                    help="ours: the rollout engine (paged: continuous batching over paged KV, its default budget)")
     ap.add_argument("--free-cache", action="store_true", help="ours: free the KV cache and graphs after each rollout")
     ap.add_argument("--compile", default=None, help="ours: the engine's torch.compile mode for the decode step")
     ap.add_argument("--trl-reps", type=int, default=None, help="TRL: timed steps per point (default: --reps)")
