@@ -22,7 +22,7 @@ import torch
 from r1lightning.errors import UserError
 from r1lightning.logprobs import LOGPROB_IMPLS, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches
 from r1lightning.losses import AGGREGATIONS, grpo_loss, group_advantages, mask_truncated, zero_variance_groups
-from r1lightning.module import PolicyModule
+from r1lightning.module import PolicyModule, checkpointing_on
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer
 from r1lightning.rollout import Rollout, Sampler, SamplingParams
@@ -286,7 +286,6 @@ class GRPOModule(PolicyModule):
 
     def optimise(self, rollout, advantages, mask, old_logp, ref_logp, micro: list[list[int]] | None = None) -> dict:
         h = self.hparams
-        opt, sched = self.optimizers(), self.lr_schedulers()
         n = rollout.completion_ids.shape[0]
         micro = self.micro_batches(rollout, mask) if micro is None else micro
         # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
@@ -295,6 +294,14 @@ class GRPOModule(PolicyModule):
         # Every metric is logged even when no row has a loss (all groups dropped): then they are 0.
         names = ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
         sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
+        with checkpointing_on(self.model):
+            self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums)
+        return sums
+
+    def _iterate(self, rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums) -> None:
+        """mu optimizer steps over the rollouts, each accumulated over the micro-batches."""
+        h = self.hparams
+        opt, sched = self.optimizers(), self.lr_schedulers()
         for _ in range(h.num_iterations):
             for rows in micro:
                 dummy = not rows  # this rank has fewer micro-batches than another: same collectives, no loss
@@ -323,7 +330,6 @@ class GRPOModule(PolicyModule):
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        return sums
 
     # -- metrics (names as in TRL) ---------------------------------------------------------------
     def log_step(self, rollout, total, scores, keep, stats, t_rollout, t_ref, t_train):

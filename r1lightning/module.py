@@ -3,6 +3,7 @@ held-out accuracy by generation, throughput logging and the `save_pretrained` ex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,6 +20,26 @@ from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
+
+
+@contextlib.contextmanager
+def checkpointing_on(model: torch.nn.Module):
+    """Gradient checkpointing for the policy update. transformers checkpoints a decoder layer only while
+    that layer is in training mode, and the policy stays in eval mode (no dropout, the engines' caches
+    kept), so without this every layer's activations were stored: ~24 GiB more at 8k update tokens on
+    the OLMoE shape (H200, 2026-11-30). Only the checkpointed layers' own flag flips, not their children's,
+    so dropout and router noise stay off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
 
 class PolicyModule(L.LightningModule):
     def __init__(

@@ -2,6 +2,8 @@
 `generate` under greedy decoding, log-probs equal to a training-style forward, sampling frequencies
 that match the filtered distribution."""
 
+import weakref
+
 import pytest
 import torch
 from scipy import stats
@@ -398,8 +400,11 @@ def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config):
     assert module.sampler._state  # the pool lives through the rollout ...
     recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
     torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
+    pool = [weakref.ref(t) for st in module.sampler._state.values() for t in vars(st).values() if isinstance(t, torch.Tensor)]
+    pool += [weakref.ref(t) for st in module.sampler._state.values() for t in st.cache.keys + st.cache.values]
     module.sampler.release_for_update()
-    assert not module.sampler._state  # ... and not through the update
+    assert not module.sampler._state  # ... and not through the update:
+    assert pool and all(r() is None for r in pool)  # its tensors are gone, not kept alive by a reference cycle
     static = StaticCacheSampler()
     static.generate(module.model, ids, mask, SamplingParams(3, 0), module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
     static.release_for_update()

@@ -32,6 +32,7 @@ mu = 1 `use_sampler_logprobs` can skip that forward (numerics: see docs/benchmar
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 
@@ -205,16 +206,19 @@ class StaticCacheSampler(Sampler):
                 model.set_attn_implementation(prev_attn)
             model.train(was_training)
             if not self.keep_cache and self.release_after_call:
-                self._state.clear()
+                self.release()
 
     def release(self) -> None:
         """Free the KV caches and graphs (the next call captures again)."""
         self._state.clear()
+        # The state holds reference cycles (graphs, step closures): without a collection its device
+        # memory would outlive the call, e.g. through the whole policy update.
+        gc.collect()
 
     def release_for_update(self) -> None:
         # `keep_cache` decides: True keeps the cache through the update (fast), False already freed it.
         if not self.keep_cache:
-            self._state.clear()
+            self.release()
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod

@@ -148,7 +148,7 @@ class PagedSampler(StaticCacheSampler):
 
     release_after_call = False
 
-    def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.5,
+    def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
                  block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
                  **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
@@ -165,7 +165,7 @@ class PagedSampler(StaticCacheSampler):
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
-            self._state.clear()
+            self.release()
 
     # -- sizes -----------------------------------------------------------------------------------
     @staticmethod
@@ -222,7 +222,8 @@ class PagedSampler(StaticCacheSampler):
                 or st.blocks - trash < MB or (self.kv_cache_gib is not None and st.budget != self.kv_cache_gib)):
             blocks, per_block = self._pool_blocks(model, device, S, MB, trash)
             MB += 2  # table headroom: the next batch's prompts may be a little longer
-            self._state.clear()
+            st = None
+            self.release()  # the old pool goes before the new one is allocated
             st = self._new_paged_state(model, S, MB, blocks, C, N, device)
             st.fingerprint, st.S, st.MB, st.device, st.blocks, st.per_block = fp, S, MB, device, blocks, per_block
             st.budget = self.kv_cache_gib
