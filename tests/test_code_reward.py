@@ -85,9 +85,13 @@ def test_partial_credit():
     assert binary == [0.0, 0.0]
 
 
-def test_broken_sandbox_is_loud_not_zero():
-    with pytest.raises(RuntimeError, match="could not run any program"):
-        CodeReward(timeout=5.0, memory_mb=1)(None, [GOOD], test=[TEST])
+def test_broken_sandbox_is_loud_not_zero(monkeypatch):
+    from r1lightning.sandbox import host
+
+    with monkeypatch.context() as m:
+        m.setattr(host, "ISOLATION_SCRIPT", "/nonexistent/isolation.py")  # no sandbox can start
+        with pytest.raises(RuntimeError, match="could not run any program"):
+            CodeReward(timeout=5.0)(None, [GOOD], test=[TEST])
     # a program that exits with any code is the program's problem: 0.0, no exception
     assert CodeReward(timeout=5.0)(None, ["import os\nos._exit(121)\n"], test=[TEST]) == [0.0]
 
@@ -149,7 +153,7 @@ def test_humaneval_handful(problems):
 
 def test_humaneval_helper_redefinition_hack(problems):
     """HumanEval/32 and /38 test through helpers defined in the prompt; redefining them must not pay."""
-    from r1lightning.rewards.sandbox import run_program
+    from r1lightning.sandbox import run_program
 
     hacks = {
         32: "def poly(xs, x):\n    return 0.0\n\ndef find_zero(xs):\n    return 0.0\n",
@@ -157,8 +161,9 @@ def test_humaneval_helper_redefinition_hack(problems):
     }
     for i, hack in hacks.items():
         p = problems[i]
+        # the judge never takes a helper from the program: without the prompt as prelude, none exists
         naive = run_program(p["prompt"] + "\n" + hack, test=p["test"], entry_point=p["entry_point"], timeout=10)
-        assert naive.passed  # the hack works if the tests trust the program's helpers
+        assert not naive.passed and naive.error == "NameError"
     assert _score(problems, list(hacks), list(hacks.values())) == [0.0, 0.0]
     assert _score(problems, list(hacks), [problems[i]["canonical_solution"] for i in hacks]) == [1.0, 1.0]
 

@@ -6,7 +6,7 @@ The verdict is decided outside the candidate's process: ``judge.py`` runs the te
 README section "Sandboxed code execution" for the threat model.
 """
 
-from r1lightning.sandbox.host import (
+from .host import (
     SandboxConfig,
     SandboxJob,
     SandboxResult,

@@ -56,6 +56,15 @@ class _Objects:
             return ["h", len(self.table) - 1]
 
 
+def _flush() -> None:
+    """The program's prints reach the host before the answer does (the host stops reading at the verdict)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - the program may have replaced or closed them
+            pass
+
+
 def _read_program() -> str:
     chunks = []
     while True:
@@ -87,6 +96,7 @@ def _run_stdio(code, data: str) -> str:
 
 def main(cfg: dict) -> None:
     source = _read_program()
+    builtins.exit = builtins.quit = sys.exit  # what `site` (not loaded: python -S) would provide
     objects = _Objects()
     stdio = cfg.get("mode") == "stdio"
     try:
@@ -97,8 +107,10 @@ def main(cfg: dict) -> None:
             exec(code, env)
             names = {k: objects.wrap(v) for k, v in list(env.items()) if type(k) is str and not k.startswith("__")}
     except BaseException as e:  # noqa: BLE001 - SystemExit and all: the program did not load
+        _flush()
         codec.send(CHANNEL, ["load_error", *_describe(e)])
         return
+    _flush()
     codec.send(CHANNEL, ["ready", names])
     while True:
         try:
@@ -115,9 +127,10 @@ def main(cfg: dict) -> None:
             elif op == "getattr":
                 reply = ["ok", seq, objects.wrap(getattr(objects.table[msg[2]], msg[3]))]
             elif op == "stdio":
-                reply = ["ok", seq, ["v", codec.encode(_run_stdio(code, msg[2]))]]
+                reply = ["ok", seq, ["v", codec.encode(_run_stdio(code, str(codec.decode(msg[2]))))]]
             else:
                 reply = ["err", seq, "ProtocolError", f"unknown operation {op!r:.20}"]
         except BaseException as e:  # noqa: BLE001 - the candidate's exception is its answer
             reply = ["err", seq, *_describe(e)]
+        _flush()
         codec.send(CHANNEL, reply)

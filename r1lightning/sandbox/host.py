@@ -252,31 +252,32 @@ def _spawn(exe: str, role: str, cfg: dict, stdin: int, fds: tuple) -> subprocess
 
 def _collect(procs: list, verdict_fd: int, deadline: float, cap: int):
     """Read every pipe (keeping ``cap`` bytes of each output) until the verdict pipe closes or the
-    deadline passes; then at most 50 ms more for output already written."""
+    deadline passes; then only what is already written."""
     fds = {verdict_fd: bytearray()}
+    limits = {verdict_fd: 1 << 16}
     for p in procs:
-        fds[p.stdout.fileno()] = bytearray()
-        fds[p.stderr.fileno()] = bytearray()
-    truncated, timed_out, end = False, False, None
+        fds[p.stdout.fileno()], fds[p.stderr.fileno()] = bytearray(), bytearray()
+        limits[p.stdout.fileno()], limits[p.stderr.fileno()] = cap, cap + len(READY)
+    truncated, timed_out, drain_until = False, False, None
     with selectors.DefaultSelector() as sel:
         for fd in fds:
             sel.register(fd, selectors.EVENT_READ)
         while sel.get_map():
             now = time.monotonic()
-            if end is None and now >= deadline:
-                timed_out, end = True, now
-            if end is not None and now >= end:
+            if drain_until is None and now >= deadline:
+                timed_out, drain_until = True, now + 0.05
+            ready = sel.select(timeout=0 if drain_until else min(deadline - now, 0.1))
+            if drain_until is not None and (not ready or now >= drain_until):
                 break
-            for key, _ in sel.select(timeout=min((end or deadline) - now, 0.1)):
+            for key, _ in ready:
                 data = os.read(key.fd, 1 << 16)
                 if not data:
                     sel.unregister(key.fd)
                     if key.fd == verdict_fd:
-                        end = time.monotonic() + 0.05
+                        drain_until = time.monotonic() + 0.05
                     continue
                 buf = fds[key.fd]
-                limit = 1 << 16 if key.fd == verdict_fd else cap + len(READY)
-                room = limit - len(buf)
+                room = limits[key.fd] - len(buf)
                 if len(data) > room:
                     truncated = True
                     data = data[: max(room, 0)]
@@ -322,7 +323,12 @@ def _run(job: SandboxJob, cfg: SandboxConfig, mode: str, cgroup_root: str | None
             chan_c.close()
         (raw, j_out, j_err, c_out, c_err), timed_out, truncated = _collect(
             procs, verdict_r, t0 + cfg.timeout + 1.0, cfg.max_output_bytes)
-        cand_rc = procs[1].poll() if len(procs) > 1 else None
+        cand_rc = procs[1].poll()
+        if cand_rc is None and b"CandidateExited" in raw:  # its waiter is about to report how it ended
+            try:
+                cand_rc = procs[1].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
     except OSError as e:
         return SandboxResult(False, "error", None, "", str(e), time.monotonic() - t0, error=f"could not start: {e}",
                              isolation=mode)  # fmt: skip

@@ -14,7 +14,7 @@ Run by the host (``host.py``) once per role and run, never imported. In order:
 4. rlimits (CPU, address space, file size, open files, core, processes: 1 for the candidate without a
    cgroup, so the address-space limit is the limit of the whole sandbox), a per-run uid (as root),
    no capabilities, ``no_new_privs``, not dumpable, every other fd closed;
-5. ``role.main(config)``. Our own modules are imported before the filesystem goes away.
+5. ``role.main(config)``. The role's module is imported before the filesystem goes away.
 
 Any failure before the role starts exits with ``SETUP_FAILED`` and a message on stderr; the host
 then reports the run as a sandbox error, never as a verdict.
@@ -29,13 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import candidate  # noqa: E402 - imported while the project checkout is still visible
-import codec  # noqa: E402, F401
-import judge  # noqa: E402
-
 SETUP_FAILED = 121
 READY = b"r1sbx: ready\n"  # the host checks for it: a run whose sandbox never got ready is an error
-_ROLES = {"judge": judge.main, "candidate": candidate.main}
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -178,6 +173,9 @@ def _place_fds(cfg: dict) -> None:
 def main() -> None:
     role, cfg = sys.argv[1], json.loads(sys.argv[2])
     try:
+        if role not in ("judge", "candidate"):
+            raise ValueError(f"unknown role {role!r}")
+        run = __import__(role).main  # while the project checkout is still visible
         if cfg["cgroup"]:
             with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
                 f.write("0")
@@ -191,7 +189,6 @@ def main() -> None:
         _drop_privileges(cfg)
         os.environ.clear()
         os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"})
-        run = _ROLES[role]
     except BaseException as e:  # noqa: BLE001 - report anything, the host maps it to "error"
         os.write(2, f"r1sbx: sandbox setup failed: {e!r}\n".encode())
         os._exit(SETUP_FAILED)

@@ -7,8 +7,11 @@ a call or attribute access is sent over the channel and its answer decoded into 
 object of the candidate's making ever reaches the judge. Every call has a deadline.
 
 Function mode: the test source runs in a namespace holding the trusted prelude's names (e.g. a
-HumanEval prompt's helpers), the program's top-level data values and stubs for its functions; with
-an entry point, ``check(candidate)`` is then called with the entry point's stub. Stdio mode: the test
+HumanEval prompt's helpers) and, with an entry point, ``candidate`` (the entry point's stub), on
+which ``check(candidate)`` is then called; without one, the program's top-level names (data values
+as data, functions and other objects as stubs), except names that would shadow a builtin.
+Arguments to the candidate must be plain data: a test that passes a function or a candidate object
+gets a TypeError (no HumanEval test does). Stdio mode: the test
 is ``{"inputs": [...], "outputs": [...]}``; each input is fed to a fresh run of the program and the
 printed text compared here, line by line with trailing whitespace ignored.
 
@@ -208,8 +211,12 @@ def _judge_function(link: Link, names: dict, job: dict) -> dict:
     units = plan_units(job["test"], entry, partial)
     total = sum(1 for u in units if u[2])
     ns = {"__name__": "__judge__", "__builtins__": builtins}
-    for k, wire in names.items():
-        ns[k] = link.value(wire)
+    if entry:  # the tests use `candidate` only
+        wanted = [entry] if entry in names else []
+    else:  # plain asserts use the program's names; a name that shadows a builtin is not taken
+        wanted = [k for k in names if type(k) is str and k.isidentifier() and not hasattr(builtins, k)]
+    for k in wanted:
+        ns[k] = link.value(names[k])
     if job.get("prelude"):
         pre = {"__name__": "__prelude__", "__builtins__": builtins}
         exec(compile(job["prelude"], "<prelude>", "exec"), pre)
