@@ -89,6 +89,8 @@ ATTACKS = {
                           "class L(list):\n    def __eq__(self, o):\n        return True\n"
                           "def add(a, b):\n    return L([S('x')])\n"),
     "return a function": ("add", "def add(a, b):\n    return add\n"),
+    "deeply nested answer": ("add", "def add(a, b):\n    x = []\n    for _ in range(10 ** 5):\n        x = [x]\n    return x\n"),
+    "answer that floods the judge": ("add", "def add(a, b):\n    return [[0] * 1000] * 5000\n"),
     # -- reaching into the harness: frames, gc, expected values from the test's code, ctypes
     "frame walk for expected values": ("add", "import sys\ndef add(a, b):\n    f, found = sys._getframe(), []\n"
                                        "    while f is not None:\n        found += [c for c in f.f_code.co_consts if type(c) is int]\n"

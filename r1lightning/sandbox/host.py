@@ -91,7 +91,9 @@ class SandboxJob:
 class SandboxResult:
     """``status``: passed | failed (the judge ran the tests; ``error`` names the first failure) |
     timeout (no verdict in time, or a call to the candidate timed out) | killed (the candidate died
-    from a signal, e.g. the CPU limit) | error (the sandbox itself failed before untrusted code ran)."""
+    from a signal, e.g. the CPU limit) | no_verdict (both sandboxes started, the judge died without a
+    verdict) | error (a sandbox failed before any untrusted code ran: the machine's problem, not the
+    program's)."""
 
     passed: bool
     status: str
@@ -290,7 +292,12 @@ def _run(job: SandboxJob, cfg: SandboxConfig, mode: str, cgroup_root: str | None
     root = os.geteuid() == 0
     exe, binds = _interpreter(cfg)
     uids = _alloc_uids(2) if root else []
-    cgroup = _new_cgroup(cgroup_root, cfg) if cgroup_root and mode != "weak" else None
+    cgroup = None
+    if cgroup_root and mode != "weak":
+        try:
+            cgroup = _new_cgroup(cgroup_root, cfg)
+        except OSError:  # e.g. the delegation went away: this run falls back to rlimits, one process
+            cgroup = None
     workdir = tempfile.mkdtemp(prefix="r1sbx-") if mode == "weak" else None
     if workdir and uids:
         os.chmod(workdir, 0o777)
@@ -358,16 +365,20 @@ def _result(raw, j_err, c_out, c_err, cand_rc, timed_out, truncated, t0, mode) -
                       stderr=c_err[len(READY) if c_ready else 0 :].decode("utf-8", "replace"),
                       duration=time.monotonic() - t0, output_truncated=truncated, isolation=mode,
                       judge_stderr=j_err.decode("utf-8", "replace"))  # fmt: skip
-    if not (c_ready and j_ready):  # a sandbox failed before any untrusted code ran
+    try:
+        v = json.loads(raw) if j_ready else None
+        involved = v is None or v["error"] in ("CandidateExited", "Timeout", "ProtocolError")
+    except (ValueError, KeyError, TypeError):
+        involved = True
+    if not j_ready or (not c_ready and involved):  # a sandbox failed before any untrusted code ran
         r.status = "error"
         r.error = (r.judge_stderr if not j_ready else r.stderr).strip()[-500:] or "sandbox setup failed"
         return r
     try:
-        v = json.loads(raw)
         ok, passed, total = v["ok"] is True, int(v["passed"]), int(v["total"])
         r.error, r.message = str(v["error"]), str(v["message"])
-    except (ValueError, KeyError, TypeError):
-        r.status = "timeout" if timed_out else "error"
+    except (ValueError, KeyError, TypeError):  # not "error": a hostile answer may have sunk the judge
+        r.status = "timeout" if timed_out else "no_verdict"
         r.error = "wall-clock timeout" if timed_out else ("the judge gave no verdict: " + r.judge_stderr[-300:])
         return r
     r.tests_passed, r.tests_total, r.passed = passed, total, ok
