@@ -376,6 +376,18 @@ def test_statuses_partial_credit_and_errors():
     assert r.status == "killed" and r.duration < 3.5  # RLIMIT_CPU, well before the wall clock
 
 
+def test_objects_and_attributes_cross_as_stubs():
+    prog = ("class Solution:\n    limit = 3\n    def twice(self, x):\n        return 2 * x\n"
+            "def add(a, b):\n    return a + b\nTABLE = {'a': (1, 2)}\n")  # fmt: skip
+    test = ("s = Solution()\nassert s.twice(4) == 8 and s.limit == 3 and Solution.limit == 3\n"
+            "assert add.__name__ == 'add' and TABLE == {'a': (1, 2)}\n")  # fmt: skip
+    assert run_program(prog, test=test, **FAST).passed
+    # candidate objects have no truth value, no equality with data, and cannot be sent back
+    for bad in ("assert Solution()", "assert Solution() == Solution()", "assert add(Solution(), 1)", "assert add(len, 1)"):
+        r = run_program(prog, test=bad, **FAST)
+        assert not r.passed and r.error in ("TypeError", "AssertionError"), (bad, r.error)
+
+
 def test_prelude_helpers_come_from_the_judge():
     prelude = "def helper(x):\n    return 2 * x\n\ndef f(x):\n    '''doc'''\n"
     test = "def check(candidate):\n    assert helper(candidate(3)) == 12\n"

@@ -105,7 +105,9 @@ def main(cfg: dict) -> None:
         if not stdio:
             env = {"__name__": "__candidate__", "__builtins__": builtins}
             exec(code, env)
-            names = {k: objects.wrap(v) for k, v in list(env.items()) if type(k) is str and not k.startswith("__")}
+            entry = cfg.get("entry_point")
+            wanted = [entry] if entry else [k for k in list(env) if type(k) is str and not k.startswith("__")]
+            names = {k: objects.wrap(env[k]) for k in wanted if k in env}
     except BaseException as e:  # noqa: BLE001 - SystemExit and all: the program did not load
         _flush()
         codec.send(CHANNEL, ["load_error", *_describe(e)])

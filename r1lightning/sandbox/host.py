@@ -304,7 +304,7 @@ def _run(job: SandboxJob, cfg: SandboxConfig, mode: str, cgroup_root: str | None
     cpu = max(1, int(-(-(cfg.cpu_time if cfg.cpu_time is not None else cfg.timeout) // 1)))
     base = dict(namespaces=mode != "weak", userns=mode == "userns", binds=binds, workdir=workdir,
                 disk_mb=cfg.disk_mb, file_size_mb=cfg.file_size_mb, max_open_files=cfg.max_open_files,
-                cpu_time=cpu, cgroup=None, mode=job.mode)  # fmt: skip
+                cpu_time=cpu, cgroup=None, mode=job.mode, entry_point=job.entry_point or None)  # fmt: skip
     nproc = cfg.max_processes if cgroup else 1  # without a cgroup, one process: RLIMIT_AS is the total
     if mode == "weak" and not root:
         nproc = resource.RLIM_INFINITY
