@@ -45,7 +45,7 @@ FORGE = (  # a verdict and success markers on every fd the process may hold
 )  # fmt: skip
 
 # name: (kind, program). kind "add": a wrong add against ADD_TEST; "flat": against FLAT_TEST (program
-# names are visible); "secret": solve() must return the host's secret; "limits": solve() returns
+# names are visible); "map": is_even through all(map(...)); "secret": solve() must return the host's secret; "limits": solve() returns
 # "broke" if it got past a limit. Placeholders: {paths} {port} {uport} {unix} {abstract} {pid} {bystander}.
 ATTACKS = {
     # -- exit(0) in all its forms, before and during the tests
@@ -89,6 +89,7 @@ ATTACKS = {
                           "class L(list):\n    def __eq__(self, o):\n        return True\n"
                           "def add(a, b):\n    return L([S('x')])\n"),
     "return a function": ("add", "def add(a, b):\n    return add\n"),
+    "StopIteration through map": ("map", "def is_even(x):\n    raise StopIteration\n"),
     "deeply nested answer": ("add", "def add(a, b):\n    x = []\n    for _ in range(10 ** 5):\n        x = [x]\n    return x\n"),
     "answer that floods the judge": ("add", "def add(a, b):\n    return [[0] * 1000] * 5000\n"),
     # -- reaching into the harness: frames, gc, expected values from the test's code, ctypes
@@ -168,6 +169,7 @@ HONEST = {
     "honest with prints and files": ("add", "import os\nprint('hello')\nopen('/tmp/scratch', 'w').write('ok')\n"
                                      "def add(a, b):\n    return a + b\n"),
     "honest flat": ("flat", "def add(a, b):\n    return a + b\n"),
+    "honest map": ("map", "def is_even(x):\n    return x % 2 == 0\n"),
 }
 
 
@@ -252,7 +254,8 @@ def _fill(program: str, values: dict) -> str:
 def _tests(secret: str) -> dict:
     return {"add": (ADD_TEST, "add"), "flat": (FLAT_TEST, None),
             "secret": (f"def check(candidate):\n    assert candidate() == {secret!r}\n", "solve"),
-            "limits": ("def check(candidate):\n    assert candidate() == 'broke'\n", "solve")}  # fmt: skip
+            "limits": ("def check(candidate):\n    assert candidate() == 'broke'\n", "solve"),
+            "map": ("assert all(map(lambda x: is_even(x) == (x % 2 == 0), range(10)))\n", None)}  # fmt: skip
 
 
 @pytest.fixture

@@ -35,7 +35,9 @@ except ImportError:  # run as a script by isolation.py
 
 CHANNEL, VERDICT = 3, 4
 _EXEC, _CALL = 0, 1
-_PASS_THROUGH = {"SystemExit", "KeyboardInterrupt", "GeneratorExit"}
+# Never rebuilt as themselves: they would steer the judge's control flow, e.g. a StopIteration raised
+# through map() makes all(map(candidate, xs)) end early and return True.
+_PASS_THROUGH = {"SystemExit", "KeyboardInterrupt", "GeneratorExit", "StopIteration", "StopAsyncIteration"}
 
 
 class CandidateError(Exception):
