@@ -145,6 +145,9 @@ def _limits(cfg: dict) -> None:
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_NPROC, cfg["max_processes"]),
     ):
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+            value = hard  # an unprivileged process may not raise a hard limit
         resource.setrlimit(res, (value, value))
 
 
