@@ -13,7 +13,8 @@ Run by the host (``host.py``) once per role and run, never imported. In order:
    private, size-capped /tmp. No /proc, /sys, /run, home, project checkout or host sockets;
 4. rlimits (CPU, address space, file size, open files, core, processes: 1 for the candidate without a
    cgroup, so the address-space limit is the limit of the whole sandbox), a per-run uid (as root),
-   no capabilities, ``no_new_privs``, not dumpable, every other fd closed;
+   no capabilities (none left in the bounding set, and uid 0 gains none on exec), ``no_new_privs``,
+   not dumpable, every other fd closed;
 5. ``role.main(config)``. The role's module is imported before the filesystem goes away.
 
 Any failure before the role starts exits with ``SETUP_FAILED`` and a message on stderr; the host
@@ -37,7 +38,8 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 28, 38
+SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2
 _SYSCALLS = {"x86_64": {"pivot_root": 155, "capset": 126}, "aarch64": {"pivot_root": 41, "capset": 91}}
 NEW_ROOT = "/tmp"  # any existing directory: the new root's tmpfs is mounted over it in our namespace
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
@@ -153,6 +155,11 @@ def _limits(cfg: dict) -> None:
 
 def _drop_privileges(cfg: dict) -> None:
     ctypes, libc = _libc()
+    if cfg["namespaces"]:  # we hold CAP_SETPCAP here: empty the bounding set, and uid 0 gains nothing on exec
+        for cap in range(64):
+            libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0)  # EINVAL past the last capability
+        _check(libc.prctl(PR_SET_SECUREBITS, ctypes.c_ulong(SECBIT_NOROOT | SECBIT_NOROOT_LOCKED), 0, 0, 0),
+               "securebits")  # fmt: skip
     if cfg["uid"] is not None:  # root: a uid of its own for this run, so RLIMIT_NPROC counts only it
         os.setgroups([])
         os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
