@@ -408,6 +408,8 @@ def test_stdio_programs():
     scores = reward(None, [good, "print(3)\n", whole, flood, "import os\nos._exit(0)\n"], test=[spec] * 5)
     assert scores == [1.0, pytest.approx(1 / 3), 1.0, 0.0, 0.0]
     assert CodeReward(**FAST)(None, ["print(3)\n"], test=[spec]) == [0.0]
+    with pytest.raises(ValueError, match="call-based test"):
+        CodeReward(**FAST)(None, ["x = 1"], test=[json.dumps({"inputs": [[1]], "outputs": [2], "fn_name": "f"})])
 
 
 def test_refuses_without_isolation_unless_weak(monkeypatch):

@@ -92,6 +92,9 @@ def test_mode(test: str) -> str:
         except ValueError:
             return "function"
         if isinstance(spec, dict) and "inputs" in spec and "outputs" in spec:
+            if spec.get("fn_name"):
+                raise ValueError(f"code reward: a call-based test (fn_name={spec['fn_name']!r:.40}) is not supported; "
+                                 "write it as Python asserts")  # fmt: skip
             return "stdio"
     return "function"
 
