@@ -198,7 +198,8 @@ def main() -> None:
         _limits(cfg)
         _drop_privileges(cfg)
         os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"})
+        scratch = "/tmp" if cfg["namespaces"] else cfg["workdir"]
+        os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch})
     except BaseException as e:  # noqa: BLE001 - report anything, the host maps it to "error"
         os.write(2, f"r1sbx: sandbox setup failed: {e!r}\n".encode())
         os._exit(SETUP_FAILED)
