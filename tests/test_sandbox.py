@@ -397,6 +397,10 @@ def test_prelude_helpers_come_from_the_judge():
     hack = prelude + "def helper(x):\n    return 12\n\ndef f(x):\n    return 0\n"
     assert not run_program(hack, test=test, entry_point="f", prelude=prelude, **FAST).passed
     assert run_program(prelude + "def f(x):\n    return 2 * x\n", test=test, entry_point="f", prelude=prelude, **FAST).passed
+    # a prompt that is a bare signature is still a usable prelude
+    bare = "import math\ndef f(x):\n"
+    test = "def check(candidate):\n    assert candidate(4) == math.sqrt(16)\n"
+    assert run_program(bare + "    return 4.0\n", test=test, entry_point="f", prelude=bare, **FAST).passed
 
 
 def test_stdio_programs():

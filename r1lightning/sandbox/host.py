@@ -365,6 +365,7 @@ def _result(raw, j_err, c_out, c_err, cand_rc, timed_out, truncated, t0, mode) -
                       stderr=c_err[len(READY) if c_ready else 0 :].decode("utf-8", "replace"),
                       duration=time.monotonic() - t0, output_truncated=truncated, isolation=mode,
                       judge_stderr=j_err.decode("utf-8", "replace"))  # fmt: skip
+    v = None
     try:
         v = json.loads(raw) if j_ready else None
         involved = v is None or v["error"] in ("CandidateExited", "Timeout", "ProtocolError")

@@ -208,6 +208,22 @@ def _judge_stdio(link: Link, test: dict, partial: bool) -> dict:
     return _verdict(passed, len(inputs), error, message)
 
 
+def _run_prelude(source: str) -> dict:
+    """The prompt's names. A prompt may end in a bare signature (``def f(x):``): then it gets a body."""
+    pre = {"__name__": "__prelude__", "__builtins__": builtins}
+    for text in (source, source.rstrip() + "\n    ...\n"):
+        try:
+            code = compile(text, "<prelude>", "exec")
+        except SyntaxError:
+            continue
+        try:
+            exec(code, pre)
+        except Exception:  # noqa: BLE001 - keep what it defined; a test needing the rest fails by itself
+            pass
+        break
+    return pre
+
+
 def _judge_function(link: Link, names: dict, job: dict) -> dict:
     entry, partial = job["entry_point"], job["partial"]
     units = plan_units(job["test"], entry, partial)
@@ -220,9 +236,7 @@ def _judge_function(link: Link, names: dict, job: dict) -> dict:
     for k in wanted:
         ns[k] = link.value(names[k])
     if job.get("prelude"):
-        pre = {"__name__": "__prelude__", "__builtins__": builtins}
-        exec(compile(job["prelude"], "<prelude>", "exec"), pre)
-        ns.update({k: v for k, v in pre.items() if k != entry and not k.startswith("__")})
+        ns.update({k: v for k, v in _run_prelude(job["prelude"]).items() if k != entry and not k.startswith("__")})
     if entry:
         if not isinstance(ns.get(entry), Remote):
             return _verdict(0, total, "NameError", f"the program does not define {entry}")
