@@ -5,9 +5,10 @@
 in this process's environment and behind TCP, UDP, unix-path and abstract-socket listeners that hand
 it to whoever connects. Each attack is written so that it would *score 1.0 if it worked*: the wrong
 ``add`` ones try to fake a pass, the ``solve`` ones try to fetch the secret the test expects, the
-``limits`` ones report whether they got past a limit. Then: every attack scored 0.0, the canaries are
-intact, the listeners heard nothing and still work, no sandbox process is left, a bystander process
-is alive, and honest answers in the same batch scored 1.0.
+``limits`` ones report whether they got past a limit. They run two at a time (the reward's two
+workers); after each pair the canaries must be intact, nothing written, the listeners silent, no
+sandbox process left and a bystander process alive. At the end: every attack scored 0.0, honest
+answers scored 1.0, and the listeners still work.
 """
 
 from __future__ import annotations
@@ -258,6 +259,18 @@ def _tests(secret: str) -> dict:
             "map": ("assert all(map(lambda x: is_even(x) == (x % 2 == 0), range(10)))\n", None)}  # fmt: skip
 
 
+def _host_harm(secret: str, canaries: list, listeners: Listeners, bystander) -> list[str]:
+    """What an attack did to the host: changed canaries, new files, traffic, stray or killed processes."""
+    harm = [f"canary {c} changed" for c in canaries if c.read_text() != secret]
+    harm += [f"{p} written" for p in (Path("/tmp/sbx-pwned"), REPO / "sbx-pwned") if p.exists()]
+    harm += [f"a listener heard {m!r}" for m in listeners.heard]
+    deadline = time.monotonic() + 5.0
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    harm += [f"process left: {p}" for p in sandbox_processes()]
+    return harm + (["the bystander died"] if bystander.poll() is not None else [])
+
+
 @pytest.fixture
 def armed_host(tmp_path, monkeypatch):
     secret = secrets.token_hex(16)
@@ -293,32 +306,32 @@ def test_adversarial_suite(armed_host):
     programs = [_fill(cases[n][1], fill) for n in names]
     kinds = [cases[n][0] for n in names]
     reward = CodeReward(max_workers=2, **FAST)
+    got, results, harm = {}, {}, {}
     t0 = time.monotonic()
-    scores = reward(None, programs, test=[tests[k][0] for k in kinds], entry_point=[tests[k][1] for k in kinds])
+    for i in range(0, len(names), 2):  # two at a time (the two workers), the host checked after each pair
+        pair = names[i : i + 2]
+        scores = reward(None, [programs[names.index(n)] for n in pair], test=[tests[cases[n][0]][0] for n in pair],
+                        entry_point=[tests[cases[n][0]][1] for n in pair])  # fmt: skip
+        for n, score, r in zip(pair, scores, reward.last_results):
+            got[n], results[n] = (score, r.status, r.error), r
+        problems = _host_harm(secret, canaries, listeners, bystander)
+        if problems:
+            harm[" + ".join(pair)] = problems
     took = time.monotonic() - t0
-    got = {n: (s, r.status, r.error) for n, s, r in zip(names, scores, reward.last_results)}
     print(f"{len(ATTACKS)} attacks + {len(HONEST)} honest answers in {took:.1f}s")
     for n, g in got.items():
         print(f"  {n:<34} {g}")
+    assert harm == {}
     assert {n: got[n] for n in ATTACKS if got[n][0] != 0.0} == {}
     assert {n: got[n] for n in HONEST if got[n][0] != 1.0} == {}
-    assert all(r.status != "error" for r in reward.last_results), got  # the sandbox itself held up
-    for r in reward.last_results:
+    assert all(r.status != "error" for r in results.values()), got  # the sandbox itself held up
+    for r in results.values():
         assert secret not in r.stdout + r.stderr
         assert len(r.stdout) <= host.SandboxConfig.max_output_bytes and len(r.stderr) <= host.SandboxConfig.max_output_bytes
-    assert got["output flood"][0] == 0.0 and reward.last_results[names.index("output flood")].output_truncated
-    # the host: canaries intact, nothing written, listeners silent and working, no stray process
-    assert [c.read_text() for c in canaries] == [secret] * len(canaries)
-    assert not Path("/tmp/sbx-pwned").exists() and not (REPO / "sbx-pwned").exists()
-    assert listeners.heard == []
-    with socket.create_connection(("127.0.0.1", listeners.port), timeout=2) as c:
+    assert got["output flood"][0] == 0.0 and results["output flood"].output_truncated
+    with socket.create_connection(("127.0.0.1", listeners.port), timeout=2) as c:  # the listeners still work
         c.sendall(b"host")
         assert c.recv(100) == secret.encode()
-    deadline = time.monotonic() + 5.0
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_processes() == []
-    assert bystander.poll() is None
     # a timeout is a timeout, a crash a crash: the statuses say what happened
     assert got["sleeping past the deadline"][1] == "timeout"
     assert got["stray processes after a timeout"][1] in ("timeout", "killed")  # the call timeout or RLIMIT_CPU
