@@ -14,7 +14,7 @@ import sys
 import time
 
 from r1lightning.rewards.code import CodeReward
-from r1lightning.rewards.sandbox import sandbox_capabilities
+from r1lightning.sandbox import sandbox_capabilities
 from r1lightning.tasks.humaneval import load_humaneval
 
 
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     caps = sandbox_capabilities()
     reward = CodeReward(timeout=args.timeout, max_workers=args.workers, include_prompt=True,
                         partial_credit=args.partial_credit)  # fmt: skip
-    print(f"{len(problems)} problems, isolation={caps['isolation']}, workers={reward.max_workers}, cpus={os.cpu_count()}")
+    print(f"{len(problems)} problems, isolation={caps['isolation']}, cgroup={caps['cgroup'] or 'none (rlimits)'}, "
+          f"workers={reward.max_workers}, cpus={os.cpu_count()}, load={os.getloadavg()[0]:.2f}")
     prompts = [p["prompt"] for p in problems]
     kw = dict(test=[p["test"] for p in problems], entry_point=[p["entry_point"] for p in problems])
     failed = 0

@@ -6,6 +6,10 @@ import time
 import pytest
 
 from r1lightning.rewards.code import CodeReward, build_program, extract_code
+from r1lightning.sandbox import sandbox_capabilities
+
+# The reward refuses to run programs where no isolation works (see README "Sandboxed code execution").
+needs_sandbox = pytest.mark.skipif(sandbox_capabilities()["isolation"] is None, reason="no sandbox isolation here")
 
 GOOD = "def add(a, b):\n    return a + b\n"
 TEST = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
@@ -50,6 +54,7 @@ def test_build_program_body_vs_full_definition():
 # --------------------------------------------------------------------------------------- scoring
 
 
+@needs_sandbox
 def test_scores_and_not_applicable_rows():
     reward = CodeReward(timeout=5.0, max_workers=2)
     completions = [f"```python\n{GOOD}```", "```python\ndef add(a, b):\n    return a * b\n```", GOOD, GOOD]
@@ -59,6 +64,7 @@ def test_scores_and_not_applicable_rows():
     assert reward.last_results[1].error == "AssertionError"
 
 
+@needs_sandbox
 def test_humaneval_style_rows():
     reward = CodeReward(timeout=5.0, include_prompt=True)
     body, full = "    return a + b\n", "```python\ndef add(a, b):\n    return b + a\n```"
@@ -67,12 +73,14 @@ def test_humaneval_style_rows():
     assert scores == [1.0, 1.0, 0.0]
 
 
+@needs_sandbox
 def test_prompt_without_entry_point_is_not_a_prelude():
     # No entry point: the prompt's stub must not replace the answer's definition for the tests.
     reward = CodeReward(timeout=5.0, include_prompt=True)
     assert reward([HE_PROMPT], ["def add(a, b):\n    return a + b\n"], test=[TEST]) == [1.0]
 
 
+@needs_sandbox
 def test_partial_credit():
     prog = "def f(x):\n    return 1 if x < 3 else 0\n"
     flat = "\n".join(f"assert f({i}) == 1" for i in range(4)) + "\nassert True, 'a note, not a test'\n"
@@ -85,13 +93,19 @@ def test_partial_credit():
     assert binary == [0.0, 0.0]
 
 
-def test_broken_sandbox_is_loud_not_zero():
-    with pytest.raises(RuntimeError, match="could not run any program"):
-        CodeReward(timeout=5.0, memory_mb=1)(None, [GOOD], test=[TEST])
+@needs_sandbox
+def test_broken_sandbox_is_loud_not_zero(monkeypatch):
+    from r1lightning.sandbox import host
+
+    with monkeypatch.context() as m:
+        m.setattr(host, "ISOLATION_SCRIPT", "/nonexistent/isolation.py")  # no sandbox can start
+        with pytest.raises(RuntimeError, match="could not run any program"):
+            CodeReward(timeout=5.0)(None, [GOOD], test=[TEST])
     # a program that exits with any code is the program's problem: 0.0, no exception
     assert CodeReward(timeout=5.0)(None, ["import os\nos._exit(121)\n"], test=[TEST]) == [0.0]
 
 
+@needs_sandbox
 def test_cheats_score_zero():
     cheats = [
         "import sys\ndef add(a, b):\n    return 0\nsys.exit(0)\n",
@@ -136,6 +150,7 @@ def _score(problems, ids, completions, **kw):
 FEW = [0, 2, 10, 32, 38, 53]
 
 
+@needs_sandbox
 def test_humaneval_handful(problems):
     canonical = _score(problems, FEW, [problems[i]["canonical_solution"] for i in FEW])
     assert canonical == [1.0] * len(FEW)
@@ -147,9 +162,10 @@ def test_humaneval_handful(problems):
     assert _score(problems, FEW, fenced) == [1.0] * len(FEW)
 
 
+@needs_sandbox
 def test_humaneval_helper_redefinition_hack(problems):
     """HumanEval/32 and /38 test through helpers defined in the prompt; redefining them must not pay."""
-    from r1lightning.rewards.sandbox import run_program
+    from r1lightning.sandbox import run_program
 
     hacks = {
         32: "def poly(xs, x):\n    return 0.0\n\ndef find_zero(xs):\n    return 0.0\n",
@@ -157,13 +173,15 @@ def test_humaneval_helper_redefinition_hack(problems):
     }
     for i, hack in hacks.items():
         p = problems[i]
+        # the judge never takes a helper from the program: without the prompt as prelude, none exists
         naive = run_program(p["prompt"] + "\n" + hack, test=p["test"], entry_point=p["entry_point"], timeout=10)
-        assert naive.passed  # the hack works if the tests trust the program's helpers
+        assert not naive.passed and naive.error == "NameError"
     assert _score(problems, list(hacks), list(hacks.values())) == [0.0, 0.0]
     assert _score(problems, list(hacks), [problems[i]["canonical_solution"] for i in hacks]) == [1.0, 1.0]
 
 
 @pytest.mark.slow
+@needs_sandbox
 def test_humaneval_all_164(problems):
     ids = list(range(len(problems)))
     t0 = time.monotonic()

@@ -1,476 +1,494 @@
-"""Adversarial tests for the code-execution sandbox.
+"""The sandbox under attack, and its parts (codec, judge plan, stdio mode, modes) on their own.
 
-Every attack is written so that it would *pass* (score 1.0) if it worked; the sandbox must turn each
-into a non-pass, within its time limit, with the host and this test process unaffected.
+``test_adversarial_suite`` runs every attack in ``ATTACKS`` through the ``code`` reward in one batch
+(two workers), with the host armed: a secret in canary files (project checkout, /tmp, home, /run),
+in this process's environment and behind TCP, UDP, unix-path and abstract-socket listeners that hand
+it to whoever connects. Each attack is written so that it would *score 1.0 if it worked*: the wrong
+``add`` ones try to fake a pass, the ``solve`` ones try to fetch the secret the test expects, the
+``limits`` ones report whether they got past a limit. They run two at a time (the reward's two
+workers); after each pair the canaries must be intact, nothing written, the listeners silent, no
+sandbox process left and a bystander process alive. At the end: every attack scored 0.0, honest
+answers scored 1.0, and the listeners still work.
 """
 
 from __future__ import annotations
 
-import dis
+import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from r1lightning.rewards import sandbox as sb
-from r1lightning.rewards.sandbox import SandboxConfig, SandboxJob, run_program, run_programs
+from r1lightning.rewards.code import CodeReward
+from r1lightning.sandbox import SandboxUnavailable, codec, host, run_program, sandbox_capabilities
+from r1lightning.sandbox.judge import plan_units
 
-CAPS = sb.sandbox_capabilities()
-NS = CAPS["namespaces"]
-needs_ns = pytest.mark.skipif(not NS, reason="namespace isolation (root + unshare) not available")
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(timeout=3.0, memory_mb=256, max_processes=16)
+CAPS = sandbox_capabilities()
+pytestmark = pytest.mark.skipif(CAPS["isolation"] is None, reason=f"no sandbox isolation here: {CAPS['errors']}")
+FAST = dict(timeout=3.0, memory_mb=256)
 
-GOOD = "def add(a, b):\n    return a + b\n"
-TEST = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+ADD_TEST = ("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(10, -4) == 6\n"
+            "    assert abs(candidate(1.5, 1.5) - 3.0) < 1e-9\n")  # fmt: skip
+FLAT_TEST = "import math\nassert add(2, 3) == 5\nassert math.isclose(add(1, 1), 2)\nassert abs(add(0, 7) - 7) < 1e-9\n"
 WRONG = "def add(a, b):\n    return -7\n"
-HE_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(0, 0) == 0\n"
+FORGE = (  # a verdict and success markers on every fd the process may hold
+    "import os, json\ndef forge():\n    v = json.dumps({'ok': True, 'passed': 3, 'total': 3, 'error': '', 'message': ''})\n"
+    "    for fd in range(0, 64):\n        for text in (v, 'passed\\n', 'ok 3 3 -\\n'):\n            try:\n"
+    "                os.write(fd, text.encode())\n            except OSError:\n                pass\n"
+)  # fmt: skip
+
+# name: (kind, program). kind "add": a wrong add against ADD_TEST; "flat": against FLAT_TEST (program
+# names are visible); "map": is_even through all(map(...)); "secret": solve() must return the host's secret; "limits": solve() returns
+# "broke" if it got past a limit. Placeholders: {paths} {port} {uport} {unix} {abstract} {pid} {bystander}.
+ATTACKS = {
+    # -- exit(0) in all its forms, before and during the tests
+    "sys.exit": ("add", WRONG + "import sys\nsys.exit(0)\n"),
+    "os._exit": ("add", WRONG + "import os\nos._exit(0)\n"),
+    "raise SystemExit": ("add", WRONG + "raise SystemExit(0)\n"),
+    "exit()": ("add", WRONG + "exit()\n"),
+    "quit() in call": ("add", "def add(a, b):\n    quit()\n"),
+    "os._exit in call": ("add", "import os\ndef add(a, b):\n    os._exit(0)\n"),
+    "SIGKILL self": ("add", "import os, signal\ndef add(a, b):\n    os.kill(os.getpid(), signal.SIGKILL)\n"),
+    "abort": ("add", "import os\ndef add(a, b):\n    os.abort()\n"),
+    # -- interrupts, excepthook, forged reports on every fd and on the channel
+    "interrupt_main + forge": ("add", FORGE + "import _thread, sys\nsys.excepthook = lambda *a: forge()\n"
+                               "def add(a, b):\n    _thread.interrupt_main()\n    forge()\n    return -7\n"),
+    "raise_signal SIGINT": ("add", FORGE + "import signal\ndef add(a, b):\n    forge()\n"
+                            "    signal.raise_signal(signal.SIGINT)\n    return -7\n"),
+    "forge then exit": ("add", FORGE + WRONG + "forge()\nimport os\nos._exit(0)\n"),
+    "forged protocol": ("add", "import os, json\nmsg = json.dumps(['ok', 1, ['v', ['b', True]]]).encode()\n"
+                        "os.write(3, len(msg).to_bytes(4, 'big') + msg)\nos.write(3, b'\\x00\\x00\\x00\\x05{}{}{')\n" + WRONG),
+    "garbage channel": ("add", "import os\ndef add(a, b):\n    os.write(3, b'\\xff' * 100000)\n    return 5\n"),
+    "huge message": ("add", "def add(a, b):\n    return 'x' * (80 << 20)\n"),
+    "patched codec": ("add", "def add(a, b):\n    import codec\n    codec.encode = lambda v, depth=0: ['i', '5']\n"
+                      "    return 5\n"),
+    # -- redefined or patched check/assert/builtins/modules
+    "redefine check": ("add", WRONG + "def check(candidate):\n    pass\n"),
+    "patch AssertionError": ("add", WRONG + "import builtins\nbuiltins.AssertionError = type('N', (Exception,), {})\n"),
+    "patch abs": ("add", WRONG + "import builtins\nbuiltins.abs = lambda x: 0\n__builtins__ = {'abs': abs}\n"),
+    "shadow builtins (flat)": ("flat", WRONG + "def abs(x):\n    return 0\ndef isinstance(*a):\n    return True\n"),
+    "patch math.isclose (flat)": ("flat", WRONG + "import math\nmath.isclose = lambda *a, **k: True\n"),
+    "planted module (flat)": ("flat", WRONG + "import sys, types\nm = types.ModuleType('math')\n"
+                              "m.isclose = lambda *a, **k: True\nsys.modules['math'] = m\nmath = m\n"),
+    # -- always-equal and subclassed return values
+    "always-equal object": ("add", "class E:\n    def __eq__(self, o):\n        return True\n"
+                            "    __hash__ = object.__hash__\n    def __sub__(self, o):\n        return 0\n"
+                            "def add(a, b):\n    return E()\n"),
+    "int subclass": ("add", "class I(int):\n    def __eq__(self, o):\n        return True\n    __hash__ = int.__hash__\n"
+                     "    def __sub__(self, o):\n        return 0\ndef add(a, b):\n    return I(0)\n"),
+    "float subclass": ("add", "class F(float):\n    def __eq__(self, o):\n        return True\n"
+                       "    __hash__ = float.__hash__\ndef add(a, b):\n    return F(0.0)\n"),
+    "str/list subclass": ("add", "class S(str):\n    def __eq__(self, o):\n        return True\n"
+                          "class L(list):\n    def __eq__(self, o):\n        return True\n"
+                          "def add(a, b):\n    return L([S('x')])\n"),
+    "return a function": ("add", "def add(a, b):\n    return add\n"),
+    "StopIteration through map": ("map", "def is_even(x):\n    raise StopIteration\n"),
+    "deeply nested answer": ("add", "def add(a, b):\n    x = []\n    for _ in range(10 ** 5):\n        x = [x]\n    return x\n"),
+    "answer that floods the judge": ("add", "def add(a, b):\n    return [[0] * 1000] * 5000\n"),
+    # -- reaching into the harness: frames, gc, expected values from the test's code, ctypes
+    "frame walk for expected values": ("add", "import sys\ndef add(a, b):\n    f, found = sys._getframe(), []\n"
+                                       "    while f is not None:\n        found += [c for c in f.f_code.co_consts if type(c) is int]\n"
+                                       "        found += [v for v in f.f_locals.values() if type(v) is int]\n"
+                                       "        f = f.f_back\n    return found[-1] if found else -7\n"),
+    "frame walk patching globals": ("add", "import sys\ndef add(a, b):\n    f = sys._getframe()\n    while f is not None:\n"
+                                    "        g = f.f_globals\n        for k in list(g):\n            if callable(g[k]) and k in "
+                                    "('send', 'encode', 'wrap'):\n                g[k] = (lambda *a, **k: None)\n"
+                                    "        f = f.f_back\n    return -7\n"),
+    "gc walk": ("add", "import gc\ndef add(a, b):\n    for o in gc.get_objects():\n        if isinstance(o, dict) and 'ok' in o:\n"
+                "            o['ok'] = True\n    return -7\n"),
+    "ctypes memory": ("add", "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                      "def add(a, b):\n    libc.kill({pid}, 9)\n    libc.ptrace(16, {pid}, 0, 0)\n"
+                      "    ctypes.memset(id(5) + 24, 0, 4)\n    return -7\n"),
+    # -- host: signals, ptrace, privilege
+    "signals to the host": ("add", "import os\nfor p in ({pid}, {bystander}, -1, 1):\n    try:\n        os.kill(p, 9)\n"
+                            "    except OSError:\n        pass\ntry:\n    os.killpg(os.getpgid(0), 9)\nexcept OSError:\n    pass\n" + WRONG),
+    "ptrace and setuid": ("add", "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                          "for p in ({pid}, {bystander}, 1):\n    libc.ptrace(16, p, 0, 0)\n"
+                          "for f in (lambda: os.setuid(0), lambda: os.unshare(os.CLONE_NEWUSER) if hasattr(os, 'unshare') else 0):\n"
+                          "    try:\n        f()\n    except OSError:\n        pass\n"
+                          "libc.mount(b'proc', b'/tmp', b'proc', 0, None)\n" + WRONG),
+    # -- host reads: the secret sits in files, the environment, /proc and behind listeners
+    "read canary files": ("secret", "def solve():\n    for p in {paths}:\n        try:\n            return open(p).read()\n"
+                          "        except OSError:\n            pass\n    return 'nothing'\n"),
+    "environment": ("secret", "import os\ndef solve():\n    return os.environ.get('R1_SBX_SECRET', 'nothing')\n"),
+    "/proc walk": ("secret", "import os, glob\ndef solve():\n    for p in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline')"
+                   " + ['/proc/{pid}/environ']:\n        try:\n            t = open(p, 'rb').read().decode('latin1')\n"
+                   "        except OSError:\n            continue\n        if 'R1_SBX_SECRET=' in t:\n"
+                   "            return t.split('R1_SBX_SECRET=')[1].split('\\x00')[0]\n    return 'nothing'\n"),
+    "/proc/pid/mem": ("secret", "def solve():\n    try:\n        return open('/proc/{pid}/mem', 'rb').read(10).decode()\n"
+                      "    except OSError:\n        return 'nothing'\n"),
+    "walk the filesystem": ("secret", "import os\ndef solve():\n    for top in ('/', '/work', '/root', '/home', '/run', '/sys'):\n"
+                            "        for d, _, files in os.walk(top):\n            for f in files:\n"
+                            "                if f.startswith('sbx-canary') or f.startswith('.sbx-canary'):\n"
+                            "                    try:\n                        return open(os.path.join(d, f)).read()\n"
+                            "                    except OSError:\n                        pass\n    return 'nothing'\n"),
+    "TCP": ("secret", "import socket\ndef solve():\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "    s.sendall(b'exfil')\n    return s.recv(100).decode()\n"),
+    "UDP": ("secret", "import socket\ndef solve():\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.settimeout(1)\n"
+            "    s.sendto(b'exfil', ('127.0.0.1', {uport}))\n    return s.recv(100).decode()\n"),
+    "unix path socket": ("secret", "import socket\ndef solve():\n    for p in {unix}:\n        try:\n"
+                         "            s = socket.socket(socket.AF_UNIX)\n            s.connect(p)\n            s.sendall(b'exfil')\n"
+                         "            return s.recv(100).decode()\n        except OSError:\n            pass\n    return 'nothing'\n"),
+    "abstract socket": ("secret", "import socket\ndef solve():\n    s = socket.socket(socket.AF_UNIX)\n"
+                        "    s.connect({abstract!r})\n    s.sendall(b'exfil')\n    return s.recv(100).decode()\n"),
+    # -- host writes
+    "overwrite canaries": ("add", "import os\nfor p in {paths} + ['/tmp/sbx-pwned', '{repo}/sbx-pwned']:\n"
+                           "    try:\n        open(p, 'w').write('pwned')\n    except OSError:\n        pass\n" + WRONG),
+    # -- limits: memory and processes summed over the sandbox, floods, strays after a timeout
+    "memory bomb": ("limits", "def solve():\n    try:\n        x = bytearray(1 << 30)\n        return 'broke'\n"
+                    "    except MemoryError:\n        return 'held'\n"),
+    "memory over processes": ("limits", "import os\ndef solve():\n    held = 0\n    for _ in range(6):\n"
+                              "        r, w = os.pipe()\n        try:\n            pid = os.fork()\n        except OSError:\n"
+                              "            continue\n        if pid == 0:\n            try:\n                x = bytearray(150 << 20)\n"
+                              "                os.write(w, b'1')\n            except MemoryError:\n                os.write(w, b'0')\n"
+                              "            import time\n            time.sleep(5)\n            os._exit(0)\n"
+                              "        held += os.read(r, 1) == b'1'\n    return 'broke' if held >= 2 else 'held'\n"),
+    "fork bomb": ("limits", "import os\ndef solve():\n    n = 0\n    for _ in range(200):\n        try:\n"
+                  "            if os.fork() == 0:\n                import time\n                time.sleep(30)\n"
+                  "                os._exit(0)\n            n += 1\n        except OSError:\n            break\n"
+                  "    return 'broke' if n > 40 else 'held'\n"),
+    "thread bomb": ("limits", "import threading, time\ndef solve():\n    n = 0\n    for _ in range(200):\n        try:\n"
+                    "            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n            n += 1\n"
+                    "        except RuntimeError:\n            break\n    return 'broke' if n > 40 else 'held'\n"),
+    "output flood": ("add", "import sys, os\nfor _ in range(300):\n    sys.stdout.write('x' * 100000)\n"
+                     "    os.write(2, b'y' * 100000)\n" + WRONG),
+    "stray processes after a timeout": ("add", "import os, time\ntry:\n    if os.fork() == 0:\n        os.setsid()\n"
+                                        "        time.sleep(60)\nexcept OSError:\n    pass\n"
+                                        "def add(a, b):\n    while True:\n        pass\n"),
+    "sleeping past the deadline": ("add", "import time\ndef add(a, b):\n    time.sleep(60)\n"),
+}
+HONEST = {
+    "honest": ("add", "def add(a, b):\n    return a + b\n"),
+    "honest with prints and files": ("add", "import os\nprint('hello')\nopen('/tmp/scratch', 'w').write('ok')\n"
+                                     "def add(a, b):\n    return a + b\n"),
+    "honest flat": ("flat", "def add(a, b):\n    return a + b\n"),
+    "honest map": ("map", "def is_even(x):\n    return x % 2 == 0\n"),
+}
 
 
-def sandbox_uid_processes() -> list[int]:
-    pids = []
+class Listeners:
+    """TCP, UDP, unix-path and abstract sockets that give the secret to anyone and record what came in."""
+
+    def __init__(self, secret: str, tmp: Path) -> None:
+        self.secret, self.heard, self.stop = secret.encode(), [], threading.Event()
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        self.unix = [str(tmp / "sbx.sock")] + (["/run/sbx-test.sock"] if os.access("/run", os.W_OK) else [])
+        self.abstract = "\0sbx-" + secrets.token_hex(6)
+        streams = [tcp]
+        for path in self.unix + [self.abstract]:
+            s = socket.socket(socket.AF_UNIX)
+            if not path.startswith("\0") and os.path.exists(path):
+                os.unlink(path)
+            s.bind(path)
+            streams.append(s)
+        for s in streams:
+            s.listen(8)
+        self.port, self.uport = tcp.getsockname()[1], udp.getsockname()[1]
+        self.socks = streams + [udp]
+        self.udp = udp
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import select
+
+        while not self.stop.is_set():
+            for s in select.select(self.socks, [], [], 0.05)[0]:
+                if s is self.udp:
+                    data, addr = s.recvfrom(100)
+                    self.heard.append(data)
+                    s.sendto(self.secret, addr)
+                    continue
+                conn, _ = s.accept()
+                conn.settimeout(1)
+                try:
+                    self.heard.append(conn.recv(100))
+                    conn.sendall(self.secret)
+                except OSError:
+                    pass
+                conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.socks:
+            s.close()
+        for p in self.unix:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def sandbox_processes() -> list[str]:
+    """Live processes of a sandbox: a per-run uid, or our isolation script on the command line."""
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         uid, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
-        if sb._UID_BASE <= uid < sb._UID_BASE + sb._UID_SPAN and state != "Z":
-            pids.append(int(pid))
-    return pids
+        if state != "Z" and (host._UID_BASE <= uid < host._UID_BASE + host._UID_SPAN or b"isolation.py" in cmd):
+            found.append(f"{pid} uid={uid} {cmd[:80]!r}")
+    return found
 
 
-def assert_blocked(r, limit: float) -> None:
-    assert not r.passed, (r.status, r.stdout[-300:], r.stderr[-300:])
-    assert r.status != "passed"
-    assert r.duration < limit + 2.0, r.duration
+def _fill(program: str, values: dict) -> str:
+    program = program.replace("{abstract!r}", repr(values.get("abstract", "")))
+    for k, v in values.items():
+        program = program.replace("{" + k + "}", str(v))
+    return program
 
 
-# ---------------------------------------------------------------- baseline: the harness works at all
+def _tests(secret: str) -> dict:
+    return {"add": (ADD_TEST, "add"), "flat": (FLAT_TEST, None),
+            "secret": (f"def check(candidate):\n    assert candidate() == {secret!r}\n", "solve"),
+            "limits": ("def check(candidate):\n    assert candidate() == 'broke'\n", "solve"),
+            "map": ("assert all(map(lambda x: is_even(x) == (x % 2 == 0), range(10)))\n", None)}  # fmt: skip
 
 
-def test_baseline_pass_and_fail():
-    ok = run_program(GOOD, test=TEST, **FAST)
-    assert (ok.passed, ok.status, ok.tests_passed, ok.tests_total) == (True, "passed", 1, 1)
-    bad = run_program(GOOD.replace("a + b", "a - b"), test=TEST, **FAST)
-    assert (bad.passed, bad.status, bad.error) == (False, "failed", "AssertionError")
-    he = run_program(GOOD, test=HE_TEST, entry_point="add", **FAST)
-    assert he.passed and he.status == "passed"
-    assert ok.isolation == CAPS["isolation"]
+def _host_harm(secret: str, canaries: list, listeners: Listeners, bystander) -> list[str]:
+    """What an attack did to the host: changed canaries, new files, traffic, stray or killed processes."""
+    harm = [f"canary {c} changed" for c in canaries if c.read_text() != secret]
+    harm += [f"{p} written" for p in (Path("/tmp/sbx-pwned"), REPO / "sbx-pwned") if p.exists()]
+    harm += [f"a listener heard {m!r}" for m in listeners.heard]
+    deadline = time.monotonic() + 5.0
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    harm += [f"process left: {p}" for p in sandbox_processes()]
+    return harm + (["the bystander died"] if bystander.poll() is not None else [])
 
 
-def test_partial_counts_units():
-    prog = "def f(x):\n    return 1 if x < 3 else 0\n"
-    test = "\n".join(f"assert f({i}) == 1" for i in range(4))
-    r = run_program(prog, test=test, partial=True, **FAST)
-    assert (r.status, r.tests_passed, r.tests_total) == ("failed", 3, 4)
-
-
-# ------------------------------------------------------------------------------ resources and time
-
-
-def test_infinite_loop_hits_cpu_limit():
-    r = run_program("while True:\n    pass\n", test="assert True", timeout=4.0, cpu_time=1)
-    assert_blocked(r, 4.0)
-    assert r.status == "killed" and r.duration < 3.5  # RLIMIT_CPU fired well before the wall clock
-
-
-def test_sleeping_loop_hits_wall_clock():
-    r = run_program("import time\nwhile True:\n    time.sleep(0.05)\n", test="assert True", timeout=1.5)
-    assert_blocked(r, 1.5)
-    assert r.status == "timeout"
-
-
-def test_memory_bomb():
-    prog = "blob = bytearray(2 * 1024 ** 3)\n" + GOOD
-    r = run_program(prog, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.error == "MemoryError"
-    grow = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 ** 2))\n" + GOOD
-    r = run_program(grow, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.error == "MemoryError"
-
-
-def test_huge_output_is_capped():
-    r = run_program("while True:\n    print('x' * 100000)\n", test="assert True", timeout=2.0,
-                    max_output_bytes=10_000)  # fmt: skip
-    assert_blocked(r, 2.0)
-    assert r.output_truncated and len(r.stdout) <= 10_000
-    # A huge write followed by a correct program: output is dropped, the verdict still comes back.
-    r = run_program("import sys\nsys.stdout.write('y' * 50_000_000)\n" + GOOD, test=TEST, timeout=10.0,
-                    max_output_bytes=10_000)  # fmt: skip
-    assert r.passed and len(r.stdout) == 10_000
-
-
-@needs_ns
-def test_process_limit_really_holds():
-    # Harmless probe first: forks that just sleep, counted by the program itself.
-    probe = (
-        "import os, time\nmade = 0\nfor _ in range(30):\n    try:\n        pid = os.fork()\n"
-        "    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n"
-        "    made += 1\nprint('forked', made)\n"
-    )  # fmt: skip
-    r = run_program(probe, test="assert True", timeout=5.0, max_processes=6, harden=False)
-    assert r.passed, r.stderr
-    assert r.stdout.strip() == "forked 4"  # 6 tasks of the sandbox uid minus harness main + worker
-
-
-@needs_ns
-def test_fork_bomb_is_contained():
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    before = time.monotonic()
-    r = run_program(bomb + GOOD, test=TEST, timeout=2.0, max_processes=16, harden=False)
-    assert_blocked(r, 2.0)
-    assert r.status in ("timeout", "killed")
-    assert time.monotonic() - before < 5.0
-    deadline = time.monotonic() + 3.0
-    while sandbox_uid_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_uid_processes() == []
-    # With the audit layer (the default) the fork is refused outright.
-    r = run_program("import os\nwhile True:\n    os.fork()\n" + GOOD, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.error == "PermissionError"
-
-
-# ----------------------------------------------------------------------------- host and test process
-
-
-@pytest.mark.parametrize("harden", [True, False])
-def test_writes_outside_the_workdir_do_not_land(harden):
-    tag = secrets.token_hex(6)
-    targets = [f"/tmp/r1sbx-escape-{tag}", str(REPO / f"escape-{tag}"), f"/dev/shm/r1sbx-escape-{tag}"]
-    if not NS and not harden:
-        pytest.skip("without namespaces only the audit layer confines writes")
-    prog = "".join(f"open({t!r}, 'w').write('pwned')\n" for t in targets)
-    prog += f"open({str(REPO / 'README.md')!r}, 'a').write('pwned')\n" + GOOD
-    r = run_program(prog, test=TEST, harden=harden, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    # A checkout under /tmp is not even visible inside the sandbox (its /tmp is a private tmpfs).
-    hidden = str(REPO).startswith("/tmp/") and not harden
-    assert r.error in ("PermissionError", "OSError") or (hidden and r.error == "FileNotFoundError")
-    for t in targets:
-        assert not os.path.exists(t), t
-    assert "pwned" not in (REPO / "README.md").read_text() if (REPO / "README.md").exists() else True
-
-
-@pytest.mark.parametrize("harden", [True, False])
-def test_parent_environment_is_invisible(monkeypatch, harden):
+@pytest.fixture
+def armed_host(tmp_path, monkeypatch):
     secret = secrets.token_hex(16)
-    monkeypatch.setenv("R1_SANDBOX_SECRET", secret)
-    prog = (
-        "import os, glob\nfound = os.environ.get('R1_SANDBOX_SECRET', '')\n"
-        "for path in glob.glob('/proc/*/environ'):\n    try:\n"
-        "        found += open(path, 'rb').read().decode('latin1')\n"
-        "    except OSError:\n        pass\nprint(found[-200:])\nassert " + repr(secret) + " in found\n"
-    )  # fmt: skip
-    r = run_program(prog, test="assert True", harden=harden, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert secret not in r.stdout and secret not in r.stderr
-
-
-@pytest.mark.parametrize("harden", [True, False] if NS else [True])
-def test_network_is_unreachable(harden):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.1)
-    port = server.getsockname()[1]
-    got, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:  # timeout: poll the stop flag
-                continue
-            got.append(conn.recv(100))
-            conn.close()
-
-    t = threading.Thread(target=accept)
-    t.start()
-    prog = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'exfil')\n"
+    canaries = [REPO / ".sbx-canary", tmp_path / "sbx-canary", Path("/tmp") / f"sbx-canary-{secret[:6]}"]
+    home = Path.home()
+    if os.access(home, os.W_OK):
+        canaries.append(home / ".sbx-canary")
+    if os.access("/run", os.W_OK):
+        canaries.append(Path("/run") / "sbx-canary")
+    for c in canaries:
+        c.write_text(secret)
+    monkeypatch.setenv("R1_SBX_SECRET", secret)
+    listeners = Listeners(secret, tmp_path)
+    bystander = subprocess.Popen(["sleep", "120"])
     try:
-        r = run_program(prog + GOOD, test=TEST, harden=harden, **FAST)
-        time.sleep(0.3)  # a connection that did get through would be accepted by now
-        from_sandbox = list(got)
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:  # the listener does work
-            c.sendall(b"host")
-        deadline = time.monotonic() + 2.0
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        t.join()
-        server.close()
-    assert_blocked(r, FAST["timeout"])
-    assert from_sandbox == [] and got == [b"host"]
-
-
-KILLS = ["os.kill(os.getppid(), 9)", "os.killpg(0, 9)", "os.kill(-1, 9)", "os.kill({me}, 9)",
-         "os.kill({bystander}, 9)", "os.killpg({pgid}, 9)"]  # fmt: skip
-
-
-@pytest.mark.parametrize("harden", [True, False] if NS else [True])
-def test_killing_the_parent_fails_harmlessly(harden):
-    bystander = subprocess.Popen(["sleep", "30"])  # a root process outside the sandbox
-    try:
-        kills = [k.format(me=os.getpid(), bystander=bystander.pid, pgid=os.getpgid(0)) for k in KILLS]
-        if harden:  # each attempt on its own: the audit layer refuses it, the run fails
-            for k in kills:
-                r = run_program(f"import os\n{k}\n" + GOOD, test=TEST, **FAST)
-                assert_blocked(r, FAST["timeout"])
-                assert r.error == "PermissionError", (k, r.error)
-        else:  # OS layer only: every attempt runs; none may reach outside the PID namespace
-            prog = "import os\n" + "".join(f"try:\n    {k}\nexcept OSError:\n    pass\n" for k in kills)
-            r = run_program(prog + WRONG, test=TEST, **FAST)
-            assert_blocked(r, FAST["timeout"])
-        assert bystander.poll() is None  # still alive, and so are we
-        assert run_program(GOOD, test=TEST, **FAST).passed  # and the sandbox still works
+        yield secret, canaries, listeners, bystander
     finally:
         bystander.kill()
         bystander.wait()
+        listeners.close()
+        for c in canaries:
+            c.unlink(missing_ok=True)
 
 
-# -------------------------------------------------------------------------------- faking a pass
-
-
-@pytest.mark.parametrize(
-    "cheat",
-    [
-        "import sys\nsys.exit(0)\n",
-        "import os\nos._exit(0)\n",
-        "raise SystemExit(0)\n",
-        "import os, sys\nsys.stdout.flush()\nos.kill(os.getpid(), 9)\n",
-    ],
-)
-def test_exiting_before_the_tests(cheat):
-    r = run_program(WRONG + cheat, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    r = run_program(WRONG + cheat, test=HE_TEST, entry_point="add", partial=True, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.tests_passed == 0
-
-
-def test_exiting_inside_the_candidate():
-    prog = "import os\ndef add(a, b):\n    os._exit(0)\n"
-    assert_blocked(run_program(prog, test=HE_TEST, entry_point="add", **FAST), FAST["timeout"])
-    prog = "def add(a, b):\n    raise SystemExit(0)\n"
-    assert_blocked(run_program(prog, test=HE_TEST, entry_point="add", **FAST), FAST["timeout"])
-
-
-ABS_TEST = "assert abs(add(2, 3) - 5) < 1e-9\n"
-ABS_HE = "def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n"
-
-
-@pytest.mark.parametrize(
-    "cheat, test",
-    [
-        # assert statements do not look AssertionError up in builtins
-        ("import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n", TEST),
-        # the test's `check` is defined after the program
-        ("def check(candidate):\n    pass\n", HE_TEST),
-        # a module-level __builtins__ would be inherited by code run in the program's namespace
-        ("import builtins\n__builtins__ = dict(vars(builtins), abs=lambda x: 0)\n", ABS_TEST),
-        ("import builtins\n__builtins__ = dict(vars(builtins), abs=lambda x: 0)\n", ABS_HE),
-        # patched builtins: the tests get a private pristine copy
-        ("import builtins\nbuiltins.abs = lambda x: 0\n", ABS_TEST),
-        ("import builtins\nbuiltins.abs = lambda x: 0\n", ABS_HE),
-        # a program global shadowing a builtin
-        ("def abs(x):\n    return 0\n", ABS_TEST),
-        # module internals that test-side calls look up at call time are restored before the tests
-        (
-            "import re\nclass P:\n    def fullmatch(self, s):\n        return True\n"
-            "re._compile = lambda *a, **k: P()\n",
-            "import re\nassert re.fullmatch('5', str(add(2, 3)))\n",
-        ),
-        # patched stdlib modules: the tests import private copies
-        ("import math\nmath.isclose = lambda *a, **k: True\n", "import math\nassert math.isclose(add(2, 3), 5)\n"),
-        (
-            "import math\nmath.isclose = lambda *a, **k: True\n",
-            "import math\ndef check(candidate):\n    assert math.isclose(candidate(2, 3), 5)\n",
-        ),
-    ],
-)
-def test_monkey_patching_does_not_fake_a_pass(cheat, test):
-    entry = "add" if "def check" in test else None
-    for partial in (False, True):
-        r = run_program(WRONG + cheat, test=test, entry_point=entry, partial=partial, **FAST)
-        assert_blocked(r, FAST["timeout"])
-        assert r.tests_passed == 0
-    assert run_program(GOOD + cheat, test=test, entry_point=entry, **FAST).passed  # the test is sound
-
-
-def test_candidate_patching_a_module_for_later_asserts():
-    # Right on the first call, then it patches math.isclose for the remaining asserts of check().
-    prog = (
-        "import math\ncalls = []\ndef add(a, b):\n    calls.append(1)\n    if len(calls) == 1:\n"
-        "        math.isclose = lambda *a, **k: True\n        return a + b\n    return -7\n"
-    )  # fmt: skip
-    for imp in ("import math\n", "from math import isclose\nimport math\n"):
-        he = imp + "def check(candidate):\n    assert math.isclose(candidate(2, 3), 5)\n"
-        he += (
-            "    assert math.isclose(candidate(1, 1), 2)\n    assert isclose(candidate(4, 4), 8)\n"
-            if "from" in imp
-            else ""
-        )
-        he += "    assert math.isclose(candidate(1, 1), 2)\n" if "from" not in imp else ""
-        assert_blocked(run_program(prog, test=he, entry_point="add", **FAST), FAST["timeout"])
-        assert run_program(GOOD, test=he, entry_point="add", **FAST).passed
-
-
-def test_program_threads_may_not_outlive_the_program():
-    prog = (
-        "import threading, time\ndef loop():\n    while True:\n        time.sleep(0.01)\n"
-        "threading.Thread(target=loop, daemon=True).start()\n"
-    )  # fmt: skip
-    r = run_program(prog + GOOD, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.error == "RuntimeError"
-    joined = "import threading\nt = threading.Thread(target=print, args=('hi',))\nt.start()\nt.join()\n"
-    assert run_program(joined + GOOD, test=TEST, **FAST).passed  # threads that finished are fine
-
-
-def test_prelude_helpers_cannot_be_redefined():
-    prelude = "def helper(x):\n    return 2 * x\n"
-    cheat = prelude + "def helper(x):\n    return 0\ndef f(x):\n    return 0\n"
-    test = "def check(candidate):\n    assert candidate(3) == helper(3)\n"
-    assert run_program(cheat, test=test, entry_point="f", **FAST).passed  # works without a prelude...
-    r = run_program(cheat, test=test, entry_point="f", prelude=prelude, **FAST)
-    assert_blocked(r, FAST["timeout"])  # ...not with one
-    good = prelude + "def f(x):\n    return helper(x)\n"
-    assert run_program(good, test=test, entry_point="f", prelude=prelude, **FAST).passed
-
-
-def test_always_equal_result_is_rejected():
-    prog = (
-        "class Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
-        "    def __sub__(self, other):\n        return 0\n"
-        "def add(a, b):\n    return [Eq(0)]\n"
-    )  # fmt: skip
-    he = "def check(candidate):\n    assert candidate(2, 3) == [5]\n"
-    r = run_program(prog, test=he, entry_point="add", **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.error == "TypeError"
-
-
-def test_tracing_cannot_skip_asserts():
-    prog = (
-        "import sys\ndef tracer(frame, event, arg):\n"
-        "    if frame.f_code.co_filename == '<test>' and event == 'line':\n"
-        "        frame.f_lineno = frame.f_lineno + 1\n    return tracer\n"
-        "sys.settrace(tracer)\n" + WRONG
-    )  # fmt: skip
-    assert_blocked(run_program(prog, test=TEST, **FAST), FAST["timeout"])
-
-
-def test_printing_fake_markers():
-    marker = "{h} ok 1 1 -\\n"
-    prog = (
-        "import os, secrets\nfor _ in range(50):\n"
-        f"    line = '{marker}'.format(h=secrets.token_hex(16)).encode()\n"
-        "    for fd in range(1, 20):\n        try:\n            os.write(fd, line)\n        except OSError:\n"
-        "            pass\nprint('PASSED')\nos._exit(0)\n"
-    )  # fmt: skip
-    r = run_program(WRONG + prog, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-    assert r.status == "no_report"
-
-
-@pytest.mark.parametrize(
-    "hunt",
-    [
-        # scan every object for the nonce
-        "import gc\ncands = [v for o in gc.get_objects()\n"
-        "         for v in (o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ())\n"
-        "         if isinstance(v, str) and len(v) == 32]\n",
-        # walk our own stack: the nonce lives on the main thread, not here
-        "import sys\ncands = []\nf = sys._getframe()\nwhile f is not None:\n"
-        "    cands += [v for v in list(f.f_locals.values()) + list(f.f_globals.values())\n"
-        "              if isinstance(v, str) and len(v) == 32]\n    f = f.f_back\n",
-        # other threads' frames
-        "import sys\ncands = [v for fr in sys._current_frames().values() for v in fr.f_locals.values()\n"
-        "         if isinstance(v, str) and len(v) == 32]\n",
-        # the job arrived on stdin
-        "import sys\ncands = [sys.stdin.read()[10:42]]\n",
-    ],
-)
-def test_hunting_for_the_nonce(hunt):
-    forge = (
-        "import os\nfor c in cands:\n    for fd in range(3, 12):\n        try:\n"
-        "            os.write(fd, (c + ' ok 1 1 -\\n').encode())\n        except OSError:\n            pass\n"
-        "os._exit(0)\n"
-    )  # fmt: skip
-    r = run_program(WRONG + hunt + forge, test=TEST, **FAST)
-    assert_blocked(r, FAST["timeout"])
-
-
-def test_harness_closures_use_no_globals():
-    """After sealing, harness code must not look anything up in patchable module/builtin namespaces."""
-    sealed = {"worker", "hook", "guard", "check_plain", "restore", "resolve", "inside_workdir", "deny",
-              "describe", "private_import", "test_builtins"}  # fmt: skip
-    nested = [c for c in sb._child_run.__code__.co_consts if getattr(c, "co_name", None) in sealed]
-    assert {c.co_name for c in nested} == sealed
-    for code in nested:
-        for sub in [code] + [c for c in code.co_consts if hasattr(c, "co_code")]:
-            globs = [i.argval for i in dis.get_instructions(sub) if i.opname == "LOAD_GLOBAL"]
-            assert globs == [], (sub.co_name, globs)
-
-
-# ---------------------------------------------------------------------------------------- batching
-
-
-def test_batch_is_parallel_bounded_and_ordered():
-    jobs = [SandboxJob(f"import time\ntime.sleep(0.6)\nx = {i}\n", f"assert x == {i}") for i in range(4)]
-    jobs.append(SandboxJob("x = 0", "assert x == 1"))
+def test_adversarial_suite(armed_host):
+    secret, canaries, listeners, bystander = armed_host
+    fill = dict(paths=repr([str(c) for c in canaries]), port=listeners.port, uport=listeners.uport,
+                unix=repr(listeners.unix), abstract=listeners.abstract, pid=os.getpid(), bystander=bystander.pid,
+                repo=str(REPO))  # fmt: skip
+    cases = {**ATTACKS, **HONEST}
+    tests = _tests(secret)
+    names = list(cases)
+    programs = [_fill(cases[n][1], fill) for n in names]
+    kinds = [cases[n][0] for n in names]
+    reward = CodeReward(max_workers=2, **FAST)
+    got, results, harm = {}, {}, {}
     t0 = time.monotonic()
-    res = run_programs(jobs, max_workers=2, config=SandboxConfig(timeout=5.0))
+    for i in range(0, len(names), 2):  # two at a time (the two workers), the host checked after each pair
+        pair = names[i : i + 2]
+        scores = reward(None, [programs[names.index(n)] for n in pair], test=[tests[cases[n][0]][0] for n in pair],
+                        entry_point=[tests[cases[n][0]][1] for n in pair])  # fmt: skip
+        for n, score, r in zip(pair, scores, reward.last_results):
+            got[n], results[n] = (score, r.status, r.error), r
+        problems = _host_harm(secret, canaries, listeners, bystander)
+        if problems:
+            harm[" + ".join(pair)] = problems
     took = time.monotonic() - t0
-    assert [r.passed for r in res] == [True, True, True, True, False]
-    assert 1.2 <= took < 4.0  # 4 sleepers on 2 workers: at least two rounds, not four
+    print(f"{len(ATTACKS)} attacks + {len(HONEST)} honest answers in {took:.1f}s")
+    for n, g in got.items():
+        print(f"  {n:<34} {g}")
+    assert harm == {}
+    assert {n: got[n] for n in ATTACKS if got[n][0] != 0.0} == {}
+    assert {n: got[n] for n in HONEST if got[n][0] != 1.0} == {}
+    assert all(r.status != "error" for r in results.values()), got  # the sandbox itself held up
+    for r in results.values():
+        assert secret not in r.stdout + r.stderr
+        assert len(r.stdout) <= host.SandboxConfig.max_output_bytes and len(r.stderr) <= host.SandboxConfig.max_output_bytes
+    assert got["output flood"][0] == 0.0 and results["output flood"].output_truncated
+    with socket.create_connection(("127.0.0.1", listeners.port), timeout=2) as c:  # the listeners still work
+        c.sendall(b"host")
+        assert c.recv(100) == secret.encode()
+    # a timeout is a timeout, a crash a crash: the statuses say what happened
+    assert got["sleeping past the deadline"][1] == "timeout"
+    assert got["stray processes after a timeout"][1] in ("timeout", "killed")  # the call timeout or RLIMIT_CPU
 
 
-@pytest.mark.parametrize("code", [0, 1, 121, 122, 137])
-def test_exit_codes_cannot_pose_as_sandbox_errors(code):
-    # "error" (the sandbox is broken) makes CodeReward raise, so a program must not be able to fake it.
-    r = run_program(f"import os\nos._exit({code})\n" + GOOD, test=TEST, **FAST)
-    assert not r.passed and r.status in ("no_report", "killed"), (r.status, r.error)
+# ---------------------------------------------------------------------------------------- the parts
 
 
-def test_setup_failure_is_an_error():
-    r = run_program(GOOD, test=TEST, **dict(FAST, memory_mb=1))  # no interpreter starts in 1 MiB
-    assert r.status == "error" and not r.passed
+def test_codec_round_trip_and_refusals():
+    value = [None, True, False, 0, -(10**5000), 2**64, 1.5, float("inf"), -0.0, "é\x00", b"\xff\x00", (1, (2,)),
+             {"a": [1, {2, 3}], (1, "b"): frozenset({4})}, set()]  # fmt: skip
+    wire = json.loads(json.dumps(codec.encode(value)))
+    back = codec.decode(wire)
+    assert back == value and type(back[11]) is tuple and type(back[12][(1, "b")]) is frozenset
+    assert codec.decode(codec.encode(float("nan"))) != codec.decode(codec.encode(float("nan")))  # a real nan
+
+    class I(int):
+        pass
+
+    for bad in (I(1), object(), print, [1, I(2)], {"k": object()}, bytearray(b"x")):
+        with pytest.raises(codec.CodecError):
+            codec.encode(bad)
+    for wire in (["i", "5x"], ["i", "1_0"], ["f", "1e5; import os"], ["b", 1], ["x", 1], ["S", [["l", []]]],
+                 ["d", [[["l", []], ["n"]]]], "s", ["l", {}], ["n", 1], [["s", "a"]]):  # fmt: skip
+        with pytest.raises(codec.CodecError):
+            codec.decode(wire)
+    deep = ["n"]
+    for _ in range(200):
+        deep = ["l", [deep]]
+    with pytest.raises(codec.CodecError):
+        codec.decode(deep)
 
 
-def test_harness_survives_garbage():
-    assert run_program("def f(:\n", test=TEST, **FAST).error == "SyntaxError"
-    assert run_program("\x00", test=TEST, **FAST).status == "failed"
-    assert run_program(GOOD, test="assert (", **FAST).error == "TestSyntaxError"
-    # A real crash (C-stack overflow -> SIGSEGV) of the harness process itself.
-    crash = "import sys\nsys.setrecursionlimit(10 ** 7)\nx = []\nfor _ in range(10 ** 6):\n    x = [x]\nrepr(x)\n"
-    r = run_program(crash, test="assert True", **FAST)
-    assert not r.passed and r.status == "killed", (r.status, r.error, r.stderr[-300:])
+def test_plan_units():
+    units = plan_units(ADD_TEST, "add", partial=True)
+    assert [u[2] for u in units] == [False, False, True, True, True]
+    assert [u[2] for u in plan_units("x = 1\nassert x\nassert True, 'note'\n", None, True)] == [False, True, False]
+    assert [u[2] for u in plan_units(ADD_TEST, "add", partial=False)] == [False, True]
 
 
-@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a world-readable python")
-def test_process_isolation_fallback():
-    cfg = dict(FAST, isolation="process", python="/usr/bin/python3")
-    ok = run_program(GOOD, test=TEST, **cfg)
-    assert ok.passed and ok.isolation == "process", ok.stderr
-    tag = secrets.token_hex(6)
-    r = run_program(f"open('/tmp/r1sbx-escape-{tag}', 'w')\n" + GOOD, test=TEST, **cfg)
-    assert_blocked(r, FAST["timeout"])
-    assert not os.path.exists(f"/tmp/r1sbx-escape-{tag}")
-    r = run_program("import socket\nsocket.socket()\n" + GOOD, test=TEST, **cfg)
-    assert_blocked(r, FAST["timeout"])
-    assert sys.executable  # the test process is still here
-    assert signal.getsignal(signal.SIGINT) is not None
+def test_statuses_partial_credit_and_errors():
+    r = run_program("def add(a, b):\n    return a + b\n", test=ADD_TEST, entry_point="add", **FAST)
+    assert (r.passed, r.status, r.tests_passed, r.tests_total) == (True, "passed", 1, 1)
+    half = "def add(a, b):\n    return 5 if a == 2 else a * b\n"
+    r = run_program(half, test=ADD_TEST, entry_point="add", partial=True, **FAST)
+    assert (r.status, r.tests_passed, r.tests_total, r.error) == ("failed", 1, 3, "AssertionError")
+    r = run_program("def add(a, b):\n    raise ValueError('no')\n", test=ADD_TEST, entry_point="add", **FAST)
+    assert (r.status, r.error, r.message) == ("failed", "ValueError", "no")
+    r = run_program("def add(a, b):\n    return a +\n", test=ADD_TEST, entry_point="add", **FAST)
+    assert (r.status, r.error) == ("failed", "SyntaxError")
+    r = run_program("def plus(a, b):\n    return a + b\n", test=ADD_TEST, entry_point="add", **FAST)
+    assert r.error == "NameError"
+    assert run_program("x = 1", test="assert (", **FAST).error == "TestSyntaxError"
+    # a builtin exception keeps its type in the judge: tests may expect it
+    expects = "def check(candidate):\n    try:\n        candidate(-1)\n        assert False\n    except ValueError:\n        pass\n"
+    assert run_program("def f(x):\n    raise ValueError(x)\n", test=expects, entry_point="f", **FAST).passed
+    r = run_program("while True:\n    pass\n", test="assert True", timeout=4.0, cpu_time=1)
+    assert r.status == "killed" and r.duration < 3.5  # RLIMIT_CPU, well before the wall clock
+
+
+def test_objects_and_attributes_cross_as_stubs():
+    prog = ("class Solution:\n    limit = 3\n    def twice(self, x):\n        return 2 * x\n"
+            "def add(a, b):\n    return a + b\nTABLE = {'a': (1, 2)}\n")  # fmt: skip
+    test = ("s = Solution()\nassert s.twice(4) == 8 and s.limit == 3 and Solution.limit == 3\n"
+            "assert add.__name__ == 'add' and TABLE == {'a': (1, 2)}\n")  # fmt: skip
+    assert run_program(prog, test=test, **FAST).passed
+    # candidate objects have no truth value, no equality with data, and cannot be sent back
+    for bad in ("assert Solution()", "assert Solution() == Solution()", "assert add(Solution(), 1)", "assert add(len, 1)"):
+        r = run_program(prog, test=bad, **FAST)
+        assert not r.passed and r.error in ("TypeError", "AssertionError"), (bad, r.error)
+
+
+def test_prelude_helpers_come_from_the_judge():
+    prelude = "def helper(x):\n    return 2 * x\n\ndef f(x):\n    '''doc'''\n"
+    test = "def check(candidate):\n    assert helper(candidate(3)) == 12\n"
+    hack = prelude + "def helper(x):\n    return 12\n\ndef f(x):\n    return 0\n"
+    assert not run_program(hack, test=test, entry_point="f", prelude=prelude, **FAST).passed
+    assert run_program(prelude + "def f(x):\n    return 2 * x\n", test=test, entry_point="f", prelude=prelude, **FAST).passed
+    # a prompt that is a bare signature is still a usable prelude
+    bare = "import math\ndef f(x):\n"
+    test = "def check(candidate):\n    assert candidate(4) == math.sqrt(16)\n"
+    assert run_program(bare + "    return 4.0\n", test=test, entry_point="f", prelude=bare, **FAST).passed
+
+
+def test_stdio_programs():
+    spec = json.dumps({"inputs": ["1 2\n", "5 7\n", "0 0\n"], "outputs": ["3\n", "12", "0\n\n"]})
+    good = "a, b = map(int, input().split())\nprint(a + b)\nexit(0)\n"
+    reward = CodeReward(partial_credit=True, max_workers=2, **FAST)
+    whole = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+    flood = "print('x' * 10 ** 8)\n"
+    scores = reward(None, [good, "print(3)\n", whole, flood, "import os\nos._exit(0)\n"], test=[spec] * 5)
+    assert scores == [1.0, pytest.approx(1 / 3), 1.0, 0.0, 0.0]
+    assert CodeReward(**FAST)(None, ["print(3)\n"], test=[spec]) == [0.0]
+    with pytest.raises(ValueError, match="call-based test"):
+        CodeReward(**FAST)(None, ["x = 1"], test=[json.dumps({"inputs": [[1]], "outputs": [2], "fn_name": "f"})])
+
+
+def test_refuses_without_isolation_unless_weak(monkeypatch):
+    missing = {"root": False, "isolation": None, "errors": {"userns": "unshare: Operation not permitted"}, "cgroup": None}
+    monkeypatch.setattr(host, "sandbox_capabilities", lambda *a, **k: missing)
+    with pytest.raises(SandboxUnavailable, match="userns: unshare: Operation not permitted.*isolation='weak'"):
+        run_program("x = 1", test="assert x == 1", **FAST)
+    with pytest.raises(ValueError, match="unknown sandbox isolation"):
+        run_program("x = 1", test="assert x == 1", isolation="chroot", **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        host._mode(host.SandboxConfig(isolation="weak"))
+    assert "no mount, network or PID namespace" in str(caught[0].message)
+
+
+def test_broken_sandbox_is_an_error_not_a_verdict(monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(host, "ISOLATION_SCRIPT", "/nonexistent/isolation.py")
+        r = run_program("x = 1", test="assert x == 1", **FAST)
+        assert r.status == "error" and not r.passed
+    for code in (0, 1, 121, 137):  # the program's own exit codes never pose as sandbox errors
+        r = run_program(f"import os\nos._exit({code})\n", test="assert True", **FAST)
+        assert r.status in ("failed", "killed") and not r.passed, (code, r.status, r.error)
+
+
+def _unprivileged_python() -> str | None:
+    for exe in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(exe)
+        if os.access(real, os.X_OK) and os.stat(real).st_mode & 0o005 == 0o005:
+            return exe
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _unprivileged_python() or not os.path.exists("/usr/bin/setpriv"),
+                    reason="needs root, setpriv and a world-readable python to become an unprivileged user")  # fmt: skip
+def test_runs_as_an_unprivileged_user():
+    """As uid 65534 (nobody): user-namespace isolation, the same attacks fail, honest code passes."""
+    if not all(os.stat(p).st_mode & 0o005 for p in [REPO, REPO / "r1lightning", REPO / "r1lightning" / "sandbox"]):
+        pytest.skip("the checkout is not readable by other users")
+    script = (
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom sandbox import host\n"
+        "caps = host.sandbox_capabilities()\nif caps['isolation'] is None:\n    print(json.dumps({'caps': caps}))\n"
+        "    sys.exit(0)\nout = {'caps': caps, 'results': []}\nfor prog, test, entry in json.loads(sys.argv[2]):\n"
+        "    r = host.run_program(prog, test=test, entry_point=entry, timeout=3.0, memory_mb=256)\n"
+        "    out['results'].append([r.status, r.isolation, r.error])\nimport warnings\nwarnings.simplefilter('ignore')\n"
+        "prog, test, entry = json.loads(sys.argv[2])[0]\n"
+        "out['weak'] = host.run_program(prog, test=test, entry_point=entry, timeout=3.0, isolation='weak').status\n"
+        "print(json.dumps(out))\n"
+    )  # fmt: skip
+    cases = [["def add(a, b):\n    return a + b\n", ADD_TEST, "add"],
+             [ATTACKS["memory over processes"][1], _tests("x")["limits"][0], "solve"],
+             [ATTACKS["walk the filesystem"][1], _tests("x")["secret"][0], "solve"],
+             [WRONG + "import os\nos._exit(0)\n", ADD_TEST, "add"]]  # fmt: skip
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _unprivileged_python(), "-I",
+                           "-", str(REPO / "r1lightning"), json.dumps(cases)],
+                          input=script, capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    if out["caps"]["isolation"] is None:
+        pytest.skip(f"user namespaces not allowed here: {out['caps']['errors']}")
+    assert out["caps"]["isolation"] == "userns"
+    statuses = [r[0] for r in out["results"]]
+    assert statuses[0] == "passed" and all(s != "passed" and s != "error" for s in statuses[1:]), out
+    assert out["weak"] == "passed"  # the opt-in weak mode runs too (rlimits only)
+    assert sys.executable  # and we are still here

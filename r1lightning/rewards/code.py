@@ -10,26 +10,30 @@ the completion usually continues the body. If the extracted code defines the ent
 0 it is a complete program and runs after the prompt (so the prompt's imports and helper functions
 stay available and the new definition replaces the stub); otherwise the program is
 ``prompt + code`` verbatim, i.e. the code is taken as the body. When the row has an entry point,
-the prompt also runs on its own as the sandbox's trusted *prelude*: the tests call the prompt's
-helpers (HumanEval/32 ``poly``, /38 ``encode_cyclic``), so redefining them in the answer gains nothing.
+the prompt also runs in the judge as the trusted *prelude*: the tests call the prompt's helpers
+(HumanEval/32 ``poly``, /38 ``encode_cyclic``), so redefining them in the answer gains nothing.
 
-Scoring: 1.0 if the program and all tests ran to completion (the sandbox's nonce-backed report),
-else 0.0. With ``partial_credit`` the score is passed / total *test units*, where a unit is a
-top-level statement of the test that contains an ``assert`` (for HumanEval tests: of the body of
-``check(candidate)``); other statements are setup, and when one fails the remaining units count as
-failed. A program that fails to load, times out or exits early scores 0.0. Rows without a test
-return None ("does not apply").
+Tests run in the sandbox's judge process, never in the program's (``r1lightning.sandbox``): a test
+is Python source (asserts, or HumanEval's ``check(candidate)``), or for programs that read stdin and
+print, JSON ``{"inputs": [...], "outputs": [...]}`` (APPS style; the printed text is compared).
+
+Scoring: 1.0 if every test passed (the judge's verdict), else 0.0. With ``partial_credit`` the score
+is passed / total *test units*, where a unit is a top-level statement of the test that contains an
+``assert`` (for HumanEval tests: of the body of ``check(candidate)``), or one stdio case; other
+statements are setup, and when one fails the remaining units count as failed. A program that fails
+to load, times out or exits early scores 0.0. Rows without a test return None ("does not apply").
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from r1lightning.rewards.sandbox import SandboxConfig, SandboxJob, SandboxResult, run_programs
+from r1lightning.sandbox import SandboxConfig, SandboxJob, SandboxResult, run_programs
 
 __all__ = ["CodeReward", "extract_code", "build_program"]
 
@@ -80,6 +84,21 @@ def extract_code(completion: Any) -> str:
     return code if code is not None else text
 
 
+def test_mode(test: str) -> str:
+    """"stdio" for a JSON object with ``inputs`` and ``outputs``, else "function" (Python source)."""
+    if test.lstrip().startswith("{"):
+        try:
+            spec = json.loads(test)
+        except ValueError:
+            return "function"
+        if isinstance(spec, dict) and "inputs" in spec and "outputs" in spec:
+            if spec.get("fn_name"):
+                raise ValueError(f"code reward: a call-based test (fn_name={spec['fn_name']!r:.40}) is not supported; "
+                                 "write it as Python asserts")  # fmt: skip
+            return "stdio"
+    return "function"
+
+
 def _defines(code: str, entry_point: str | None) -> bool:
     name = re.escape(entry_point) if entry_point else r"\w+"
     return re.search(rf"^(?:async[ \t]+)?def[ \t]+{name}[ \t]*\(", code, re.MULTILINE) is not None
@@ -100,7 +119,7 @@ class CodeReward:
 
     ``cpu_time`` defaults to ``timeout``; ``max_workers`` (parallel sandboxes) to the CPU count.
     Extra keyword arguments tune the sandbox (see ``SandboxConfig``: ``max_processes``, ``disk_mb``,
-    ``isolation``, ``harden``, ...).
+    ``call_timeout``, ``isolation``, ``cgroup``, ...).
     """
 
     def __init__(
@@ -131,7 +150,7 @@ class CodeReward:
     def score(self, result: SandboxResult) -> float:
         if result.passed:
             return 1.0
-        if self.partial_credit and result.status == "failed" and result.tests_total > 0:
+        if self.partial_credit and result.status in ("failed", "timeout", "killed") and result.tests_total > 0:
             return result.tests_passed / result.tests_total
         return 0.0
 
@@ -151,7 +170,8 @@ class CodeReward:
         prompts = list(prompts) if prompts is not None else [None] * n
         todo = [i for i in range(n) if tests[i]]  # rows without a test are not run
         jobs = [SandboxJob(build_program(extract_code(completions[i]), prompts[i], entries[i], self.include_prompt),
-                           tests[i], entries[i] or None, self.partial_credit, self._prelude(prompts[i], entries[i]))
+                           tests[i], entries[i] or None, self.partial_credit, self._prelude(prompts[i], entries[i]),
+                           test_mode(tests[i]))
                 for i in todo]  # fmt: skip
         results = run_programs(jobs, max_workers=self.max_workers, config=self.config)
         scores: list[float | None] = [None] * n
