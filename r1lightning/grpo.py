@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,10 +21,20 @@ from pathlib import Path
 import torch
 
 from r1lightning.errors import UserError
-from r1lightning.losses import AGGREGATIONS, grpo_loss, group_advantages, mask_truncated, zero_variance_groups
+from r1lightning.losses import (
+    AGGREGATIONS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    global_count,
+    global_nanstd,
+    grpo_loss,
+    group_advantages,
+    mask_truncated,
+    nanstd,
+    zero_variance_groups,
+)
 from r1lightning.module import PolicyModule
 from r1lightning.policy import Policy
-from r1lightning.rewards import Reward, RewardComposer
+from r1lightning.rewards import Reward, RewardComposer, TrainerState
 from r1lightning.rollout import Rollout, Sampler, SamplingParams
 from r1lightning.rollout.base import replace_rows
 from lightning.pytorch.cli import OptimizerCallable
@@ -57,6 +68,8 @@ class GRPOModule(PolicyModule):
         use_sampler_logprobs: bool = False,
         max_grad_norm: float | None = 1.0,
         log_completions_every: int = 25,
+        importance_sampling_level: str = "token",
+        max_reward_failures: int = 2,
         **kwargs,
     ):
         """
@@ -81,6 +94,11 @@ class GRPOModule(PolicyModule):
                 the training forward; only right if the engine's numerics match training.
             max_grad_norm: gradient clipping (manual optimisation ignores `trainer.gradient_clip_val`).
             log_completions_every: write a sample of completions every N steps (0 = never).
+            importance_sampling_level: `token` (GRPO) or `sequence` (GSPO, arXiv:2507.18071: one ratio per
+                completion, exp of its mean token log-ratio, clipped per sequence; the paper clips at
+                epsilon_low 3e-4, epsilon_high 4e-4).
+            max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
+                non-number) this many steps in a row stops the run with an error naming it.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         super().__init__(policy, optimizer, **kwargs)
@@ -88,11 +106,18 @@ class GRPOModule(PolicyModule):
             raise UserError(f"model.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
         if advantage_scale not in ("group", "batch", "none"):
             raise UserError(f"model.advantage_scale: {advantage_scale!r} is not one of group, batch, none")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise UserError(
+                f"model.importance_sampling_level: {importance_sampling_level!r} is not one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+            )
+        if importance_sampling_level == "sequence" and aggregation != "grpo":
+            log.warning("importance_sampling_level=sequence with aggregation=%s weights each sequence's ratio by its "
+                        "token count; GSPO normalises per sequence (aggregation: grpo)", aggregation)
         if num_generations < 2:
             raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         self.automatic_optimization = False
-        self.rewards = RewardComposer(rewards)
+        self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
 
@@ -108,16 +133,27 @@ class GRPOModule(PolicyModule):
         return SamplingParams(h.max_new_tokens, h.temperature, h.top_p, h.top_k)
 
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
+    def trainer_state(self) -> TrainerState:
+        """Progress as TRL's reward functions read it (`trainer_state.global_step`, ...)."""
+        trainer = self._trainer
+        if trainer is None:
+            return TrainerState()
+        return TrainerState(global_step=trainer.global_step, max_steps=trainer.max_steps, epoch=float(trainer.current_epoch))
+
     def rollout(self, batch) -> tuple[Rollout, dict, torch.Tensor, dict]:
         """Sample G completions per prompt and score them. Returns the rollout, the repeated
-        columns, the total reward per completion [B*G] and the reward metrics."""
+        columns, the total reward per completion [B*G] (NaN where every reward function returned
+        None: TRL's unscorable rows) and the reward metrics."""
         G = self.hparams.num_generations
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [B*G, P]
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch["columns"].items()}
+        # The prompts as TRL passes them to reward functions (strings or message lists).
+        reward_prompts = [p for p in batch["prompts"] for _ in range(G)] if batch.get("prompts") is not None else None
         rollout = self.generate(prompt_ids, prompt_mask, self.sampling, sampler=self.sampler)
-        scores = self.score(rollout, columns, self.rewards)
-        return rollout, columns, scores.total.to(rollout.completion_ids.device), scores
+        scores = self.score(rollout, columns, self.rewards, reward_prompts=reward_prompts, trainer_state=self.trainer_state())
+        total = scores.total.masked_fill(scores.unscorable, float("nan"))
+        return rollout, columns, total.to(rollout.completion_ids.device), scores
 
     def resample_flat_groups(self, batch, rollout, total, scores):
         """Dynamic sampling: give groups with zero reward variance more tries, then drop them.
@@ -131,6 +167,8 @@ class GRPOModule(PolicyModule):
             idx = flat.nonzero().squeeze(1)
             sub = {"prompt_ids": batch["prompt_ids"][idx], "prompt_mask": batch["prompt_mask"][idx],
                    "columns": {k: [v[i] for i in idx.tolist()] for k, v in batch["columns"].items()}}
+            if batch.get("prompts") is not None:
+                sub["prompts"] = [batch["prompts"][i] for i in idx.tolist()]
             new_rollout, _, new_total, new_scores = self.rollout(sub)
             varied = ~zero_variance_groups(new_total, G)  # [len(idx)]
             dst = (idx[varied][:, None] * G + offsets).flatten()  # rows in the batch
@@ -139,6 +177,7 @@ class GRPOModule(PolicyModule):
             total[dst] = new_total[src]
             for name in scores.per_fn:
                 scores.per_fn[name][dst] = new_scores.per_fn[name][src]
+            scores.unscorable[dst.cpu()] = new_scores.unscorable[src.cpu()]
             for d, s_ in zip(dst.tolist(), src.tolist()):
                 scores.completions[d] = new_scores.completions[s_]
             flat[idx[varied]] = False
@@ -177,7 +216,10 @@ class GRPOModule(PolicyModule):
             rollout, keep = self.resample_flat_groups(batch, rollout, total, scores)
         t_rollout = time.perf_counter() - t0
 
-        advantages = group_advantages(total, h.num_generations, h.advantage_scale)  # [B*G]
+        # Unscorable rows (NaN) are left out of the group mean / std and get advantage 0 (as in TRL);
+        # the `batch` std is over every process's rewards (TRL gathers them).
+        batch_std = global_nanstd(total) if h.advantage_scale == "batch" else None
+        advantages = group_advantages(total, h.num_generations, h.advantage_scale, batch_std=batch_std)  # [B*G]
         mask = rollout.completion_mask.float()  # [B*G, C]
         if h.mask_truncated_completions:
             mask = mask_truncated(mask, rollout.truncated)
@@ -202,8 +244,10 @@ class GRPOModule(PolicyModule):
         n = rollout.completion_ids.shape[0]
         micro = [slice(i, min(i + h.micro_batch_size, n)) for i in range(0, n, h.micro_batch_size)]
         # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
-        norm = dict(num_sequences=n, num_tokens=int(mask.sum().clamp(min=1)), num_micro_batches=len(micro),
-                    max_completion_length=h.max_new_tokens)
+        # `dapo` divides by the tokens of every process (/ world size: DDP averages the gradients), as TRL does.
+        local_tokens = int(mask.sum().clamp(min=1))
+        norm = dict(num_sequences=n, num_tokens=global_count(mask) if h.aggregation == "dapo" else local_tokens,
+                    num_micro_batches=len(micro), max_completion_length=h.max_new_tokens)
         sums: dict[str, float] = {}
         for _ in range(h.num_iterations):
             for rows in micro:
@@ -212,13 +256,14 @@ class GRPOModule(PolicyModule):
                 ref = ref_logp[rows] if ref_logp is not None else None
                 loss, metrics = grpo_loss(
                     logp, old, advantages[rows], mask[rows], ref, beta=h.beta, epsilon_low=h.epsilon_low,
-                    epsilon_high=h.epsilon_high, delta=h.delta, aggregation=h.aggregation, **norm,
+                    epsilon_high=h.epsilon_high, delta=h.delta, aggregation=h.aggregation,
+                    importance_sampling_level=h.importance_sampling_level, **norm,
                 )
                 if aux is not None:
                     loss = loss + self.aux_coef * aux / len(micro)
                 self.manual_backward(loss)
                 m = mask[rows]
-                weight = float(m.sum()) / norm["num_tokens"]  # token-weighted average of micro-batch means
+                weight = float(m.sum()) / local_tokens  # token-weighted average of micro-batch means
                 metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
@@ -237,9 +282,14 @@ class GRPOModule(PolicyModule):
         lengths = rollout.completion_lengths.float()
         # train/tokens_per_s (sampled completion tokens over the whole step) is logged by PolicyModule.
         self.step_tokens = int(rollout.completion_mask.sum())
+        scored = ~torch.isnan(groups)
+        # TRL's names: `reward` the mean and `reward_std` the std of all the step's rewards (every process);
+        # the mean of the within-group stds is `reward_std_within_group`.
         metrics = {
-            "reward": total.mean(),
-            "reward_std": groups.std(dim=1).mean(),
+            "reward": torch.nanmean(total),
+            "reward_std": global_nanstd(total),
+            "reward_std_within_group": torch.nanmean(torch.where(scored.sum(1) > 1, nanstd(groups, dim=1), float("nan"))),
+            "frac_unscorable": (~scored).float().mean(),
             "frac_reward_zero_std": zero_variance_groups(total, G).float().mean(),
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": rollout.truncated.float().mean(),
@@ -253,6 +303,8 @@ class GRPOModule(PolicyModule):
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values)
         for name, count in scores.errors.items():
             metrics[f"rewards/{name}/errors"] = count
+        for name, values in scores.metrics.items():  # from reward functions' log_metric
+            metrics[name] = sum(values) / len(values)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, prog_bar=False)
         self.log("reward", float(metrics["reward"]), prog_bar=True, logger=False)
         every = self.hparams.log_completions_every
@@ -272,6 +324,11 @@ class GRPOModule(PolicyModule):
             if new:
                 w.writerow(["step", "prompt", "completion", "reward"])
             w.writerows(rows)
+        if scores.extra:  # columns reward functions gave through log_extra(column, values)
+            with open(path.with_name("completions_extra.jsonl"), "a") as f:
+                for i in range(len(rows)):
+                    extra = {k: v[i] for k, v in scores.extra.items() if i < len(v)}
+                    f.write(json.dumps({"step": self.global_step, "row": i, **extra}, default=str) + "\n")
         for logger in self.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_text"):
                 table = "\n".join(f"| {p} | {c!r} | {r:.2f} |" for _, p, c, r in rows)
