@@ -195,6 +195,175 @@ def test_token_and_sequence_levels_agree_when_the_policy_has_not_moved():
         grpo_loss(logp, logp, adv, mask, importance_sampling_level="segment")
 
 
+# -- datasets by name ---------------------------------------------------------------------------------
+README = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train.jsonl
+  - split: test
+    path: main/test.jsonl
+- config_name: math
+  data_files:
+  - split: train
+    path: math/train.jsonl
+---
+A dataset repository laid out as on the Hub.
+"""
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def dataset_repo(tmp_path):
+    repo = tmp_path / "my-dataset"
+    (repo / "README.md").parent.mkdir(parents=True)
+    (repo / "README.md").write_text(README)
+    _write_jsonl(repo / "main/train.jsonl", [{"question": "Tom has 3 apples and buys 1,231 more. How many?", "answer": "3 + 1231 = 1234\n#### 1,234"}])
+    _write_jsonl(repo / "main/test.jsonl", [
+        {"question": "What is 6 times 7?", "answer": "6 * 7 = <<6*7=42>>42\n#### 42"},
+        {"question": "What is 10 minus 4?", "answer": "10 - 4 = 6\n#### 6"},
+    ])
+    _write_jsonl(repo / "math/train.jsonl", [
+        {"problem": "Compute 1/2 + 0.", "solution": "Adding zero: $\\boxed{\\frac{1}{2}}$.", "level": "1"},
+        {"problem": "Find x if 2x = 10.", "solution": "x = 10/2, so $x = \\boxed{5}$.", "level": "2"},
+        {"problem": "No box here.", "solution": "The answer is 3.", "level": "3"},
+    ])
+    return repo
+
+
+def _data(char_tokenizer, **kwargs):
+    from r1lightning.data import PromptDataModule
+
+    dm = PromptDataModule(batch_size=2, **kwargs)
+    dm.connect(char_tokenizer)
+    dm.setup("fit")
+    return dm
+
+
+def test_local_dataset_repo_by_spec_with_config_split_columns_and_gsm8k_answers(dataset_repo, char_tokenizer):
+    dm = _data(char_tokenizer, dataset={"path": str(dataset_repo), "name": "main", "split": "test"},
+               prompt_column="question", answer_column="answer", answer_format="gsm8k")
+    rows = dm.train_rows
+    assert rows["prompt"] == ["What is 6 times 7?", "What is 10 minus 4?"]  # the test split of `main`
+    assert rows["answer"] == ["42", "6"]
+    train = _data(char_tokenizer, dataset={"path": str(dataset_repo), "name": "main"}, prompt_column="question",
+                  answer_column="answer", answer_format="auto")
+    assert train.train_rows["answer"] == ["1234"]  # default split train; thousands separator dropped
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["prompts"]) == ["What is 10 minus 4?", "What is 6 times 7?"]  # plain rows: strings
+
+
+def test_boxed_answers_keep_the_solution_column_and_conversational_prompts(dataset_repo, char_tokenizer, caplog):
+    dm = _data(char_tokenizer, dataset={"path": str(dataset_repo), "name": "math", "split": "train"},
+               prompt_column="problem", answer_column="solution", answer_format="boxed", conversational=True,
+               system_prompt="Think, then answer.")
+    rows = dm.train_rows
+    assert rows["answer"] == ["\\frac{1}{2}", "5", None]  # the third has no box: warned, gold None
+    assert rows["solution"][1] == "x = 10/2, so $x = \\boxed{5}$."  # open-r1 reads `solution` unchanged
+    assert rows["prompt"][0] == [{"role": "system", "content": "Think, then answer."}, {"role": "user", "content": "Compute 1/2 + 0."}]
+    assert any("1 of 3 rows have no boxed answer" in r.getMessage() for r in caplog.records)
+    batch = next(iter(dm._prompt_loader(rows, 3, shuffle=False)))
+    assert batch["prompts"][1] == [{"role": "system", "content": "Think, then answer."}, {"role": "user", "content": "Find x if 2x = 10."}]
+    # The system prompt appears once in what the policy sees.
+    text = char_tokenizer.decode(rows[0]["prompt_ids"])
+    assert text.count("Think, then answer.") == 1
+
+
+def test_missing_dataset_config_or_column_is_one_line(dataset_repo, char_tokenizer, tmp_path):
+    from r1lightning.data import DataError
+
+    cases = [
+        ({"dataset": {"path": str(tmp_path / "nowhere")}}, "nowhere"),
+        ({"dataset": "no-such-org/no-such-dataset"}, "no-such-org/no-such-dataset"),
+        ({"dataset": {"path": str(dataset_repo), "name": "nope"}}, "nope"),
+        ({"dataset": {"path": str(dataset_repo), "name": "main"}, "prompt_column": "problem"}, "no column 'problem'"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(DataError) as err:
+            _data(char_tokenizer, **kwargs)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_extract_gold_formats():
+    from r1lightning.data.hub import extract_gold
+
+    assert extract_gold("so 3 * 4 = 12\n#### 12", "gsm8k") == "12"
+    assert extract_gold("#### 1,000,000", "gsm8k") == "1000000"
+    assert extract_gold("no marker", "gsm8k") is None
+    assert extract_gold("first \\boxed{1} then \\boxed{\\sqrt{2}}", "boxed") == "\\sqrt{2}"
+    assert extract_gold(" 7 ", "auto") == "7" and extract_gold(42, "auto") == "42"
+
+
+# -- the CLI, conversational data, open-r1-style functions -----------------------------------------
+def _openr1_config(tmp_path, tiny_moe_config, rewards, data_file, **model):
+    return {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+            "rewards": rewards, "num_generations": 4, "max_new_tokens": 8, "micro_batch_size": 8, "beta": 0.0,
+            "log_completions_every": 0, **model}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {
+            "train_files": str(data_file), "batch_size": 2, "prompt_column": "problem", "conversational": True,
+            "system_prompt": "Reason in <think> tags, answer in <answer> tags."}},
+    }
+
+
+@pytest.fixture
+def openr1_file(tmp_path):
+    path = tmp_path / "openr1.jsonl"
+    _write_jsonl(path, [{"problem": f"What is {a} + {b}?", "solution": f"${a + b}$"} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]])
+    return path
+
+
+def test_cli_fit_with_open_r1_style_rewards_on_a_conversational_dataset(openr1_file, tmp_path, tiny_moe_config, monkeypatch):
+    from r1lightning import cli, grpo
+    from tests import openr1_style_rewards as fns
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = grpo.group_advantages
+    monkeypatch.setattr(grpo, "group_advantages", lambda *a, **k: seen.append((a[0].clone(), real(*a, **k))) or seen[-1][1])
+    rewards = [{"fn": "r1lightning.rewards.openr1.accuracy_reward"}, {"fn": "r1lightning.rewards.openr1.format_reward"},
+               {"fn": "r1lightning.rewards.openr1.tag_count_reward"}, {"fn": "tests.openr1_style_rewards.content_length_reward"},
+               {"fn": "tests.openr1_style_rewards.solution_seen_reward"}, {"fn": "tests.openr1_style_rewards.recording_reward"}]
+    cfg = tmp_path / "openr1.json"
+    cfg.write_text(json.dumps(_openr1_config(tmp_path, tiny_moe_config, rewards, openr1_file)))
+    fns.CALLS.clear()
+    cli.main(["fit", "-c", str(cfg)])
+    assert len(seen) == 2  # two steps
+    for rewards_, adv in seen:
+        assert torch.isfinite(rewards_).all() and rewards_.std() > 0
+        assert torch.isfinite(adv).all() and adv.abs().sum() > 0
+    first = fns.CALLS[0]
+    assert first["prompts"][0][0] == {"role": "system", "content": "Reason in <think> tags, answer in <answer> tags."}
+    assert first["prompts"][0][1]["role"] == "user" and first["prompts"][0][1]["content"].startswith("What is")
+    assert all(c[0]["role"] == "assistant" for c in first["completions"])
+    assert first["kwargs"]["solution"][0].startswith("$") and "problem" not in first["kwargs"]
+
+
+def test_cli_stops_with_one_line_when_a_reward_always_raises(openr1_file, tmp_path, tiny_moe_config, monkeypatch, capsys):
+    from r1lightning import cli
+
+    monkeypatch.chdir(tmp_path)
+    rewards = [{"fn": "r1lightning.rewards.openr1.tag_count_reward"}, {"fn": "tests.openr1_style_rewards.always_raises"}]
+    cfg = tmp_path / "raise.json"
+    conf = _openr1_config(tmp_path, tiny_moe_config, rewards, openr1_file)
+    conf["trainer"]["max_steps"] = 5
+    cfg.write_text(json.dumps(conf))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", "-c", str(cfg)])
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("r1lightning: error")]
+    assert len(err) == 1 and "always_raises" in err[0] and "KeyError" in err[0] and "2 step(s)" in err[0], err
+
+
 # -- global normalisers: two gloo processes equal one ------------------------------------------------
 def _normaliser_data():
     g = torch.Generator().manual_seed(3)
