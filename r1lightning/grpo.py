@@ -25,6 +25,7 @@ from r1lightning.losses import (
     AGGREGATIONS,
     IMPORTANCE_SAMPLING_LEVELS,
     global_count,
+    global_nanmean,
     global_nanstd,
     grpo_loss,
     group_advantages,
@@ -286,9 +287,9 @@ class GRPOModule(PolicyModule):
         # TRL's names: `reward` the mean and `reward_std` the std of all the step's rewards (every process);
         # the mean of the within-group stds is `reward_std_within_group`.
         metrics = {
-            "reward": torch.nanmean(total),
+            "reward": global_nanmean(total),
             "reward_std": global_nanstd(total),
-            "reward_std_within_group": torch.nanmean(torch.where(scored.sum(1) > 1, nanstd(groups, dim=1), float("nan"))),
+            "reward_std_within_group": torch.nanmean(nanstd(groups, dim=1)),
             "frac_unscorable": (~scored).float().mean(),
             "frac_reward_zero_std": zero_variance_groups(total, G).float().mean(),
             "completions/mean_length": lengths.mean(),
@@ -301,6 +302,7 @@ class GRPOModule(PolicyModule):
         }
         for name, values in scores.per_fn.items():
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values)
+            metrics[f"rewards/{name}/std"] = nanstd(values)
         for name, count in scores.errors.items():
             metrics[f"rewards/{name}/errors"] = count
         for name, values in scores.metrics.items():  # from reward functions' log_metric

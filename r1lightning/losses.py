@@ -20,6 +20,7 @@ __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "nanstd",
     "global_nanstd",
+    "global_nanmean",
     "global_count",
 ]
 
@@ -68,6 +69,15 @@ def global_nanstd(x: Tensor) -> Tensor:
     n = stats[0]
     std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.nan)
     return std.to(x.dtype)
+
+
+def global_nanmean(x: Tensor) -> Tensor:
+    """Mean of the non-NaN values of every process together (TRL logs `reward` this way)."""
+    valid = ~torch.isnan(x)
+    stats = torch.stack([valid.sum().double(), torch.where(valid, x, 0.0).double().sum()])  # [2]
+    if _world() > 1:
+        torch.distributed.all_reduce(stats)
+    return (stats[1] / stats[0]).to(x.dtype)  # NaN when nothing was scored
 
 
 def global_count(mask: Tensor) -> Tensor:
