@@ -334,10 +334,14 @@ def test_cli_fit_with_open_r1_style_rewards_on_a_conversational_dataset(openr1_f
                {"fn": "r1lightning.rewards.openr1.tag_count_reward"}, {"fn": "tests.openr1_style_rewards.content_length_reward"},
                {"fn": "tests.openr1_style_rewards.solution_seen_reward"}, {"fn": "tests.openr1_style_rewards.recording_reward"}]
     cfg = tmp_path / "openr1.json"
-    cfg.write_text(json.dumps(_openr1_config(tmp_path, tiny_moe_config, rewards, openr1_file)))
+    # With GSPO at the paper's clip range, two updates per rollout (the sequence ratios move off 1).
+    gspo = {"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4, "num_iterations": 2}
+    conf = _openr1_config(tmp_path, tiny_moe_config, rewards, openr1_file, **gspo)
+    conf["trainer"]["max_steps"] = 4
+    cfg.write_text(json.dumps(conf))
     fns.CALLS.clear()
     cli.main(["fit", "-c", str(cfg)])
-    assert len(seen) == 2  # two steps
+    assert len(seen) == 2  # max_steps 4 = two rollouts x num_iterations 2
     for rewards_, adv in seen:
         assert torch.isfinite(rewards_).all() and rewards_.std() > 0
         assert torch.isfinite(adv).all() and adv.abs().sum() > 0

@@ -158,7 +158,7 @@ class _BaseDataModule(L.LightningDataModule):
         keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
         if len(keep) < len(rows):
             first = next(i for i, n in enumerate(lengths) if n > self.max_length)
-            where = f"{', '.join(map(str, files))}: row {first}"
+            where = f"{', '.join(f'dataset {hub.spec_name(f)}' if isinstance(f, dict) else str(f) for f in files)}: row {first}"
             if not keep:
                 raise DataError(f"{where}: every row is longer than max_length={self.max_length}")
             log.warning(
