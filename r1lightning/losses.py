@@ -90,7 +90,7 @@ def global_count(mask: Tensor) -> Tensor:
     world = _world()
     if world > 1:
         torch.distributed.all_reduce(total)
-    return total / world
+    return total.clamp(min=1) / world
 
 
 def group_advantages(

@@ -368,6 +368,17 @@ def test_cli_stops_with_one_line_when_a_reward_always_raises(openr1_file, tmp_pa
     assert len(err) == 1 and "always_raises" in err[0] and "KeyError" in err[0] and "2 step(s)" in err[0], err
 
 
+def test_grpo_module_options(tiny_moe_config):
+    from r1lightning.grpo import GRPOModule
+    from r1lightning.policy import Policy
+
+    policy = Policy(config=tiny_moe_config, tokenizer="char")
+    with pytest.raises(UserError, match="importance_sampling_level"):
+        GRPOModule(policy, rewards=[Reward("format")], importance_sampling_level="segment")
+    module = GRPOModule(policy, rewards=[Reward("format")], importance_sampling_level="sequence", max_reward_failures=5)
+    assert module.rewards.max_failed_steps == 5 and module.hparams.importance_sampling_level == "sequence"
+
+
 # -- global normalisers: two gloo processes equal one ------------------------------------------------
 def _normaliser_data():
     g = torch.Generator().manual_seed(3)
