@@ -289,6 +289,21 @@ def test_missing_dataset_config_or_column_is_one_line(dataset_repo, char_tokeniz
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_trace_data_by_spec_with_a_messages_column(tmp_path, char_tokenizer):
+    from r1lightning.data import TraceDataModule
+
+    repo = tmp_path / "chats"
+    (repo / "data").mkdir(parents=True)
+    convo = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>1+1=2</think><answer>2</answer>"}]
+    _write_jsonl(repo / "data/train.jsonl", [{"conversation": convo, "id": 0}])
+    dm = TraceDataModule(dataset={"path": str(repo)}, messages_column="conversation", batch_size=1)
+    dm.connect(char_tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    labels = batch["labels"][0][batch["labels"][0] != -100]
+    assert char_tokenizer.decode(labels) == "<think>1+1=2</think><answer>2</answer><|end|>"
+
+
 def test_extract_gold_formats():
     from r1lightning.data.hub import extract_gold
 
