@@ -339,7 +339,11 @@ class RejectionSampling(Callback):
         batch = [rows[i] for i in chunk]
         rollout = self._generate_chunk(pl_module, rows, chunk, system_prompt)
         columns = {key: [r.get(key) for r in batch for _ in range(k)] for key in batch[0] if key not in _RESERVED_COLUMNS}
-        scores = pl_module.score(rollout, columns, composer)
+        from r1lightning.data.chat import reward_prompt
+
+        # Reward functions get the prompts as TRL passes them (strings, or message lists for chat rows).
+        prompts = [reward_prompt(_prompt_only(r), system_prompt) for r in batch for _ in range(k)]
+        scores = pl_module.score(rollout, columns, composer, reward_prompts=prompts)
         completions, lengths = scores.completions, rollout.completion_lengths.tolist()
         samples = []
         for j in range(len(completions)):

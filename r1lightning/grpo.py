@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,10 +22,21 @@ import torch
 
 from r1lightning.errors import UserError
 from r1lightning.logprobs import LOGPROB_IMPLS, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches
-from r1lightning.losses import AGGREGATIONS, grpo_loss, group_advantages, mask_truncated, zero_variance_groups
+from r1lightning.losses import (
+    AGGREGATIONS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    global_count,
+    global_nanmean,
+    global_nanstd,
+    grpo_loss,
+    group_advantages,
+    mask_truncated,
+    nanstd,
+    zero_variance_groups,
+)
 from r1lightning.module import PolicyModule, checkpointing_on
 from r1lightning.policy import Policy
-from r1lightning.rewards import Reward, RewardComposer
+from r1lightning.rewards import Reward, RewardComposer, TrainerState
 from r1lightning.rollout import Rollout, Sampler, SamplingParams
 from r1lightning.rollout.base import replace_rows
 from lightning.pytorch.cli import OptimizerCallable
@@ -61,6 +73,8 @@ class GRPOModule(PolicyModule):
         use_sampler_logprobs: bool = False,
         max_grad_norm: float | None = 1.0,
         log_completions_every: int = 25,
+        importance_sampling_level: str = "token",
+        max_reward_failures: int = 2,
         **kwargs,
     ):
         """
@@ -104,6 +118,11 @@ class GRPOModule(PolicyModule):
                 the training forward; only right if the engine's numerics match training.
             max_grad_norm: gradient clipping (manual optimisation ignores `trainer.gradient_clip_val`).
             log_completions_every: write a sample of completions every N steps (0 = never).
+            importance_sampling_level: `token` (GRPO) or `sequence` (GSPO, arXiv:2507.18071: one ratio per
+                completion, exp of its mean token log-ratio, clipped per sequence; the paper clips at
+                epsilon_low 3e-4, epsilon_high 4e-4).
+            max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
+                non-number) this many steps in a row stops the run with an error naming it.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         super().__init__(policy, optimizer, **kwargs)
@@ -119,11 +138,18 @@ class GRPOModule(PolicyModule):
             raise UserError(f"model.logprob_impl: {logprob_impl!r} is not one of {', '.join(LOGPROB_IMPLS)}")
         if logprob_impl == "liger" and not liger_available():
             raise UserError("model.logprob_impl: liger needs liger-kernel and a CUDA GPU (pip install 'r1lightning[liger]')")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise UserError(
+                f"model.importance_sampling_level: {importance_sampling_level!r} is not one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+            )
+        if importance_sampling_level == "sequence" and aggregation != "grpo":
+            log.warning("importance_sampling_level=sequence with aggregation=%s weights each sequence's ratio by its "
+                        "token count; GSPO normalises per sequence (aggregation: grpo)", aggregation)
         if num_generations < 2:
             raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         self.automatic_optimization = False
-        self.rewards = RewardComposer(rewards)
+        self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
 
@@ -139,16 +165,27 @@ class GRPOModule(PolicyModule):
         return SamplingParams(h.max_new_tokens, h.temperature, h.top_p, h.top_k)
 
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
+    def trainer_state(self) -> TrainerState:
+        """Progress as TRL's reward functions read it (`trainer_state.global_step`, ...)."""
+        trainer = self._trainer
+        if trainer is None:
+            return TrainerState()
+        return TrainerState(global_step=trainer.global_step, max_steps=trainer.max_steps, epoch=float(trainer.current_epoch))
+
     def rollout(self, batch) -> tuple[Rollout, dict, torch.Tensor, dict]:
         """Sample G completions per prompt and score them. Returns the rollout, the repeated
-        columns, the total reward per completion [B*G] and the reward metrics."""
+        columns, the total reward per completion [B*G] (NaN where every reward function returned
+        None: TRL's unscorable rows) and the reward metrics."""
         G = self.hparams.num_generations
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [B*G, P]
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch["columns"].items()}
+        # The prompts as TRL passes them to reward functions (strings or message lists).
+        reward_prompts = [p for p in batch["prompts"] for _ in range(G)] if batch.get("prompts") is not None else None
         rollout = self.generate(prompt_ids, prompt_mask, self.sampling, sampler=self.sampler)
-        scores = self.score(rollout, columns, self.rewards)
-        return rollout, columns, scores.total.to(rollout.completion_ids.device), scores
+        scores = self.score(rollout, columns, self.rewards, reward_prompts=reward_prompts, trainer_state=self.trainer_state())
+        total = scores.total.masked_fill(scores.unscorable, float("nan"))
+        return rollout, columns, total.to(rollout.completion_ids.device), scores
 
     def resample_flat_groups(self, batch, rollout, total, scores):
         """Dynamic sampling: give groups with zero reward variance more tries, then drop them.
@@ -162,6 +199,8 @@ class GRPOModule(PolicyModule):
             idx = flat.nonzero().squeeze(1)
             sub = {"prompt_ids": batch["prompt_ids"][idx], "prompt_mask": batch["prompt_mask"][idx],
                    "columns": {k: [v[i] for i in idx.tolist()] for k, v in batch["columns"].items()}}
+            if batch.get("prompts") is not None:
+                sub["prompts"] = [batch["prompts"][i] for i in idx.tolist()]
             new_rollout, _, new_total, new_scores = self.rollout(sub)
             varied = ~zero_variance_groups(new_total, G)  # [len(idx)]
             dst = (idx[varied][:, None] * G + offsets).flatten()  # rows in the batch
@@ -170,6 +209,7 @@ class GRPOModule(PolicyModule):
             total[dst] = new_total[src]
             for name in scores.per_fn:
                 scores.per_fn[name][dst] = new_scores.per_fn[name][src]
+            scores.unscorable[dst.cpu()] = new_scores.unscorable[src.cpu()]
             for d, s_ in zip(dst.tolist(), src.tolist()):
                 scores.completions[d] = new_scores.completions[s_]
             flat[idx[varied]] = False
@@ -258,7 +298,10 @@ class GRPOModule(PolicyModule):
         t_rollout = time.perf_counter() - t0
         self._memory_peak("rollout", peaks)
 
-        advantages = group_advantages(total, h.num_generations, h.advantage_scale)  # [B*G]
+        # Unscorable rows (NaN) are left out of the group mean / std and get advantage 0 (as in TRL);
+        # the `batch` std is over every process's rewards (TRL gathers them).
+        batch_std = global_nanstd(total) if h.advantage_scale == "batch" else None
+        advantages = group_advantages(total, h.num_generations, h.advantage_scale, batch_std=batch_std)  # [B*G]
         mask = rollout.completion_mask.float()  # [B*G, C]
         if h.mask_truncated_completions:
             mask = mask_truncated(mask, rollout.truncated)
@@ -289,16 +332,18 @@ class GRPOModule(PolicyModule):
         n = rollout.completion_ids.shape[0]
         micro = self.micro_batches(rollout, mask) if micro is None else micro
         # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
-        norm = dict(num_sequences=n, num_tokens=int(mask.sum().clamp(min=1)), num_micro_batches=max(1, sum(map(bool, micro))),
-                    max_completion_length=h.max_new_tokens)
+        # `dapo` divides by the tokens of every process (/ world size: DDP averages the gradients), as TRL does.
+        local_tokens = int(mask.sum().clamp(min=1))
+        norm = dict(num_sequences=n, num_tokens=global_count(mask) if h.aggregation == "dapo" else local_tokens,
+                    num_micro_batches=max(1, sum(map(bool, micro))), max_completion_length=h.max_new_tokens)
         # Every metric is logged even when no row has a loss (all groups dropped): then they are 0.
         names = ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
         sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
         with checkpointing_on(self.model):
-            self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums)
+            self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, local_tokens, sums)
         return sums
 
-    def _iterate(self, rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums) -> None:
+    def _iterate(self, rollout, advantages, mask, old_logp, ref_logp, micro, norm, local_tokens, sums) -> None:
         """mu optimizer steps over the rollouts, each accumulated over the micro-batches."""
         h = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
@@ -311,7 +356,8 @@ class GRPOModule(PolicyModule):
                 ref = ref_logp[rows] if ref_logp is not None else None
                 loss, metrics = grpo_loss(
                     logp, old, advantages[rows], mask[rows], ref, beta=h.beta, epsilon_low=h.epsilon_low,
-                    epsilon_high=h.epsilon_high, delta=h.delta, aggregation=h.aggregation, **norm,
+                    epsilon_high=h.epsilon_high, delta=h.delta, aggregation=h.aggregation,
+                    importance_sampling_level=h.importance_sampling_level, **norm,
                 )
                 if aux is not None:
                     loss = loss + self.aux_coef * aux / len(micro)
@@ -320,7 +366,7 @@ class GRPOModule(PolicyModule):
                     continue
                 self.manual_backward(loss)
                 m = mask[rows]
-                weight = float(m.sum()) / norm["num_tokens"]  # token-weighted average of micro-batch means
+                weight = float(m.sum()) / local_tokens  # token-weighted average of micro-batch means
                 metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
@@ -338,9 +384,14 @@ class GRPOModule(PolicyModule):
         lengths = rollout.completion_lengths.float()
         # train/tokens_per_s (sampled completion tokens over the whole step) is logged by PolicyModule.
         self.step_tokens = int(rollout.completion_mask.sum())
+        scored = ~torch.isnan(groups)
+        # TRL's names: `reward` the mean and `reward_std` the std of all the step's rewards (every process);
+        # the mean of the within-group stds is `reward_std_within_group`.
         metrics = {
-            "reward": total.mean(),
-            "reward_std": groups.std(dim=1).mean(),
+            "reward": global_nanmean(total),
+            "reward_std": global_nanstd(total),
+            "reward_std_within_group": torch.nanmean(nanstd(groups, dim=1)),
+            "frac_unscorable": (~scored).float().mean(),
             "frac_reward_zero_std": zero_variance_groups(total, G).float().mean(),
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": rollout.truncated.float().mean(),
@@ -352,8 +403,11 @@ class GRPOModule(PolicyModule):
         }
         for name, values in scores.per_fn.items():
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values)
+            metrics[f"rewards/{name}/std"] = nanstd(values)
         for name, count in scores.errors.items():
             metrics[f"rewards/{name}/errors"] = count
+        for name, values in scores.metrics.items():  # from reward functions' log_metric
+            metrics[name] = sum(values) / len(values)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, prog_bar=False)
         self.log("reward", float(metrics["reward"]), prog_bar=True, logger=False)
         every = self.hparams.log_completions_every
@@ -373,6 +427,11 @@ class GRPOModule(PolicyModule):
             if new:
                 w.writerow(["step", "prompt", "completion", "reward"])
             w.writerows(rows)
+        if scores.extra:  # columns reward functions gave through log_extra(column, values)
+            with open(path.with_name("completions_extra.jsonl"), "a") as f:
+                for i in range(len(rows)):
+                    extra = {k: v[i] for k, v in scores.extra.items() if i < len(v)}
+                    f.write(json.dumps({"step": self.global_step, "row": i, **extra}, default=str) + "\n")
         for logger in self.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_text"):
                 table = "\n".join(f"| {p} | {c!r} | {r:.2f} |" for _, p, c, r in rows)

@@ -17,9 +17,15 @@ __all__ = [
     "mask_truncated",
     "grpo_loss",
     "AGGREGATIONS",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "nanstd",
+    "global_nanstd",
+    "global_nanmean",
+    "global_count",
 ]
 
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
@@ -30,7 +36,66 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)  # [B, G]
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Unbiased std ignoring NaN entries; NaN where fewer than two values are present."""
+    if dim is None:
+        return nanstd(x.reshape(-1), dim=0, keepdim=False)
+    valid = ~torch.isnan(x)
+    n = valid.sum(dim=dim, keepdim=True).to(x.dtype)
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    sq = torch.where(valid, (x - mean) ** 2, 0.0).sum(dim=dim, keepdim=True)
+    std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), float("nan"))
+    return std if keepdim else std.squeeze(dim)
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_nanstd(x: Tensor) -> Tensor:
+    """`nanstd` of the values of every process together (TRL's `batch` scale: the std of all the step's
+    rewards). Without an initialised process group it is the local `nanstd`. Two all-reduces: count and
+    sum for the mean, then the squared deviations from it (as exact as one process over all the data)."""
+    if _world() == 1:
+        return nanstd(x)
+    dist = torch.distributed
+    valid = ~torch.isnan(x)
+    stats = torch.stack([valid.sum().double(), torch.where(valid, x, 0.0).double().sum()])  # [2]
+    dist.all_reduce(stats)
+    mean = stats[1] / stats[0].clamp(min=1)
+    sq = torch.where(valid, (x.double() - mean) ** 2, 0.0).sum()
+    dist.all_reduce(sq)
+    n = stats[0]
+    std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.nan)
+    return std.to(x.dtype)
+
+
+def global_nanmean(x: Tensor) -> Tensor:
+    """Mean of the non-NaN values of every process together (TRL logs `reward` this way)."""
+    valid = ~torch.isnan(x)
+    stats = torch.stack([valid.sum().double(), torch.where(valid, x, 0.0).double().sum()])  # [2]
+    if _world() > 1:
+        torch.distributed.all_reduce(stats)
+    return (stats[1] / stats[0]).to(x.dtype)  # NaN when nothing was scored
+
+
+def global_count(mask: Tensor) -> Tensor:
+    """Sum of ``mask`` over every process, divided by the number of processes.
+
+    The `dapo` normaliser under data parallelism (TRL: the completion tokens of the whole step over all
+    processes, / world size): DDP averages gradients over processes, so each process divides its token sum
+    by this and the averaged gradient is the token mean over all processes' tokens."""
+    total = mask.detach().float().sum()
+    world = _world()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return total.clamp(min=1) / world
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std: Tensor | None = None
+) -> Tensor:
     """Group-relative advantages ``(r - group mean) / (std + eps)``.
 
     ``scale``: ``"group"`` divides by the group's std (GRPO), ``"batch"`` by the
@@ -38,18 +103,26 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     scale (Dr. GRPO). The std is the unbiased one (``torch.std`` default, as in
     TRL), so values match TRL's for the same rewards; a single-element group or
     batch has std 0 rather than NaN.
+
+    NaN rewards (rows every reward function returned ``None`` for) are left out of
+    the group mean and std and get advantage 0, as in TRL. ``batch_std``: the
+    ``batch``-scale std computed elsewhere (`global_nanstd` over all processes);
+    default: this call's rewards.
     """
     grouped = _grouped(rewards, group_size)  # [B, G]
-    centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    nan_rows = torch.isnan(grouped)  # [B, G]
+    centered = grouped - torch.nanmean(grouped, dim=1, keepdim=True)  # [B, G]; NaN where the reward is NaN
     if scale == "none":
-        return centered.reshape(-1)
+        return torch.nan_to_num(centered, nan=0.0).reshape(-1)
     if scale == "group":
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])  # [B, 1]
+        std = nanstd(grouped, dim=1, keepdim=True)  # [B, 1]
     elif scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())  # []
+        std = nanstd(rewards) if batch_std is None else batch_std.to(rewards.dtype)  # []
     else:
         raise ValueError(f"unknown advantage scale {scale!r}; expected 'group', 'batch' or 'none'")
-    return (centered / (std + eps)).reshape(-1)  # [B*G]
+    std = torch.nan_to_num(std, nan=0.0)  # one valid value: std 0, as torch.std of one element is not used
+    adv = torch.where(nan_rows, 0.0, centered / (std + eps))  # [B, G]
+    return adv.reshape(-1)  # [B*G]
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -59,9 +132,13 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """[B] bool, True where every reward in the group is equal (no learning signal; DAPO drops these)."""
+    """[B] bool, True where every reward in the group is equal (no learning signal; DAPO drops these).
+    NaN rewards (unscorable rows) are ignored; a group with fewer than two scored rows is flat."""
     grouped = _grouped(rewards, group_size)  # [B, G]
-    return (grouped == grouped[:, :1]).all(dim=1)  # [B]
+    valid = ~torch.isnan(grouped)  # [B, G]
+    hi = torch.where(valid, grouped, float("-inf")).amax(dim=1)  # [B]
+    lo = torch.where(valid, grouped, float("inf")).amin(dim=1)  # [B]
+    return hi <= lo  # [B]
 
 
 def mask_truncated(completion_mask: Tensor, truncated: Tensor) -> Tensor:
@@ -91,6 +168,7 @@ def grpo_loss(
     num_sequences: int | Tensor | None = None,
     num_tokens: int | Tensor | None = None,
     num_micro_batches: int = 1,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty.
 
@@ -114,6 +192,14 @@ def grpo_loss(
             ``dapo``: token sum / ``num_tokens``.
         num_sequences: sequences in the whole generation batch (default N).
         num_tokens: completion tokens in the whole generation batch (default: this mask's sum).
+        importance_sampling_level: ``token`` (GRPO: one ratio per token) or
+            ``sequence`` (GSPO, Zheng et al. 2025, arXiv:2507.18071): one ratio per
+            completion, ``exp`` of the mean token log-ratio over its tokens, clipped
+            per sequence and applied to every token of it. Sequence ratios stay much
+            closer to 1, so GSPO's clip range is tiny: the paper uses
+            ``epsilon_low=3e-4``, ``epsilon_high=4e-4``. The KL term stays per token.
+            Meant with ``aggregation="grpo"``: the other modes weight a sequence's
+            single ratio by its token count.
 
     Returns:
         ``(loss, metrics)``: scalar loss and detached masked token means over this
@@ -131,6 +217,10 @@ def grpo_loss(
         raise ValueError(f"advantages must be [N]={logp.shape[0]}, got {tuple(advantages.shape)}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; expected one of {IMPORTANCE_SAMPLING_LEVELS}"
+        )
     if ref_logp is not None and ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
 
@@ -139,7 +229,11 @@ def grpo_loss(
     # Loss math in fp32 (bf16 ratios near 1 lose the signal). Masked positions are set to 0
     # before any arithmetic so padding values (even -inf) give ratio 1, KL 0 and zero grad.
     logp = torch.where(on, logp.float(), 0.0)  # [N, C]
-    ratio = torch.exp(logp - torch.where(on, old_logp.float(), 0.0))  # [N, C]
+    log_ratio = logp - torch.where(on, old_logp.float(), 0.0)  # [N, C]; 0 where masked
+    if importance_sampling_level == "sequence":
+        # GSPO: one length-normalised ratio per completion; [N, 1] broadcasts over its tokens.
+        log_ratio = log_ratio.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)  # [N, 1]
+    ratio = torch.exp(log_ratio)  # [N, C] or [N, 1]
     adv = advantages.float()[:, None]  # [N, 1]
 
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]

@@ -183,12 +183,13 @@ class PolicyModule(L.LightningModule):
     def decode(self, completion_ids) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
-    def score(self, rollout, columns: dict, rewards):
-        """Decode a rollout and score it with a `RewardComposer`; `.completions` carries the text."""
+    def score(self, rollout, columns: dict, rewards, **context):
+        """Decode a rollout and score it with a `RewardComposer`; `.completions` carries the text.
+        `context`: the composer's keyword arguments (`reward_prompts`, `trainer_state`)."""
         prompts = self.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
         completions = self.decode(rollout.completion_ids)
         ids = [row[: int(n)].tolist() for row, n in zip(rollout.completion_ids, rollout.completion_lengths)]
-        out = rewards(prompts, completions, columns, completion_ids=ids)
+        out = rewards(prompts, completions, columns, completion_ids=ids, **context)
         out.completions = completions
         return out
 

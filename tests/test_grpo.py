@@ -54,7 +54,9 @@ def test_trl_reward_from_yaml_gets_the_dataset_columns(prompts_file, tmp_path, t
     assert len(first["answer"]) == 8  # 2 prompts x G=4, each gold answer repeated per completion
     assert first["answer"][:4] == [first["answer"][0]] * 4
     assert set(first["kwargs"]["source"]) <= {r["source"] for r in ROWS}
-    assert "completion_ids" in first["kwargs"] and "prompt" in first["kwargs"]
+    # As TRL passes them: the prompt column arrives as `prompts` (the dataset's strings), not as a keyword.
+    assert "completion_ids" in first["kwargs"] and "trainer_state" in first["kwargs"] and "prompt" not in first["kwargs"]
+    assert set(first["prompts"]) <= {r["prompt"] for r in ROWS}
     logged = cli.trainer.logged_metrics
     for key in ("train/reward", "train/reward_std", "train/rewards/my_reward/mean", "train/frac_reward_zero_std", "train/kl",
                 "train/clip_ratio/low_mean", "train/clip_ratio/high_mean", "train/clip_ratio/region_mean", "train/entropy",

@@ -21,9 +21,14 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> lis
 
 
 def row_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
-    """A row is either `messages` (a conversation) or `prompt` (+ `completion` for traces)."""
+    """A row is either `messages` (a conversation) or `prompt` (+ `completion` for traces); `prompt` may
+    itself be a list of messages (TRL's conversational format)."""
     if row.get("messages") is not None:
         msgs = list(row["messages"])
+    elif isinstance(row.get("prompt"), list):
+        msgs = list(row["prompt"])
+        if row.get("completion") is not None:
+            msgs.append({"role": "assistant", "content": row["completion"]})
     else:
         msgs = [{"role": "user", "content": row["prompt"]}]
         if row.get("completion") is not None:
@@ -123,13 +128,25 @@ def left_pad(ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, tor
     return prompt_ids, mask
 
 
+def reward_prompt(row: dict, system_prompt: str | None = None):
+    """The prompt as TRL hands it to reward functions: the message list the policy was prompted with for
+    conversational rows (`messages`, or a list-valued `prompt`), else the `prompt` string itself."""
+    if row.get("messages") is not None or isinstance(row.get("prompt"), list):
+        msgs = row_messages(row, system_prompt)
+        return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+    return row.get("prompt")
+
+
 @dataclass
 class PromptCollator:
-    """Left-pads prompts for generation; every other column is passed through as a list."""
+    """Left-pads prompts for generation; every other column is passed through as a list, and `prompts`
+    holds each row's prompt as reward functions receive it (`reward_prompt`)."""
 
     pad_token_id: int
+    system_prompt: str | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
         prompt_ids, prompt_mask = left_pad([e["prompt_ids"] for e in examples], self.pad_token_id)
         columns = {k: [e[k] for e in examples] for k in examples[0] if k != "prompt_ids"}
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "columns": columns}
+        prompts = [reward_prompt(e, self.system_prompt) for e in examples]
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "columns": columns, "prompts": prompts}

@@ -1,7 +1,8 @@
 """LightningDataModules: traces for SFT, prompts (+ gold answers and any extra columns) for RL.
 
-Both take files (JSONL, Parquet, `save_to_disk` directories) or a synthetic `task` that writes its
-files on first use. The tokenizer comes from the LightningModule at `setup` (or `connect` in
+Both take files (JSONL, Parquet, `save_to_disk` directories), a `datasets.load_dataset` spec (a Hub
+dataset by name or a local dataset-repository directory, see `r1lightning.data.hub`) or a synthetic
+`task` that writes its files on first use. The tokenizer comes from the LightningModule at `setup` (or `connect` in
 scripts), so configs never name it twice.
 """
 
@@ -15,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from r1lightning.data.chat import PromptCollator, SFTCollator, encode_conversation, encode_prompt, require_chat_template, row_messages
-from r1lightning.data.io import DataError, load_rows
+from r1lightning.data import hub
+from r1lightning.data.io import DataError, check_rows, load_rows
 from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,43 @@ class _BaseDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         system_prompt: str | None = None,
+        dataset: dict | str | None = None,
+        val_dataset: dict | str | None = None,
+        prompt_column: str | None = None,
+        messages_column: str | None = None,
+        answer_column: str | None = None,
+        answer_format: str | None = None,
+        conversational: bool = False,
     ):
+        """
+        Args:
+            dataset: training rows by name instead of files: a `datasets.load_dataset` spec such as
+                `{path: openai/gsm8k, name: main, split: train}`, or a local dataset-repository directory
+                as `path`. Offline, `datasets` reads its cache.
+            val_dataset: the same for validation prompts.
+            prompt_column: the column holding the prompt (renamed `prompt`; e.g. `problem`, `question`).
+            messages_column: the column holding conversations (renamed `messages`).
+            answer_column: the column holding the gold answer or a reference solution; its extracted
+                answer becomes `answer` (what the `accuracy` reward reads); the column itself stays.
+            answer_format: how to extract it: `gsm8k` (after `####`), `boxed` (last `\boxed{}`),
+                `auto` (either, else the text); default: the value as it is.
+            conversational: turn string prompts into `[system, user]` message lists (open-r1's
+                convention): reward functions then receive messages and `[{"role": "assistant", ...}]`.
+        """
         super().__init__()
-        if task is None and train_files is None:
-            raise ValueError("data: give `train_files` or a synthetic `task`")
+        if task is None and train_files is None and dataset is None:
+            raise ValueError("data: give `train_files`, a `dataset` spec or a synthetic `task`")
+        if train_files is not None and dataset is not None:
+            raise ValueError("data: give `train_files` or `dataset`, not both")
+        if answer_format is not None and answer_format not in hub.ANSWER_FORMATS:
+            raise ValueError(f"data.answer_format: {answer_format!r} is not one of {', '.join(hub.ANSWER_FORMATS)}")
+        self.dataset = dataset
+        self.val_dataset = val_dataset
+        self.prompt_column = prompt_column
+        self.messages_column = messages_column
+        self.answer_column = answer_column
+        self.answer_format = answer_format
+        self.conversational = conversational
         self.train_files = train_files
         self.val_files = val_files
         self.task = task
@@ -61,6 +96,10 @@ class _BaseDataModule(L.LightningDataModule):
             self.task.write(self.data_dir)  # rank 0 only; skipped when the files exist
 
     def files(self, split: str) -> list[str] | None:
+        """Paths for `split`; with a `dataset` spec, a one-element list holding the spec (`read_rows` loads it)."""
+        spec = self.dataset if split == "train" else self.val_dataset
+        if spec is not None:
+            return [{"path": spec} if isinstance(spec, str) else dict(spec)]
         given = self.train_files if split == "train" else self.val_files
         if given is not None:
             return [given] if isinstance(given, str) else list(given)
@@ -80,10 +119,30 @@ class _BaseDataModule(L.LightningDataModule):
         require_chat_template(self.tokenizer)
         return self.tokenizer
 
+    # -- rows: files or a dataset by name, then the column mapping ------------------------------
+    def read_rows(self, files: Sequence, any_of: Sequence[Sequence[str]] = ()):
+        """Rows from files or a `load_dataset` spec, with `prompt_column` / `messages_column` renamed,
+        `answer` extracted from `answer_column`, and string prompts made conversations if asked."""
+        rename = {k: v for k, v in ((self.prompt_column, "prompt"), (self.messages_column, "messages")) if k}
+        by_name = len(files) == 1 and isinstance(files[0], dict)
+        where = f"dataset {hub.spec_name(files[0])}" if by_name else ", ".join(map(str, files))
+        if by_name:
+            rows = hub.load_dataset_spec(files[0])
+        else:  # checked after the renaming when there is one
+            rows = load_rows(files, any_of=() if rename else any_of)
+        if rename or by_name:
+            rows = hub.rename_columns(rows, rename, where)
+            check_rows(rows, (), any_of, where)
+        if self.answer_column:
+            rows = hub.add_answers(rows, self.answer_column, self.answer_format, where, log)
+        if self.conversational:
+            rows = hub.as_conversation(rows, self.system_prompt)
+        return rows
+
     # -- prompts (RL and evaluation) ---------------------------------------------------------
     def load_prompts(self, files: Sequence[str], limit: int | None = None):
         tok = self._tokenizer()
-        rows = load_rows(files, any_of=PROMPT_FIELDS)
+        rows = self.read_rows(files, any_of=PROMPT_FIELDS)
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         system_prompt = self.system_prompt
@@ -99,7 +158,7 @@ class _BaseDataModule(L.LightningDataModule):
         keep = [i for i, n in enumerate(lengths) if n <= self.max_length]
         if len(keep) < len(rows):
             first = next(i for i, n in enumerate(lengths) if n > self.max_length)
-            where = f"{', '.join(map(str, files))}: row {first}"
+            where = f"{', '.join(f'dataset {hub.spec_name(f)}' if isinstance(f, dict) else str(f) for f in files)}: row {first}"
             if not keep:
                 raise DataError(f"{where}: every row is longer than max_length={self.max_length}")
             log.warning(
@@ -117,7 +176,7 @@ class _BaseDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             generator=generator if shuffle else None,
-            collate_fn=PromptCollator(self._tokenizer().pad_token_id),
+            collate_fn=PromptCollator(self._tokenizer().pad_token_id, self.system_prompt),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -156,7 +215,7 @@ class TraceDataModule(_BaseDataModule):
 
     def load_train(self, files: list[str]):
         tok = self._tokenizer()
-        rows = load_rows(files, any_of=(("completion", "messages"),) + PROMPT_FIELDS)
+        rows = self.read_rows(files, any_of=(("completion", "messages"),) + PROMPT_FIELDS)
         system_prompt = self.system_prompt
 
         def encode(row):

@@ -54,12 +54,24 @@ def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str
         if not any(row.get(k) is not None for k in group):
             raise DataError(f"{where}: missing field, need one of {', '.join(repr(k) for k in group)}")
     for key in ("prompt", "completion"):
-        if key in row and row[key] is not None and not isinstance(row[key], str):
-            raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
-    if "messages" in row and row["messages"] is not None:
-        msgs = row["messages"]
+        value = row.get(key)
+        if value is None or isinstance(value, str) or (key == "prompt" and isinstance(value, list)):
+            continue
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    for key in ("messages", "prompt"):  # a list-valued prompt is a conversation (TRL's format)
+        msgs = row.get(key)
+        if msgs is None or (key == "prompt" and isinstance(msgs, str)):
+            continue
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+            raise DataError(f"{where}: field '{key}' must be a list of {{role, content}} objects")
+
+
+def check_rows(ds: datasets.Dataset, required: Sequence[str], any_of: Sequence[Sequence[str]], where: str) -> None:
+    """`_check_row` on every row of a loaded dataset; errors name `where: row i`."""
+    if not required and not any_of and not ({"prompt", "completion", "messages"} & set(ds.column_names)):
+        return
+    for i, row in enumerate(ds):
+        _check_row(row, required, any_of, f"{where}: row {i}")
 
 
 def load_rows(
@@ -100,8 +112,7 @@ def load_rows(
         else:
             raise DataError(f"{path}: unsupported format (use .jsonl, .parquet or a save_to_disk directory)")
         if path.is_dir() or path.suffix == ".parquet":  # JSONL was checked line by line above
-            for i, row in enumerate(ds):
-                _check_row(row, required, any_of, f"{path}: row {i}")
+            check_rows(ds, required, any_of, str(path))
         if len(ds) == 0:
             raise DataError(f"{path}: no rows (empty dataset)")
         parts.append(ds)
