@@ -46,6 +46,10 @@ def _check_jsonl(path: Path, required: Sequence[str], any_of: Sequence[Sequence[
     return n
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
 def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str]], where: str) -> None:
     for key in required:
         if key not in row or row[key] is None:
@@ -54,7 +58,7 @@ def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str
         if not any(row.get(k) is not None for k in group):
             raise DataError(f"{where}: missing field, need one of {', '.join(repr(k) for k in group)}")
     for key in ("prompt", "completion"):
-        if key in row and row[key] is not None and not isinstance(row[key], str):
+        if key in row and row[key] is not None and not isinstance(row[key], str) and not _is_messages(row[key]):
             raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]

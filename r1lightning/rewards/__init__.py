@@ -35,7 +35,7 @@ __all__ = [
 
 _REGISTRY: dict[str, Any] = {}
 # Imported on first request so an optional/heavy module only fails when asked for.
-_LAZY: dict[str, str] = {"code": "r1lightning.rewards.code:CodeReward"}
+_LAZY: dict[str, str] = {"code": "r1lightning.rewards.code:CodeReward", "reward_model": "r1lightning.rewards.reward_model:RewardModelReward"}
 
 
 def register_reward(name: str) -> Callable[[Any], Any]:
@@ -95,11 +95,18 @@ def _import_path(path: str) -> Any:
     raise ValueError(f"cannot import reward {path!r}: {last_err}")
 
 
+def _is_model(name: str) -> bool:
+    from r1lightning.rewards.reward_model import looks_like_model
+
+    return looks_like_model(name)
+
+
 def get_reward(name_or_path: str, **kwargs: Any) -> Callable[..., list]:
     """Return a callable reward from a registered name or an import path.
 
     Classes are instantiated with ``kwargs``; plain functions get ``kwargs``
-    bound with :func:`functools.partial`.
+    bound with :func:`functools.partial`. A directory or hub id (``org/name``)
+    is a reward model (:class:`~r1lightning.rewards.reward_model.RewardModelReward`).
     """
     if name_or_path in _REGISTRY:
         obj = _REGISTRY[name_or_path]
@@ -107,6 +114,10 @@ def get_reward(name_or_path: str, **kwargs: Any) -> Callable[..., list]:
         obj = _import_path(_LAZY[name_or_path])
         _REGISTRY.setdefault(name_or_path, obj)
         _LAZY.pop(name_or_path, None)
+    elif _is_model(name_or_path):  # TRL's form: a reward-model id or directory where a function goes
+        from r1lightning.rewards.reward_model import RewardModelReward
+
+        return RewardModelReward(name_or_path, **kwargs)
     elif "." in name_or_path or ":" in name_or_path:
         obj = _import_path(name_or_path)
     else:
@@ -132,6 +143,9 @@ class Reward:
         weight: multiplier in the composed total; 0 keeps it as a logged metric only.
         name: key in logs; defaults to the last component of ``fn``.
         kwargs: constructor arguments (classes) or bound keyword arguments (functions).
+        kinds: apply only to rows whose ``kind_column`` is one of these (None elsewhere); see
+            :mod:`r1lightning.rewards.routing`. None: every row.
+        kind_column: the column that names a row's kind.
     """
 
     def __init__(
@@ -140,19 +154,30 @@ class Reward:
         weight: float = 1.0,
         name: str | None = None,
         kwargs: dict | None = None,
+        kinds: list[str | None] | None = None,
+        kind_column: str = "kind",
     ) -> None:
         self.fn = fn
         self.weight = float(weight)
-        self.name = name if name is not None else fn.replace(":", ".").rsplit(".", 1)[-1]
+        if name is None:  # a model id or directory: its last component; an import path: its attribute
+            name = fn.rstrip("/").rsplit("/", 1)[-1] if "/" in fn else fn.replace(":", ".").rsplit(".", 1)[-1]
+        self.name = name
         self.kwargs = dict(kwargs or {})
+        self.kinds = None if kinds is None else list(kinds)
+        self.kind_column = kind_column
         # Resolve now so a typo fails at config time, not after the first rollout.
         self._callable = get_reward(fn, **self.kwargs)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list:
+        if self.kinds is not None:
+            from r1lightning.rewards.routing import route
+
+            return route(self._callable, self.kinds, self.kind_column, self.name, prompts, completions, **columns)
         return self._callable(prompts=prompts, completions=completions, **columns)
 
     def __repr__(self) -> str:
-        return f"Reward(fn={self.fn!r}, weight={self.weight}, name={self.name!r}, kwargs={self.kwargs!r})"
+        kinds = f", kinds={self.kinds!r}" if self.kinds is not None else ""
+        return f"Reward(fn={self.fn!r}, weight={self.weight}, name={self.name!r}, kwargs={self.kwargs!r}{kinds})"
 
 
 @dataclass

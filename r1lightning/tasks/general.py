@@ -1,0 +1,170 @@
+"""General (non-verifiable-by-the-policy) prompts for R1's stage 4, in miniature.
+
+`InstructionTask`: instructions with a length and / or a formatting constraint, and preference
+pairs whose chosen answer follows the instruction and whose rejected answer does not:
+
+    prompt:   "Give me a 3-digit number ending in 7."
+    chosen:   "<answer>517</answer>"
+    rejected: "<answer>5170</answer>"      (wrong length; or wrong last digit; or both)
+
+A reward model trained on the pairs (`RewardModelModule`) stands in for R1's helpfulness model; the
+policy is never told the rule. `instruction_following` checks the rule itself: logged next to the
+reward model's score (weight 0) it shows whether the policy pleases the model by following the
+instruction or by gaming the model. Held-out prompts (wording and constraints) never appear in
+training.
+
+`MixedTask`: the prompts of R1's stage 4, reasoning (the addition task, rule rewards) mixed with
+general ones, every row tagged with a `kind` column (`reasoning` / `general`) that routes rewards
+(`Reward(kinds=[...])`). Its test split is the reasoning task's, so `val/accuracy` stays comparable
+with the stages before.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from r1lightning.tasks.arithmetic import AdditionTask, SyntheticTask
+from r1lightning.tokenizer import ANSWER, END_ANSWER
+
+LEADS = ("Write", "Give me", "Reply with", "Pick", "Choose", "Name", "Send", "Type")
+MAX_DIGITS = 5
+
+
+def instruction(lead: str, digits: int | None, ends_with: str | None) -> str:
+    what = f"a {digits}-digit number" if digits is not None else "a number"
+    tail = f" ending in {ends_with}" if ends_with is not None else ""
+    return f"{lead} {what}{tail}."
+
+
+def follows(answer: str | None, digits: int | None, ends_with: str | None) -> float:
+    """Share of the instruction's constraints the answer meets (0 when it is not a number)."""
+    if answer is None or not answer.isdigit() or (len(answer) > 1 and answer[0] == "0"):
+        return 0.0
+    checks = []
+    if digits is not None:
+        checks.append(len(answer) == int(digits))
+    if ends_with is not None:
+        checks.append(answer.endswith(str(ends_with)))
+    return sum(checks) / len(checks) if checks else 0.0
+
+
+def _number(rng: random.Random, digits: int, ends_with: str | None) -> str:
+    if digits == 1:
+        return ends_with if ends_with is not None else str(rng.randint(1, 9))
+    body = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 2))
+    return body + (ends_with if ends_with is not None else str(rng.randint(0, 9)))
+
+
+class InstructionTask(SyntheticTask):
+    name = "instructions"
+
+    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 48):
+        """
+        Args:
+            seed: the generator seed; the same seed gives byte-identical files.
+            num_train, num_test: preference pairs in each split.
+            num_test_prompts: distinct instructions kept for the test split only.
+        """
+        super().__init__(seed, num_train, num_test)
+        self.num_test_prompts = num_test_prompts
+        self.name = f"instructions-p{num_test_prompts}"
+
+    def specs(self) -> list[tuple[str, int | None, str | None]]:
+        out = []
+        for lead in LEADS:
+            for digits in [None, *range(1, MAX_DIGITS + 1)]:
+                for end in [None, *map(str, range(10))]:
+                    if (digits, end) == (None, None) or (digits == 1 and end == "0"):
+                        continue
+                    out.append((lead, digits, end))
+        return out
+
+    def pair(self, rng: random.Random, spec) -> dict:
+        lead, digits, end = spec
+        n = digits if digits is not None else rng.randint(1, MAX_DIGITS)
+        chosen = _number(rng, n, end)
+        # Break one constraint, or both when there are two.
+        breaks = [c for c, present in (("length", digits is not None), ("end", end is not None)) if present]
+        broken = set(rng.sample(breaks, rng.randint(1, len(breaks))))
+        e = end
+        if "end" in broken:
+            e = rng.choice([str(d) for d in range(10) if str(d) != end and not (n == 1 and d == 0 and "length" not in broken)])
+        m = n
+        if "length" in broken:  # a 1-digit number cannot end in 0
+            m = rng.choice([k for k in range(1, MAX_DIGITS + 2) if k != n and not (k == 1 and e == "0")])
+        rejected = _number(rng, m, e)
+        assert follows(chosen, digits, end) == 1.0 and follows(rejected, digits, end) < 1.0
+        return {"prompt": instruction(lead, digits, end), "chosen": f"{ANSWER}{chosen}{END_ANSWER}",
+                "rejected": f"{ANSWER}{rejected}{END_ANSWER}", "kind": "general", "digits": digits, "ends_with": end}  # fmt: skip
+
+    def split_specs(self) -> tuple[list, list]:
+        specs = self.specs()
+        random.Random(self.seed).shuffle(specs)
+        return specs[self.num_test_prompts :], specs[: self.num_test_prompts]
+
+    def splits(self) -> dict[str, list[dict]]:
+        train_specs, test_specs = self.split_specs()
+        rng = random.Random(self.seed + 1)
+        test = [self.pair(rng, rng.choice(test_specs)) for _ in range(self.num_test)]
+        train = [self.pair(rng, rng.choice(train_specs)) for _ in range(self.num_train)]
+        return {"train": train, "test": test}
+
+    def prompt_rows(self, split: str) -> list[dict]:
+        """One row per distinct instruction of the split: `prompt`, `kind`, and the constraints."""
+        specs = self.split_specs()[0 if split == "train" else 1]
+        return [{"prompt": instruction(*s), "kind": "general", "digits": s[1], "ends_with": s[2]} for s in specs]
+
+
+def instruction_following(prompts, completions, digits=None, ends_with=None, **kwargs) -> list[float | None]:
+    """Rule check of `InstructionTask`'s constraints on the `<answer>`; None on rows without any."""
+    from r1lightning.rewards.math import extract_answer
+
+    n = len(completions)
+    digits = digits if digits is not None else [None] * n
+    ends_with = ends_with if ends_with is not None else [None] * n
+    out = []
+    for c, d, e in zip(completions, digits, ends_with):
+        if d is None and e is None:
+            out.append(None)
+            continue
+        text = c if isinstance(c, str) else c[-1]["content"]
+        answer = extract_answer(text)
+        out.append(follows(answer.strip() if answer is not None else None, d, e))
+    return out
+
+
+class MixedTask(SyntheticTask):
+    def __init__(self, reasoning: AdditionTask | None = None, general: InstructionTask | None = None, general_fraction: float = 0.2,
+                 seed: int = 0):  # fmt: skip
+        """
+        Args:
+            reasoning: the rule-rewarded task (default: 3-digit addition, 1000 / 500 problems).
+            general: the instruction task (its training instructions; the held-out ones stay out).
+            general_fraction: share of general prompts in the training split (0: reasoning only).
+            seed: shuffles the mixed training rows.
+        """
+        self.reasoning = reasoning or AdditionTask(digits=3, operands=2, seed=0, num_train=1000, num_test=500)
+        self.general = general or InstructionTask()
+        if not 0 <= general_fraction < 1:
+            raise ValueError("MixedTask: general_fraction must be in [0, 1)")
+        self.general_fraction = general_fraction
+        super().__init__(seed, self.reasoning.num_train, self.reasoning.num_test)
+        self.name = f"mixed-{self.reasoning.directory('.').name}-{self.general.name}-seed{self.general.seed}-general{general_fraction:g}"
+
+    def directory(self, root: str | Path) -> Path:
+        return Path(root) / f"{self.name}-seed{self.seed}"
+
+    def splits(self) -> dict[str, list[dict]]:
+        base = self.reasoning.splits()
+        blank = {"kind": "reasoning", "digits": None, "ends_with": None}
+        train = [{**row, **blank} for row in base["train"]]
+        test = [{**row, **blank} for row in base["test"]]
+        general = self.general.prompt_rows("train")
+        k = round(self.general_fraction / (1 - self.general_fraction) * len(train))
+        rng = random.Random(self.seed)
+        extra = [{"prompt": g["prompt"], "answer": None, "completion": None, **{c: g[c] for c in ("kind", "digits", "ends_with")}}
+                 for g in (rng.choices(general, k=k) if k else [])]  # fmt: skip
+        train = train + extra
+        rng.shuffle(train)
+        return {"train": train, "test": test}
