@@ -151,6 +151,18 @@ def test_scope_answer_reads_only_the_text_after_think(trained):
     assert answer_part(msgs) == [{"role": "assistant", "content": "<answer>1</answer>"}]
 
 
+def test_a_qwen2_export_keeps_the_char_tokenizer(tmp_path):
+    """transformers 5's AutoTokenizer picks Qwen2Tokenizer from a qwen2 config.json, whose byte-level
+    pre-tokenizer drops every space of the char vocabulary; `load_tokenizer` (the policy's and the
+    reward's loader) reads the class the tokenizer was saved as."""
+    from r1lightning.policy import Policy, export_pretrained
+
+    model, tok = RewardModelSpec(config=RM_CONFIG, tokenizer="char").build()
+    export_pretrained(model, tok, tmp_path / "m")
+    text = "Give me a 3-digit number."
+    assert Policy(name_or_path=str(tmp_path / "m")).build_tokenizer()(text)["input_ids"] == tok(text)["input_ids"]
+
+
 # -- routing ---------------------------------------------------------------------------------------
 def count_calls(prompts, completions, **columns):
     count_calls.seen.append(list(completions))
