@@ -58,11 +58,11 @@ def test_instruction_pairs_follow_and_break_the_rule():
     assert not train_prompts & {r["prompt"] for r in splits["test"]}  # held-out instructions
     for row in splits["train"][:100]:
         strip = lambda s: s.removeprefix("<answer>").removesuffix("</answer>")  # noqa: E731
-        assert follows(strip(row["chosen"]), row["digits"], row["ends_with"]) == 1.0
-        assert follows(strip(row["rejected"]), row["digits"], row["ends_with"]) < 1.0
-    assert follows("517", 3, "7") == 1.0 and follows("5170", 3, "7") == 0.0 and follows("51", 3, "1") == 0.5
+        assert follows(strip(row["chosen"]), row["digits"], row["parity"]) == 1.0
+        assert follows(strip(row["rejected"]), row["digits"], row["parity"]) < 1.0
+    assert follows("517", 3, "odd") == 1.0 and follows("5170", 3, "odd") == 0.0 and follows("51", 3, "odd") == 0.5
     out = instruction_following(["p"] * 3, ["<think>x</think><answer>517</answer>", "<answer>12</answer>", "<answer>9</answer>"],
-                                digits=[3, 3, None], ends_with=["7", None, None])  # fmt: skip
+                                digits=[3, 3, None], parity=["odd", None, None])  # fmt: skip
     assert out == [1.0, 0.0, None]
 
 
@@ -82,7 +82,7 @@ def test_mixed_task_tags_kinds_and_keeps_the_reasoning_test_split(tmp_path):
 # -- training --------------------------------------------------------------------------------------
 def fit_reward_model(tmp_path, max_steps=300, task=None):
     L.seed_everything(0)
-    task = task or InstructionTask(seed=0, num_train=4000, num_test=400, num_test_prompts=48)
+    task = task or InstructionTask(seed=0, num_train=4000, num_test=400, num_test_prompts=32)
     module = RewardModelModule(
         RewardModelSpec(config=RM_CONFIG, tokenizer="char"), center_rewards_coefficient=0.01,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.9, 0.95)), warmup_steps=20, export_dir=str(tmp_path / "rm"),
@@ -97,17 +97,23 @@ def fit_reward_model(tmp_path, max_steps=300, task=None):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rm")
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    trainer, module, data = fit_reward_model(tmp)
-    return {"dir": tmp / "rm", "seconds": time.perf_counter() - t0, "accuracy": float(trainer.callback_metrics["val/pair_accuracy"]),
-            "data": data}  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        trainer, module, data = fit_reward_model(tmp)
+    finally:
+        torch.set_num_threads(threads)
+    return {"dir": tmp / "rm", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "accuracy": float(trainer.callback_metrics["val/pair_accuracy"]), "data": data}  # fmt: skip
 
 
 def test_reward_model_learns_the_held_out_preferences_in_two_minutes(trained):
-    print(f"held-out pair accuracy {trained['accuracy']:.3f} in {trained['seconds']:.0f} s")
+    """300 steps of 32 pairs, one thread. The time bound is on this process's CPU seconds: on a shared
+    machine the wall clock measures the neighbours (it equals the CPU time on a quiet core)."""
+    print(f"held-out pair accuracy {trained['accuracy']:.3f}; {trained['cpu_seconds']:.0f} CPU s, {trained['seconds']:.0f} s wall")
     assert trained["accuracy"] >= 0.90
-    assert trained["seconds"] < 120
+    assert trained["cpu_seconds"] < 120
 
 
 def test_reward_matches_the_exported_model_in_plain_transformers(trained):
@@ -138,7 +144,7 @@ def test_reward_matches_the_exported_model_in_plain_transformers(trained):
 def test_scope_answer_reads_only_the_text_after_think(trained):
     reward_answer = RewardModelReward(str(trained["dir"]), scope="answer")
     reward_full = RewardModelReward(str(trained["dir"]), scope="full")
-    prompt = ["Give me a 3-digit number ending in 7."] * 2
+    prompt = ["Give me an odd 3-digit number."] * 2
     same_answer = ["<think>short</think><answer>517</answer>", "<think>a much longer line of reasoning 99</think><answer>517</answer>"]
     a, f = reward_answer(prompt, same_answer), reward_full(prompt, same_answer)
     assert a[0] == pytest.approx(a[1], abs=1e-6)  # the reasoning is not read
@@ -283,8 +289,8 @@ def _fsdp_run(rm_dir: str, workdir: str) -> None:
     work = Path(workdir)
     prompts = work / "prompts.jsonl"
     if int(os.environ["RANK"]) == 0:
-        rows = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b), "kind": "reasoning", "digits": None, "ends_with": None} for a, b in [(1, 2), (3, 4), (2, 2), (4, 1)]]
-        rows += [{"prompt": f"Give me a {n}-digit number.", "answer": None, "kind": "general", "digits": n, "ends_with": None} for n in (1, 2, 3, 4)]
+        rows = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b), "kind": "reasoning", "digits": None, "parity": None} for a, b in [(1, 2), (3, 4), (2, 2), (4, 1)]]
+        rows += [{"prompt": f"Give me a {n}-digit number.", "answer": None, "kind": "general", "digits": n, "parity": None} for n in (1, 2, 3, 4)]
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dist.barrier()
     cfg = {

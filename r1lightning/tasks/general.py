@@ -3,9 +3,9 @@
 `InstructionTask`: instructions with a length and / or a formatting constraint, and preference
 pairs whose chosen answer follows the instruction and whose rejected answer does not:
 
-    prompt:   "Give me a 3-digit number ending in 7."
+    prompt:   "Give me an odd 3-digit number."
     chosen:   "<answer>517</answer>"
-    rejected: "<answer>5170</answer>"      (wrong length; or wrong last digit; or both)
+    rejected: "<answer>5170</answer>"      (wrong length; or wrong parity; or both)
 
 A reward model trained on the pairs (`RewardModelModule`) stands in for R1's helpfulness model; the
 policy is never told the rule. `instruction_following` checks the rule itself: logged next to the
@@ -27,39 +27,42 @@ from pathlib import Path
 from r1lightning.tasks.arithmetic import AdditionTask, SyntheticTask
 from r1lightning.tokenizer import ANSWER, END_ANSWER
 
-LEADS = ("Write", "Give me", "Reply with", "Pick", "Choose", "Name", "Send", "Type")
+LEADS = ("Write", "Give me", "Reply with", "Pick", "Choose", "Name", "Send", "Type", "Tell me", "Say", "Output", "Print")
 MAX_DIGITS = 5
+PARITIES = ("even", "odd")
 
 
-def instruction(lead: str, digits: int | None, ends_with: str | None) -> str:
-    what = f"a {digits}-digit number" if digits is not None else "a number"
-    tail = f" ending in {ends_with}" if ends_with is not None else ""
-    return f"{lead} {what}{tail}."
+def instruction(lead: str, digits: int | None, parity: str | None) -> str:
+    what = f"{digits}-digit number" if digits is not None else "number"
+    if parity is not None:
+        what = f"{parity} {what}"
+    return f"{lead} {'an' if what[0] in 'aeiou' else 'a'} {what}."
 
 
-def follows(answer: str | None, digits: int | None, ends_with: str | None) -> float:
+def follows(answer: str | None, digits: int | None, parity: str | None) -> float:
     """Share of the instruction's constraints the answer meets (0 when it is not a number)."""
     if answer is None or not answer.isdigit() or (len(answer) > 1 and answer[0] == "0"):
         return 0.0
     checks = []
     if digits is not None:
         checks.append(len(answer) == int(digits))
-    if ends_with is not None:
-        checks.append(answer.endswith(str(ends_with)))
+    if parity is not None:
+        checks.append(int(answer[-1]) % 2 == (0 if parity == "even" else 1))
     return sum(checks) / len(checks) if checks else 0.0
 
 
-def _number(rng: random.Random, digits: int, ends_with: str | None) -> str:
+def _number(rng: random.Random, digits: int, parity: str | None) -> str:
+    last = [d for d in range(10) if parity is None or d % 2 == (0 if parity == "even" else 1)]
     if digits == 1:
-        return ends_with if ends_with is not None else str(rng.randint(1, 9))
+        return str(rng.choice([d for d in last if d > 0]))
     body = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 2))
-    return body + (ends_with if ends_with is not None else str(rng.randint(0, 9)))
+    return body + str(rng.choice(last))
 
 
 class InstructionTask(SyntheticTask):
     name = "instructions"
 
-    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 48):
+    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 32):
         """
         Args:
             seed: the generator seed; the same seed gives byte-identical files.
@@ -71,32 +74,26 @@ class InstructionTask(SyntheticTask):
         self.name = f"instructions-p{num_test_prompts}"
 
     def specs(self) -> list[tuple[str, int | None, str | None]]:
-        out = []
-        for lead in LEADS:
-            for digits in [None, *range(1, MAX_DIGITS + 1)]:
-                for end in [None, *map(str, range(10))]:
-                    if (digits, end) == (None, None) or (digits == 1 and end == "0"):
-                        continue
-                    out.append((lead, digits, end))
-        return out
+        return [(lead, digits, parity) for lead in LEADS for digits in [None, *range(1, MAX_DIGITS + 1)] for parity in [None, *PARITIES]
+                if (digits, parity) != (None, None)]  # fmt: skip
 
     def pair(self, rng: random.Random, spec) -> dict:
-        lead, digits, end = spec
+        lead, digits, parity = spec
         n = digits if digits is not None else rng.randint(1, MAX_DIGITS)
-        chosen = _number(rng, n, end)
+        chosen = _number(rng, n, parity)
         # Break one constraint, or both when there are two.
-        breaks = [c for c, present in (("length", digits is not None), ("end", end is not None)) if present]
+        breaks = [c for c, present in (("length", digits is not None), ("parity", parity is not None)) if present]
         broken = set(rng.sample(breaks, rng.randint(1, len(breaks))))
-        e = end
-        if "end" in broken:
-            e = rng.choice([str(d) for d in range(10) if str(d) != end and not (n == 1 and d == 0 and "length" not in broken)])
-        m = n
-        if "length" in broken:  # a 1-digit number cannot end in 0
-            m = rng.choice([k for k in range(1, MAX_DIGITS + 2) if k != n and not (k == 1 and e == "0")])
-        rejected = _number(rng, m, e)
-        assert follows(chosen, digits, end) == 1.0 and follows(rejected, digits, end) < 1.0
-        return {"prompt": instruction(lead, digits, end), "chosen": f"{ANSWER}{chosen}{END_ANSWER}",
-                "rejected": f"{ANSWER}{rejected}{END_ANSWER}", "kind": "general", "digits": digits, "ends_with": end}  # fmt: skip
+        m = rng.choice([k for k in range(1, MAX_DIGITS + 2) if k != n]) if "length" in broken else n
+        q = parity
+        if "parity" in broken:
+            q = "odd" if parity == "even" else "even"
+        elif parity is None:
+            q = None
+        rejected = _number(rng, m, q)
+        assert follows(chosen, digits, parity) == 1.0 and follows(rejected, digits, parity) < 1.0
+        return {"prompt": instruction(lead, digits, parity), "chosen": f"{ANSWER}{chosen}{END_ANSWER}",
+                "rejected": f"{ANSWER}{rejected}{END_ANSWER}", "kind": "general", "digits": digits, "parity": parity}  # fmt: skip
 
     def split_specs(self) -> tuple[list, list]:
         specs = self.specs()
@@ -113,18 +110,18 @@ class InstructionTask(SyntheticTask):
     def prompt_rows(self, split: str) -> list[dict]:
         """One row per distinct instruction of the split: `prompt`, `kind`, and the constraints."""
         specs = self.split_specs()[0 if split == "train" else 1]
-        return [{"prompt": instruction(*s), "kind": "general", "digits": s[1], "ends_with": s[2]} for s in specs]
+        return [{"prompt": instruction(*s), "kind": "general", "digits": s[1], "parity": s[2]} for s in specs]
 
 
-def instruction_following(prompts, completions, digits=None, ends_with=None, **kwargs) -> list[float | None]:
+def instruction_following(prompts, completions, digits=None, parity=None, **kwargs) -> list[float | None]:
     """Rule check of `InstructionTask`'s constraints on the `<answer>`; None on rows without any."""
     from r1lightning.rewards.math import extract_answer
 
     n = len(completions)
     digits = digits if digits is not None else [None] * n
-    ends_with = ends_with if ends_with is not None else [None] * n
+    parity = parity if parity is not None else [None] * n
     out = []
-    for c, d, e in zip(completions, digits, ends_with):
+    for c, d, e in zip(completions, digits, parity):
         if d is None and e is None:
             out.append(None)
             continue
@@ -157,13 +154,13 @@ class MixedTask(SyntheticTask):
 
     def splits(self) -> dict[str, list[dict]]:
         base = self.reasoning.splits()
-        blank = {"kind": "reasoning", "digits": None, "ends_with": None}
+        blank = {"kind": "reasoning", "digits": None, "parity": None}
         train = [{**row, **blank} for row in base["train"]]
         test = [{**row, **blank} for row in base["test"]]
         general = self.general.prompt_rows("train")
         k = round(self.general_fraction / (1 - self.general_fraction) * len(train))
         rng = random.Random(self.seed)
-        extra = [{"prompt": g["prompt"], "answer": None, "completion": None, **{c: g[c] for c in ("kind", "digits", "ends_with")}}
+        extra = [{"prompt": g["prompt"], "answer": None, "completion": None, **{c: g[c] for c in ("kind", "digits", "parity")}}
                  for g in (rng.choices(general, k=k) if k else [])]  # fmt: skip
         train = train + extra
         rng.shuffle(train)
