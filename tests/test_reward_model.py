@@ -242,7 +242,7 @@ def test_reward_model_reward_runs_under_fsdp_with_two_processes(trained, tmp_pat
     for rank in (0, 1):
         rec = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rec["strategy"] == "FSDP2Strategy" and rec["policy_sharded"] and not rec["reward_model_sharded"]
-        assert rec["calls"] >= 2 and rec["general_rows"] > 0 and rec["reasoning_rows"] > 0
+        assert rec["calls"] >= 1 and rec["general_rows"] > 0 and rec["reasoning_rows"] > 0  # every rank scored its own general rows
         for p, c, score in rec["scored"]:
             text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": answer_part(c)}], tokenize=False)
             with torch.no_grad():
