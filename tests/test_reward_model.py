@@ -79,6 +79,40 @@ def test_mixed_task_tags_kinds_and_keeps_the_reasoning_test_split(tmp_path):
     assert not held_out & {r["prompt"] for r in splits["train"]}
 
 
+# -- preference data ------------------------------------------------------------------------------
+def test_preference_data_plain_conversational_pointwise(tmp_path):
+    import datasets
+
+    from r1lightning.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Say 1.", "chosen": "<answer>1</answer>", "rejected": "<answer>22</answer>", "margin": 0.5}) + "\n")
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say 1."}], "chosen": [{"role": "assistant", "content": "<answer>1</answer>"}],
+                                "rejected": [{"role": "assistant", "content": "<answer>22</answer>"}], "margin": 0.5}) + "\n")  # fmt: skip
+    datasets.Dataset.from_list([{"prompt": "Say 1.", "completion": "<answer>1</answer>", "label": True},
+                                {"prompt": "Say 1.", "completion": "<answer>3</answer>", "label": False}]).to_parquet(str(tmp_path / "points.parquet"))
+    datasets.Dataset.from_list([{"prompt": "Say 1.", "chosen": "<answer>1</answer>", "rejected": "<answer>22</answer>"}]).save_to_disk(str(tmp_path / "saved"))
+    batches = {}
+    for name, files in (("plain", plain), ("conv", conv), ("points", tmp_path / "points.parquet"), ("saved", tmp_path / "saved")):
+        data = PreferenceDataModule(train_files=str(files), batch_size=2)
+        data.connect(tok)
+        data.setup("fit")
+        batches[name] = data._loader(data.train_rows, 2, shuffle=False).collate_fn(data.train_rows)
+    torch.testing.assert_close(batches["plain"], batches["conv"])  # the chat template renders both alike
+    want = tok(reward_text(tok, "Say 1.", "<answer>22</answer>"), add_special_tokens=False)["input_ids"]
+    assert batches["plain"]["input_ids"].shape[0] == 2 and batches["plain"]["margin"].tolist() == [0.5]
+    assert batches["plain"]["input_ids"][1, : len(want)].tolist() == want  # row B + i: rejected of pair i
+    assert batches["points"]["labels"].tolist() == [1.0, 0.0] and "margin" not in batches["saved"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "a"}) + "\n")
+    data = PreferenceDataModule(train_files=str(bad), format="pairs")
+    data.connect(tok)
+    with pytest.raises(Exception, match=r"bad.jsonl:1: missing field 'rejected'"):
+        data.setup("fit")
+
+
 # -- training --------------------------------------------------------------------------------------
 def fit_reward_model(tmp_path, max_steps=300, task=None):
     L.seed_everything(0)
