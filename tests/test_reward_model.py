@@ -57,7 +57,7 @@ def test_instruction_pairs_follow_and_break_the_rule():
     train_prompts = {r["prompt"] for r in splits["train"]}
     assert not train_prompts & {r["prompt"] for r in splits["test"]}  # held-out instructions
     for row in splits["train"][:100]:
-        strip = lambda s: s.removeprefix("<answer>").removesuffix("</answer>")  # noqa: E731
+        strip = lambda s: s.removeprefix("<answer>").removesuffix("</answer>") or None  # noqa: E731
         assert follows(strip(row["chosen"]), row["digits"], row["parity"]) == 1.0
         assert follows(strip(row["rejected"]), row["digits"], row["parity"]) < 1.0
     assert follows("517", 3, "odd") == 1.0 and follows("5170", 3, "odd") == 0.0 and follows("51", 3, "odd") == 0.5

@@ -5,7 +5,7 @@ pairs whose chosen answer follows the instruction and whose rejected answer does
 
     prompt:   "Give me an odd 3-digit number."
     chosen:   "<answer>517</answer>"
-    rejected: "<answer>5170</answer>"      (wrong length; or wrong parity; or both)
+    rejected: "<answer>5170</answer>"      (wrong length; or wrong parity; or both; or no answer)
 
 A reward model trained on the pairs (`RewardModelModule`) stands in for R1's helpfulness model; the
 policy is never told the rule. `instruction_following` checks the rule itself: logged next to the
@@ -62,16 +62,18 @@ def _number(rng: random.Random, digits: int, parity: str | None) -> str:
 class InstructionTask(SyntheticTask):
     name = "instructions"
 
-    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 32):
+    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 32, no_answer_rate: float = 0.2):
         """
         Args:
             seed: the generator seed; the same seed gives byte-identical files.
             num_train, num_test: preference pairs in each split.
             num_test_prompts: distinct instructions kept for the test split only.
+            no_answer_rate: share of pairs whose rejected side is an empty answer.
         """
         super().__init__(seed, num_train, num_test)
         self.num_test_prompts = num_test_prompts
-        self.name = f"instructions-p{num_test_prompts}"
+        self.no_answer_rate = no_answer_rate
+        self.name = f"instructions-p{num_test_prompts}-empty{no_answer_rate:g}"
 
     def specs(self) -> list[tuple[str, int | None, str | None]]:
         return [(lead, digits, parity) for lead in LEADS for digits in [None, *range(1, MAX_DIGITS + 1)] for parity in [None, *PARITIES]
@@ -91,9 +93,11 @@ class InstructionTask(SyntheticTask):
         elif parity is None:
             q = None
         rejected = _number(rng, m, q)
+        if rng.random() < self.no_answer_rate:
+            rejected = ""  # no answer at all (a policy that never closes its reasoning) must not score well
         assert follows(chosen, digits, parity) == 1.0 and follows(rejected, digits, parity) < 1.0
         return {"prompt": instruction(lead, digits, parity), "chosen": f"{ANSWER}{chosen}{END_ANSWER}",
-                "rejected": f"{ANSWER}{rejected}{END_ANSWER}", "kind": "general", "digits": digits, "parity": parity}  # fmt: skip
+                "rejected": f"{ANSWER}{rejected}{END_ANSWER}" if rejected else "", "kind": "general", "digits": digits, "parity": parity}  # fmt: skip
 
     def split_specs(self) -> tuple[list, list]:
         specs = self.specs()
