@@ -187,6 +187,8 @@ def test_scope_answer_reads_only_the_text_after_think(trained):
     assert reward_answer.texts(prompt[:1], same_answer[:1]) == [reward_text(tok, prompt[0], "<answer>517</answer>")]
     assert reward_full.texts(prompt[:1], same_answer[:1]) == [reward_text(tok, prompt[0], same_answer[0])]
     assert answer_part("no closing tag") == "" and answer_part("<think>a</think>b</think>c") == "c"
+    strict = RewardModelReward(str(trained["dir"]), scope="answer", no_answer=-1.0)  # no summary: a fixed low reward
+    assert strict(prompt, ["<think>never closed", same_answer[0]]) == [-1.0, pytest.approx(a[0], abs=1e-6)]
     msgs = [{"role": "assistant", "content": "<think>x</think><answer>1</answer>"}]
     assert answer_part(msgs) == [{"role": "assistant", "content": "<answer>1</answer>"}]
 

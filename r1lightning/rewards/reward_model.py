@@ -74,6 +74,7 @@ class RewardModelReward:
         device: str | None = None,
         include_prompt: bool = True,
         end_think: str = END_THINK,
+        no_answer: float | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
     ):
@@ -93,6 +94,9 @@ class RewardModelReward:
             device: where the model runs; default: this rank's current CUDA device, else the CPU.
             include_prompt: score the prompt with the completion (as the model was trained).
             end_think: the tag that closes the reasoning.
+            no_answer: with `scope: answer`, the reward of a completion that never closes its reasoning
+                (no summary to judge), instead of the model's score of an empty answer, which a model
+                never trained on empty answers may rate well (a hole a policy finds). None: score it.
         """
         if scope not in SCOPES:
             raise UserError(f"reward_model.scope: {scope!r} is not one of {', '.join(SCOPES)}")
@@ -106,7 +110,7 @@ class RewardModelReward:
         self.normalize = None if normalize == "none" else normalize
         self.shift, self.scale = float(shift), float(scale)
         self.dtype, self.device = dtype, device
-        self.include_prompt, self.end_think = include_prompt, end_think
+        self.include_prompt, self.end_think, self.no_answer = include_prompt, end_think, no_answer
         self.revision, self.trust_remote_code = revision, trust_remote_code
         self.model = self.tokenizer = None
         self.truncated = 0
@@ -181,9 +185,18 @@ class RewardModelReward:
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         if not completions:
             return []
-        scores = (self.raw_scores(prompts, completions) - self.shift) / self.scale
+        missing = [False] * len(completions)
+        if self.scope == "answer" and self.no_answer is not None:
+            missing = [self.end_think not in (c[-1]["content"] if isinstance(c, list) and c else str(c)) for c in completions]
+        keep = [i for i, m in enumerate(missing) if not m]
+        out: list = [None if self.no_answer is None else float(self.no_answer)] * len(completions)
+        if not keep:
+            return out
+        scores = (self.raw_scores([prompts[i] for i in keep], [completions[i] for i in keep]) - self.shift) / self.scale
         if self.normalize == "sigmoid":
             scores = torch.sigmoid(scores)
         elif self.normalize == "batch" and len(scores) > 1:
             scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6)
-        return scores.tolist()
+        for i, v in zip(keep, scores.tolist()):
+            out[i] = v
+        return out

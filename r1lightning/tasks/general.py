@@ -62,7 +62,7 @@ def _number(rng: random.Random, digits: int, parity: str | None) -> str:
 class InstructionTask(SyntheticTask):
     name = "instructions"
 
-    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 32, no_answer_rate: float = 0.2):
+    def __init__(self, seed: int = 0, num_train: int = 2000, num_test: int = 200, num_test_prompts: int = 32, no_answer_rate: float = 0.0):
         """
         Args:
             seed: the generator seed; the same seed gives byte-identical files.
@@ -73,7 +73,7 @@ class InstructionTask(SyntheticTask):
         super().__init__(seed, num_train, num_test)
         self.num_test_prompts = num_test_prompts
         self.no_answer_rate = no_answer_rate
-        self.name = f"instructions-p{num_test_prompts}-empty{no_answer_rate:g}"
+        self.name = f"instructions-p{num_test_prompts}" + (f"-empty{no_answer_rate:g}" if no_answer_rate else "")
 
     def specs(self) -> list[tuple[str, int | None, str | None]]:
         return [(lead, digits, parity) for lead in LEADS for digits in [None, *range(1, MAX_DIGITS + 1)] for parity in [None, *PARITIES]
@@ -93,7 +93,7 @@ class InstructionTask(SyntheticTask):
         elif parity is None:
             q = None
         rejected = _number(rng, m, q)
-        if rng.random() < self.no_answer_rate:
+        if self.no_answer_rate and rng.random() < self.no_answer_rate:
             rejected = ""  # no answer at all (a policy that never closes its reasoning) must not score well
         assert follows(chosen, digits, parity) == 1.0 and follows(rejected, digits, parity) < 1.0
         return {"prompt": instruction(lead, digits, parity), "chosen": f"{ANSWER}{chosen}{END_ANSWER}",
