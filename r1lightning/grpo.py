@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from r1lightning.errors import UserError
+from r1lightning.logprobs import LOGPROB_IMPLS, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches
 from r1lightning.losses import AGGREGATIONS, grpo_loss, group_advantages, mask_truncated, zero_variance_groups
-from r1lightning.module import PolicyModule
+from r1lightning.module import PolicyModule, checkpointing_on
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer
 from r1lightning.rollout import Rollout, Sampler, SamplingParams
@@ -44,7 +45,10 @@ class GRPOModule(PolicyModule):
         top_p: float = 1.0,
         top_k: int = 0,
         num_iterations: int = 1,
-        micro_batch_size: int = 64,
+        micro_batch_tokens: int = 8192,
+        micro_batch_size: int | None = None,
+        packing: bool = True,
+        logprob_impl: str = "chunked",
         beta: float = 0.04,
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
@@ -67,7 +71,26 @@ class GRPOModule(PolicyModule):
             num_generations: G, completions per prompt (the group).
             max_new_tokens, temperature, top_p, top_k: sampling of the rollouts.
             num_iterations: mu, optimizer steps on each batch of rollouts (old log-probs kept fixed).
-            micro_batch_size: sequences per forward/backward; the rest is gradient accumulation.
+            micro_batch_tokens: tokens per forward/backward (prompt + completion, padding included);
+                the rest is gradient accumulation. Sequences are bucketed by length, longest first,
+                and a sequence longer than this gets a forward of its own. From bytes, for the
+                OLMoE-1B-7B shape (6.9 B parameters) on one H200 (~139 GiB): the update's static part
+                is 5 x 12.9 GiB (bf16 weights, gradients, AdamW's two moments, the reference) = 64.4
+                GiB; a token in a forward/backward holds ~0.35 MiB of activations with gradient
+                checkpointing (16 saved layer inputs of 4 KiB, one recomputed layer of ~130 KiB and
+                its gradients) and ~2.5 MiB without (16 layers x ~150 KiB: attention q/k/v/out 20
+                KiB; 8 expert copies of the input, gate, up, product, output ~130 KiB; bf16). 8,192
+                tokens thus take ~3 GiB (~20 GiB without checkpointing) and the chunked LM head
+                < 1.5 GiB: the update peaks near 68 GiB (TRL 1.16 at 256 tokens: 69.7), and an
+                8k-token completion (8,320 tokens with its prompt) runs alone.
+            micro_batch_size: optional cap on sequences per forward/backward (None: tokens only).
+            packing: lay the sequences of a micro-batch end to end in rows (position ids restart per
+                sequence, no padding inside a row, attention never crosses sequences); False runs the
+                rows as sampled (left-padded prompt, right-padded completion), `micro_batch_size` rows
+                at a time (default: as many as `micro_batch_tokens` allows).
+            logprob_impl: `chunked` (the LM head chunk by chunk over tokens, recomputed in backward;
+                pure PyTorch), `liger` (liger-kernel's fused linear kernels, CUDA), or `full`
+                (the [tokens, V] fp32 logits at once: the reference, memory-hungry).
             beta: KL coefficient (k3 estimator) to the frozen reference; 0 loads no reference.
             epsilon_low, epsilon_high: ratio clip range [1 - low, 1 + high] (DAPO's clip-higher).
             delta: optional upper bound on the unclipped ratio (two-sided clipping).
@@ -88,6 +111,14 @@ class GRPOModule(PolicyModule):
             raise UserError(f"model.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
         if advantage_scale not in ("group", "batch", "none"):
             raise UserError(f"model.advantage_scale: {advantage_scale!r} is not one of group, batch, none")
+        if micro_batch_tokens < 1:
+            raise UserError(f"model.micro_batch_tokens: must be >= 1, got {micro_batch_tokens}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise UserError(f"model.micro_batch_size: must be >= 1 or null, got {micro_batch_size}")
+        if logprob_impl not in LOGPROB_IMPLS:
+            raise UserError(f"model.logprob_impl: {logprob_impl!r} is not one of {', '.join(LOGPROB_IMPLS)}")
+        if logprob_impl == "liger" and not liger_available():
+            raise UserError("model.logprob_impl: liger needs liger-kernel and a CUDA GPU (pip install 'r1lightning[liger]')")
         if num_generations < 2:
             raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
@@ -145,37 +176,87 @@ class GRPOModule(PolicyModule):
         return rollout, (~flat).repeat_interleave(G)
 
     # -- 4: log-probs ----------------------------------------------------------------------------
-    def completion_logprobs(self, rollout: Rollout, rows: slice, model=None, with_entropy=False):
-        """Per-token log-probs [n, C] of the completion tokens (temperature-scaled, as sampled)."""
-        input_ids = rollout.input_ids()[rows]
-        mask = rollout.attention_mask()[rows]
-        logits, aux = self.forward_logits(input_ids, mask, model=model)
-        P = rollout.prompt_ids.shape[1]
-        logits = logits[:, P - 1 : -1].float()  # [n, C, V] the logits that predicted each completion token
-        if self.hparams.temperature > 0:
-            logits = logits / self.hparams.temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, rollout.completion_ids[rows].unsqueeze(-1)).squeeze(-1)  # [n, C]
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():  # a metric: no graph for it
-                entropy = -(logp_all.exp() * logp_all).sum(-1)  # [n, C]
-        return logp, entropy, aux
+    def micro_batches(self, rollout: Rollout, mask: torch.Tensor | None = None) -> list[list[int]]:
+        """Row indices of each forward/backward. Packed: rows with a loss (`mask`), bucketed by length
+        under `micro_batch_tokens`; padded: consecutive rows. Under several processes every rank
+        gets the same number of micro-batches (FSDP/DDP run collectives in each forward/backward);
+        an empty list is a forward whose loss counts zero."""
+        h = self.hparams
+        n = rollout.completion_ids.shape[0]
+        if h.packing:
+            active = range(n) if mask is None else mask.sum(-1).nonzero().squeeze(-1).tolist()
+            active = list(active)
+            lengths = (rollout.prompt_mask[active].sum(-1) + rollout.completion_mask[active].sum(-1)).tolist()
+            micro = [[active[k] for k in mb] for mb in plan_micro_batches(lengths, h.micro_batch_tokens, h.micro_batch_size)]
+        else:
+            width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+            size = h.micro_batch_size or max(1, h.micro_batch_tokens // width)
+            micro = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return micro + [[] for _ in range(self._max_across_ranks(len(micro)) - len(micro))]
+
+    def padding_fraction(self, rollout: Rollout, micro: list[list[int]]) -> float:
+        """Share of the update's input tokens that are padding (0 when every row is packed full)."""
+        lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
+        real = sum(lengths[i] for rows in micro for i in rows)
+        if self.hparams.packing:
+            padded = sum(len(pack_rows([lengths[i] for i in rows])) * max(lengths[i] for i in rows) for rows in micro if rows)
+        else:
+            padded = sum(len(rows) for rows in micro) * (rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
+        return 1.0 - real / padded if padded else 0.0
+
+    def _max_across_ranks(self, count: int) -> int:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return count
+        t = torch.tensor([count], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    def layout(self, rollout: Rollout, rows: list[int]):
+        if self.hparams.packing:
+            return pack_sequences(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                  rollout.completion_mask, rows, self.tokenizer.pad_token_id)
+        return padded_layout(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, rows)
+
+    def completion_logprobs(self, rollout: Rollout, rows, model=None, with_entropy=False):
+        """Per-token log-probs [n, C] of the completion tokens of `rows` (temperature-scaled, as
+        sampled), their entropies [n, C] (no grad) if asked, and the load-balancing loss.
+        Computed from the final hidden states chunk by chunk: no [n, C, V] logits."""
+        if isinstance(rows, slice):
+            rows = list(range(rollout.completion_ids.shape[0]))[rows]
+        layout = self.layout(rollout, rows)
+        return self.forward_logprobs(layout, model, self.hparams.temperature, with_entropy, self.hparams.logprob_impl)
 
     @torch.no_grad()
-    def frozen_logprobs(self, rollout: Rollout, model) -> torch.Tensor:
-        n, mb = rollout.completion_ids.shape[0], self.hparams.micro_batch_size
-        return torch.cat([self.completion_logprobs(rollout, slice(i, i + mb), model)[0] for i in range(0, n, mb)])
+    def frozen_logprobs(self, rollout: Rollout, model, micro: list[list[int]] | None = None) -> torch.Tensor:
+        """[N, C] log-probs under `model` (old policy or reference), over the same micro-batches as
+        the update; rows left out of every micro-batch (no loss) hold 0."""
+        micro = self.micro_batches(rollout) if micro is None else micro
+        out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+        for rows in micro:
+            logp, _, _ = self.completion_logprobs(rollout, rows or [0], model)
+            if rows:
+                out[rows] = logp
+        return out
 
     # -- the step --------------------------------------------------------------------------------
+    def _memory_peak(self, name: str, peaks: dict) -> None:
+        """Peak GPU memory since the previous phase, in GiB (CUDA only)."""
+        if self.device.type == "cuda":
+            peaks[f"memory/{name}_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def training_step(self, batch, batch_idx):
         h = self.hparams
+        peaks: dict[str, float] = {}
+        self._memory_peak("before", peaks)
         t0 = time.perf_counter()
         rollout, columns, total, scores = self.rollout(batch)
         keep = torch.ones_like(total, dtype=torch.bool)
         if h.dynamic_sampling:
             rollout, keep = self.resample_flat_groups(batch, rollout, total, scores)
+        getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
         t_rollout = time.perf_counter() - t0
+        self._memory_peak("rollout", peaks)
 
         advantages = group_advantages(total, h.num_generations, h.advantage_scale)  # [B*G]
         mask = rollout.completion_mask.float()  # [B*G, C]
@@ -184,30 +265,48 @@ class GRPOModule(PolicyModule):
         mask = mask * keep.unsqueeze(1)
 
         t1 = time.perf_counter()
+        micro = self.micro_batches(rollout, mask)
         old_logp = None
         if h.num_iterations > 1 or h.use_sampler_logprobs:
-            old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model)
-        ref_logp = self.frozen_logprobs(rollout, self.ref_model) if self.ref_model is not None else None
+            old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
+        ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None
         t_ref = time.perf_counter() - t1
+        self._memory_peak("reference", peaks)
         self.log_kinds(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
 
         t2 = time.perf_counter()
-        stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp)
+        stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp, micro)
         t_train = time.perf_counter() - t2
+        stats["update/padding"] = self.padding_fraction(rollout, micro)
+        stats["update/micro_batches"] = float(len(micro))
+        self._memory_peak("update", peaks)
+        peaks.pop("memory/before_GiB", None)
+        stats.update(peaks)
 
         self.log_step(rollout, total, scores, keep, stats, t_rollout, t_ref, t_train)
 
-    def optimise(self, rollout, advantages, mask, old_logp, ref_logp) -> dict:
+    def optimise(self, rollout, advantages, mask, old_logp, ref_logp, micro: list[list[int]] | None = None) -> dict:
+        h = self.hparams
+        n = rollout.completion_ids.shape[0]
+        micro = self.micro_batches(rollout, mask) if micro is None else micro
+        # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
+        norm = dict(num_sequences=n, num_tokens=int(mask.sum().clamp(min=1)), num_micro_batches=max(1, sum(map(bool, micro))),
+                    max_completion_length=h.max_new_tokens)
+        # Every metric is logged even when no row has a loss (all groups dropped): then they are 0.
+        names = ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
+        with checkpointing_on(self.model):
+            self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums)
+        return sums
+
+    def _iterate(self, rollout, advantages, mask, old_logp, ref_logp, micro, norm, sums) -> None:
+        """mu optimizer steps over the rollouts, each accumulated over the micro-batches."""
         h = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
-        n = rollout.completion_ids.shape[0]
-        micro = [slice(i, min(i + h.micro_batch_size, n)) for i in range(0, n, h.micro_batch_size)]
-        # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
-        norm = dict(num_sequences=n, num_tokens=int(mask.sum().clamp(min=1)), num_micro_batches=len(micro),
-                    max_completion_length=h.max_new_tokens)
-        sums: dict[str, float] = {}
         for _ in range(h.num_iterations):
             for rows in micro:
+                dummy = not rows  # this rank has fewer micro-batches than another: same collectives, no loss
+                rows = rows or [0]
                 logp, entropy, aux = self.completion_logprobs(rollout, rows, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[rows]
                 ref = ref_logp[rows] if ref_logp is not None else None
@@ -217,6 +316,9 @@ class GRPOModule(PolicyModule):
                 )
                 if aux is not None:
                     loss = loss + self.aux_coef * aux / len(micro)
+                if dummy:
+                    self.manual_backward(loss * 0.0)
+                    continue
                 self.manual_backward(loss)
                 m = mask[rows]
                 weight = float(m.sum()) / norm["num_tokens"]  # token-weighted average of micro-batch means
@@ -229,7 +331,6 @@ class GRPOModule(PolicyModule):
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        return sums
 
     # -- metrics (names as in TRL) ---------------------------------------------------------------
     def log_step(self, rollout, total, scores, keep, stats, t_rollout, t_ref, t_train):

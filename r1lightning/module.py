@@ -3,6 +3,7 @@ held-out accuracy by generation, throughput logging and the `save_pretrained` ex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,6 +20,26 @@ from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
+
+
+@contextlib.contextmanager
+def checkpointing_on(model: torch.nn.Module):
+    """Gradient checkpointing for the policy update. transformers checkpoints a decoder layer only while
+    that layer is in training mode, and the policy stays in eval mode (no dropout, the engines' caches
+    kept), so without this every layer's activations were stored: ~24 GiB more at 8k update tokens on
+    the OLMoE shape (H200, 2026-11-30). Only the checkpointed layers' own flag flips, not their children's,
+    so dropout and router noise stay off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
 
 class PolicyModule(L.LightningModule):
     def __init__(
@@ -82,6 +103,24 @@ class PolicyModule(L.LightningModule):
         kwargs = {"output_router_logits": True} if self.is_moe and self.aux_coef > 0 else {}
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
         return out.logits, getattr(out, "aux_loss", None)
+
+    def forward_logprobs(self, layout, model=None, temperature: float = 1.0, with_entropy: bool = False,
+                         impl: str = "chunked"):
+        """One forward over a `Layout` (packed or padded rows) that computes completion log-probs from
+        the final hidden states, never the [n, C, V] logits (see `r1lightning.logprobs`).
+
+        Returns (logp [n, C] fp32, entropy [n, C] fp32 or None, load-balancing loss or None);
+        positions without a completion token hold 0.
+        """
+        from r1lightning.logprobs import head_logprobs
+
+        model = model or self.model
+        kwargs = {"output_router_logits": True} if self.is_moe and self.aux_coef > 0 else {}
+        with head_logprobs(model, layout.positions, layout.targets, temperature, with_entropy, impl) as out:
+            res = model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                        position_ids=layout.position_ids, use_cache=False, **kwargs)
+        entropy = layout.scatter(out["entropy"]) if out["entropy"] is not None else None
+        return layout.scatter(res.logits), entropy, getattr(res, "aux_loss", None)  # logits: the log-probs [M]
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|end|>", "<|unk|>"
@@ -36,9 +36,11 @@ def char_vocabulary() -> list[str]:
 
 def build_char_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(char_vocabulary())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # An empty-pattern split isolates every character; special tokens are matched before this runs.
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    # A BPE model without merges maps every character to its own token (unknown characters to UNK,
+    # one each); special tokens are matched before it runs. It is linear in the text length, where a
+    # WordLevel model behind an empty-pattern `Split` pre-tokenizer gives the same ids but grew
+    # quadratically (6.7 ms for a 1,300-character trace against 0.2 ms; traces of R1 length matter).
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIAL_TOKENS[:7])
     # The reasoning tags are whole tokens but not "special": they survive skip_special_tokens=True.

@@ -1,15 +1,34 @@
-"""One GRPO step on an OLMoE-1B-7B-shaped policy (random init): this project's `GRPOModule` with the
+"""GRPO steps on an OLMoE-1B-7B-shaped policy (random init): this project's `GRPOModule` with the
 static-cache engine, driven by a Lightning Trainer, vs TRL's `GRPOTrainer` (no vLLM) on the same
 model, data and settings. Prints seconds per step split into rollout / reference / policy update.
 
-    python3 scripts/bench_grpo.py                                   # ours, H200 defaults
+    python3 scripts/bench_grpo.py                                   # ours, 256 tokens, H200 defaults
     python3 scripts/bench_grpo.py --frameworks ours trl trl_megablocks   # needs trl==1.16.0
+    python3 scripts/bench_grpo.py --frameworks ours_megablocks ours_megablocks_liger trl_megablocks \
+        --lengths 256 1024 4096 8192 --length-dist fixed lognormal  # the length sweep (one process per framework is fine too)
     python3 scripts/bench_grpo.py --layers 2 --hidden 128 --experts 8 --vocab 512 --prompts 2 \
-        --prompt-len 16 --new-tokens 8 --steps 2 --device cpu           # a smoke run
+        --prompt-len 16 --lengths 8 16 --reps 2 --device cpu --length-dist fixed lognormal   # a smoke run
 
-Settings (both frameworks): G = 8 completions per prompt, 16 prompts of 128 tokens, 256 completion
-tokens with EOS suppressed (equal lengths), temperature 1, mu = 1, beta = 0.04 (k3 KL to a frozen
-reference), gradient checkpointing, bf16 weights, AdamW, one optimizer step per generation batch.
+Settings (every framework, asserted equal): G = 8 completions per prompt, 16 prompts of 128 tokens,
+temperature 1, top-p 1, mu = 1, beta = 0.04 (k3 KL to a frozen reference), bf16 weights, AdamW
+(lr 1e-6, no weight decay), grad-norm clip 1, one optimizer step per generation batch, gradient
+checkpointing. Ours runs its DEFAULT update configuration (token-budget micro-batches, packing,
+chunked log-probs); `--ours-micro-batch-tokens` overrides it for experiments only.
+
+Completion lengths: `fixed` runs every completion to the length (EOS suppressed); `lognormal` draws
+each completion's length from a log-normal (median `--lognormal-median` x length, sigma
+`--lognormal-sigma`) clipped at the length, and forces EOS at the drawn step: in TRL through a
+logits processor given to `generate` (a finished row idles until the batch's longest is done, as
+in transformers' `generate`), in ours through the sampler's `forced_lengths` hook when it has one
+(else the completions are cut after sampling and the rollout runs to the full length; the JSON says
+which). Draws depend only on (length, step), so every framework sees the same lengths.
+
+Each (framework, length, distribution) point: one warm-up step at the full fixed length (graphs,
+allocator, optimizer state), then `--reps` timed steps; reported are the median s/step and its
+spread (min-max), completion tokens/s (tokens actually generated / s), the update's padded-token
+waste and the peak GiB over the timed steps. A TRL point whose step would take longer than
+`--max-step-s` (extrapolated linearly from its previous length) is skipped and reported as such;
+after an out-of-memory error the longer lengths of that framework are skipped.
 Prompts are random token ids written as words of a synthetic word-level tokenizer (one token per word),
 and the reward is the fraction of even token ids in the completion (cheap and varied).
 """
@@ -17,7 +36,10 @@ and the reward is the fraction of even token ids in the completion (cheap and va
 from __future__ import annotations
 
 import argparse
+import gc
+import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,6 +50,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rollout import add_model_args, build_model, sync  # noqa: E402
+
+LR, WEIGHT_DECAY, MAX_GRAD_NORM, TEMPERATURE, TOP_P, MU = 1e-6, 0.0, 1.0, 1.0, 1.0, 1
 
 
 def parity_reward(prompts=None, completions=None, **kwargs):
@@ -54,10 +78,25 @@ def make_tokenizer(vocab: int, directory: str):
     return tok
 
 
-def prompts(args):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, args.vocab, (args.prompts * args.steps, args.prompt_len), generator=g)
+def prompts(args, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, args.vocab, (args.prompts * steps, args.prompt_len), generator=g)
     return [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
+
+
+def settings(args, length: int, dist: str) -> dict:
+    """What both frameworks must agree on for a point to be a comparison."""
+    return {"prompts": args.prompts, "G": args.G, "prompt_len": args.prompt_len, "max_completion_len": length,
+            "length_dist": dist, "beta": args.beta, "temperature": TEMPERATURE, "top_p": TOP_P, "mu": MU, "lr": LR,
+            "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM, "gradient_checkpointing": True}
+
+
+def draw_lengths(n: int, length: int, step: int, args) -> torch.Tensor:
+    """[n] completion lengths in [1, length], log-normal around `median x length`; a function of (length, step)."""
+    g = torch.Generator().manual_seed(1_000_003 * length + step)
+    mu = math.log(max(1.0, args.lognormal_median * length))
+    x = torch.exp(mu + args.lognormal_sigma * torch.randn(n, generator=g, dtype=torch.float64))
+    return x.round().clamp(1, length).long()
 
 
 def build(args, device, megablocks: bool):
@@ -65,45 +104,138 @@ def build(args, device, megablocks: bool):
 
     torch.manual_seed(0)
     model = build_model(args, device).requires_grad_(True)
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.prompt_len + max(args.lengths))
     backend = apply_moe_backend(model, "megablocks" if megablocks else "grouped_mm")
     model.config.router_aux_loss_coef = 0.0  # TRL adds no load-balancing loss unless asked; neither do we
     return model, backend
 
 
+def peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+
+def reset_peak(device) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def release(device) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 # -- ours ------------------------------------------------------------------------------------------
-def run_ours(args, device, tok, tokdir, texts, megablocks):
+class ForcedLengths:
+    """A sampler that ends completion i at `lengths[i]` tokens (EOS there) for the timed steps.
+
+    With an engine that has a `forced_lengths` hook the rows really stop (and free their slot);
+    otherwise the completions are cut after sampling, so only the update sees the shorter lengths."""
+
+    def __init__(self, inner, args, length, warmup: int):
+        self.inner, self.args, self.length, self.warmup = inner, args, length, warmup
+        self.calls = 0
+        self.hooked = "forced_lengths" in inspect.signature(inner.generate).parameters
+
+    def __getattr__(self, name):  # timing, last_stats, ... of the engine
+        if name.startswith("__") or name == "inner":  # copies look these up before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id):
+        from r1lightning.rollout import Rollout
+
+        step, self.calls = self.calls - self.warmup + 1, self.calls + 1  # timed steps count from 1
+        if step < 1:  # the warm-up runs at the full length
+            return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
+        lengths = draw_lengths(prompt_ids.shape[0], self.length, step, self.args).to(prompt_ids.device)
+        if self.hooked:  # a row drawn at the full length gets no EOS (truncated), as in TRL's processor
+            forced = torch.where(lengths >= self.length, self.length + 1, lengths)
+            return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id,
+                                       forced_lengths=forced)
+        r = self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
+        C = r.completion_ids.shape[1]
+        col = torch.arange(C, device=lengths.device)[None]
+        keep = col < lengths[:, None]  # [N, C]
+        ids = torch.where(keep, r.completion_ids, pad_token_id)
+        stop = (col == lengths[:, None] - 1) & (lengths[:, None] < self.length)
+        ids = torch.where(stop, eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0], ids)
+        logprobs = None if r.logprobs is None else r.logprobs * keep
+        return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
+
+
+def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save):
+    from r1lightning.rollout import PagedSampler, StaticCacheSampler
+
+    model, backend = build(args, device, megablocks)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    result = {"backend": backend, "points": []}
+    points, failed = result["points"], False
+    for length in args.lengths:
+        # One engine per length: after the first distribution's warm-up at full length it stays warm.
+        if args.engine == "paged":  # the engine's defaults: slots, KV budget, cache released for the update
+            engine = PagedSampler(min_new_tokens=length, compile=args.compile)
+        else:
+            engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
+                                        compile=args.compile)
+        warm = False
+        for dist in args.length_dist:
+            if failed:
+                points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
+                continue
+            try:
+                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name))
+                warm = True
+            except torch.cuda.OutOfMemoryError as err:
+                failed = True
+                points.append({"length": length, "dist": dist, "skipped": f"out of memory: {str(err)[:200]}"})
+            release(device)
+            print(json.dumps({"framework": name, **points[-1]}, default=str), flush=True)
+            save(result)
+        del engine
+    del model
+    release(device)
+    return result
+
+
+def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name):
     import lightning as L
 
     from r1lightning.grpo import GRPOModule
     from r1lightning.policy import Policy
     from r1lightning.rewards import Reward, register_reward
-    from r1lightning.rollout import StaticCacheSampler
-
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
-    model, backend = build(args, device, megablocks)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sampler = StaticCacheSampler(min_new_tokens=args.new_tokens, kv_bucket=64, keep_cache=not args.free_cache,
-                                 compile=args.compile)
+    sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
+    overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=device == "cuda"),
-        sampler=sampler, num_generations=args.G, max_new_tokens=args.new_tokens, temperature=1.0, num_iterations=1,
-        micro_batch_size=args.micro_batch, beta=args.beta, router_aux_loss_coef=0.0, lr_schedule="constant",
-        log_completions_every=0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
+        sampler=sampler, num_generations=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P,
+        num_iterations=MU, beta=args.beta, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
+        log_completions_every=0, logprob_impl="liger" if liger else "chunked", **overrides,
     )
-    module.model = model  # built here (on the GPU, bf16), not by Policy.build
+    module.model = model  # built once per framework (on the GPU, bf16), not by Policy.build
     module.is_moe, module.aux_coef = True, 0.0
+    h = module.hparams
+    got = {"prompts": args.prompts, "G": h.num_generations, "prompt_len": args.prompt_len, "max_completion_len": h.max_new_tokens,
+           "length_dist": dist, "beta": h.beta, "temperature": h.temperature, "top_p": h.top_p, "mu": h.num_iterations,
+           "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": h.max_grad_norm,
+           "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
+    assert got == settings(args, length, dist), (got, settings(args, length, dist))
 
+    steps = warmup + args.reps
+    texts = prompts(args, steps)
     enc = tok(texts, return_tensors="pt", padding=True)
     batches = [{"prompt_ids": enc["input_ids"][i : i + args.prompts], "prompt_mask": enc["attention_mask"][i : i + args.prompts],
                 "columns": {}} for i in range(0, len(texts), args.prompts)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-
     rec = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sync()
+            reset_peak(device)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -112,27 +244,38 @@ def run_ours(args, device, tok, tokdir, texts, megablocks):
             rec.append({"step_s": time.perf_counter() - self.t0, "rollout_s": float(m["train/time/rollout"]),
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
                         "completion_tokens": float(m["train/completions/mean_length"]) * args.prompts * args.G,
-                        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
-                        "rollout_decode_s": sampler.last_stats.get("decode_s")})
-            print(json.dumps({"framework": "ours", "step": batch_idx, **rec[-1]}), flush=True)
+                        "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
+                        "rollout_decode_s": engine.last_stats.get("decode_s"),
+                        # GRPOModule resets the peak at each phase and logs each phase's peak
+                        **{k[len("train/memory/"):]: float(v) for k, v in m.items() if k.startswith("train/memory/")}})
+            rec[-1]["peak_GiB"] = max([peak_gib(device)] + [v for k, v in rec[-1].items() if k.endswith("_GiB")])
+            print(json.dumps({"framework": name, "length": length, "dist": dist, "step": batch_idx, **rec[-1]}), flush=True)
 
-    sampler.timing = True
+    engine.timing = True
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-                        precision="bf16-true", max_steps=args.steps, logger=False, enable_checkpointing=False,
+                        precision="bf16-true", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    del trainer, module, model
-    return {"backend": backend, "steps": rec}
+    extra = {"engine": type(engine).__name__, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+             "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
+    del trainer, module, sampler
+    return summarize(length, dist, rec, warmup, settings(args, length, dist), extra)
 
 
 # -- TRL -------------------------------------------------------------------------------------------
-def run_trl(args, device, tok, tokdir, texts, megablocks):
-    import datasets
-    import trl
-    from transformers import TrainerCallback
+def trl_micro_batch(args, length: int) -> int:
+    """TRL's per-device batch: `--trl-micro-tokens` worth of sequences, a power of two dividing prompts x G."""
+    n = args.prompts * args.G
+    micro = max(1, min(args.trl_micro_batch, args.trl_micro_tokens // (args.prompt_len + length)))
+    micro = 2 ** int(math.log2(micro))
+    while n % micro:
+        micro //= 2
+    return micro
 
-    from r1lightning.moe import apply_moe_backend
+
+def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
+    import trl
 
     modeldir = os.path.join(args.workdir, "model")
     if not os.path.exists(os.path.join(modeldir, "config.json")):
@@ -140,25 +283,61 @@ def run_trl(args, device, tok, tokdir, texts, megablocks):
         model.save_pretrained(modeldir)  # TRL loads policy and reference from a path
         tok.save_pretrained(modeldir)
         del model
-        torch.cuda.empty_cache() if device == "cuda" else None
+        release(device)
+    result = {"backend": "megablocks" if megablocks else "grouped_mm", "trl": trl.__version__, "points": []}
+    points, last, failed = result["points"], None, False
+    for length in args.lengths:
+        for dist in args.length_dist:
+            predicted = None if last is None else last[1] * length / last[0]
+            if failed:
+                points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
+            elif predicted is not None and predicted > args.max_step_s:
+                points.append({"length": length, "dist": dist,
+                               "skipped": f"predicted {predicted:.0f} s/step > --max-step-s {args.max_step_s:.0f}"})
+            else:
+                try:
+                    points.append(trl_point(args, device, tok, modeldir, length, dist, megablocks, name))
+                    if dist == "fixed":
+                        last = (length, points[-1]["step_s"])
+                except torch.cuda.OutOfMemoryError as err:
+                    failed = True
+                    points.append({"length": length, "dist": dist, "skipped": f"out of memory: {str(err)[:200]}"})
+            release(device)
+            print(json.dumps({"framework": name, **points[-1]}, default=str), flush=True)
+            save(result)
+    return result
+
+
+def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
+    import datasets
+    import trl
+    from transformers import LogitsProcessor, TrainerCallback
+
+    from r1lightning.moe import apply_moe_backend
+
     fields = trl.GRPOConfig.__dataclass_fields__
-    micro = min(args.micro_batch, args.prompts * args.G)
-    if (args.prompts * args.G) % micro:
-        raise ValueError(f"--micro-batch {micro} must divide prompts x G = {args.prompts * args.G}")
+    micro = trl_micro_batch(args, length)
+    steps = 1 + (args.reps if args.trl_reps is None else args.trl_reps)
     want = dict(
         output_dir=os.path.join(args.workdir, "trl_out"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=args.prompts * args.G // micro, num_generations=args.G,
-        max_completion_length=args.new_tokens, max_prompt_length=args.prompt_len, temperature=1.0, top_p=1.0,
-        beta=args.beta, num_iterations=1, use_vllm=False, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device == "cuda", learning_rate=1e-6,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, max_steps=args.steps, report_to=[], save_strategy="no",
-        generation_kwargs={"min_new_tokens": args.new_tokens}, seed=0, dataloader_num_workers=0,
+        max_completion_length=length, max_prompt_length=args.prompt_len, temperature=TEMPERATURE, top_p=TOP_P,
+        beta=args.beta, num_iterations=MU, use_vllm=False, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device == "cuda", learning_rate=LR,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, logging_steps=1, max_steps=steps, report_to=[],
+        save_strategy="no", generation_kwargs={"min_new_tokens": length}, seed=0, dataloader_num_workers=0,
         model_init_kwargs={"dtype": torch.bfloat16}, use_cpu=device == "cpu", log_completions=False,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", lr_scheduler_type="constant",
         shuffle_dataset=False,
     )
     cfg = trl.GRPOConfig(**{k: v for k, v in want.items() if k in fields})
-    ds = datasets.Dataset.from_dict({"prompt": texts})
+    got = {"prompts": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations,
+           "G": cfg.num_generations, "prompt_len": args.prompt_len, "max_completion_len": cfg.max_completion_length,
+           "length_dist": dist, "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p, "mu": cfg.num_iterations,
+           "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+           "gradient_checkpointing": cfg.gradient_checkpointing}
+    assert got == settings(args, length, dist), (got, settings(args, length, dist))
+    ds = datasets.Dataset.from_dict({"prompt": prompts(args, steps)})
     trainer = trl.GRPOTrainer(model=modeldir, reward_funcs=[parity_reward], args=cfg, train_dataset=ds,
                               processing_class=tok)
     if megablocks:
@@ -166,10 +345,33 @@ def run_trl(args, device, tok, tokdir, texts, megablocks):
             if m is not None:
                 apply_moe_backend(m, "megablocks")
     timers = {"rollout": 0.0, "reference": 0.0}
+    calls = {"generate": 0}
 
-    def timed(fn, key_of):
+    class ForceEOS(LogitsProcessor):
+        """EOS at each row's drawn length (rows are ordered as in the batch, prompts first seen at step 0)."""
+
+        def __init__(self, lengths, eos):
+            self.lengths, self.eos, self.prompt_len = lengths, eos, None
+
+        def __call__(self, input_ids, scores):
+            if self.prompt_len is None:
+                self.prompt_len = input_ids.shape[1]
+            step = input_ids.shape[1] - self.prompt_len  # tokens generated so far
+            hit = (self.lengths.to(scores.device) - 1 == step) & (self.lengths.to(scores.device) < length)
+            if hit.any():
+                scores[hit] = float("-inf")
+                scores[hit, self.eos] = 0.0
+            return scores
+
+    def timed(fn, key_of, force=False):
         def wrapper(*a, **kw):
             key = key_of(a, kw)
+            if force and dist == "lognormal":
+                calls["generate"] += 1
+                if calls["generate"] > 1:  # the first call is the warm-up at full length
+                    ids = kw.get("input_ids", a[0] if a else None)
+                    lengths = draw_lengths(ids.shape[0], length, calls["generate"] - 1, args)
+                    kw["logits_processor"] = [ForceEOS(lengths, tok.eos_token_id)]
             if key is None:
                 return fn(*a, **kw)
             sync()
@@ -181,13 +383,11 @@ def run_trl(args, device, tok, tokdir, texts, megablocks):
         return wrapper
 
     policy = trainer.model
-    policy.generate = timed(policy.generate, lambda a, kw: "rollout")
-    if hasattr(policy, "generate_batch"):
-        policy.generate_batch = timed(policy.generate_batch, lambda a, kw: "rollout")
+    policy.generate = timed(policy.generate, lambda a, kw: "rollout", force=True)
     ref = getattr(trainer, "ref_model", None)
-    name = "_get_per_token_logps_and_entropies" if hasattr(trainer, "_get_per_token_logps_and_entropies") else "_get_per_token_logps"
-    orig = getattr(trainer, name)
-    setattr(trainer, name, timed(orig, lambda a, kw: "reference" if ref is not None and (a[0] if a else kw.get("model")) is ref else None))
+    name_ = "_get_per_token_logps_and_entropies" if hasattr(trainer, "_get_per_token_logps_and_entropies") else "_get_per_token_logps"
+    orig = getattr(trainer, name_)
+    setattr(trainer, name_, timed(orig, lambda a, kw: "reference" if ref is not None and (a[0] if a else kw.get("model")) is ref else None))
 
     rec = []
 
@@ -199,79 +399,187 @@ def run_trl(args, device, tok, tokdir, texts, megablocks):
                 sync()
                 Timer.last = time.perf_counter()
 
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and rec and "completion_tokens" not in rec[-1]:
+                mean_len = logs.get("completions/mean_length")
+                max_len = logs.get("completions/max_length")
+                if mean_len is not None:
+                    n = args.prompts * args.G
+                    rec[-1]["completion_tokens"] = mean_len * n
+                    if max_len:  # TRL pads every sequence of a batch to its longest completion
+                        rec[-1]["padding"] = 1 - (args.prompt_len + mean_len) / (args.prompt_len + max_len)
+
         def on_step_end(self, a, state, control, **kw):
             sync()
             now = time.perf_counter()
             r = {"step_s": now - Timer.last, "rollout_s": timers["rollout"], "reference_s": timers["reference"]}
             r["update_s"] = r["step_s"] - r["rollout_s"] - r["reference_s"]
-            r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+            r["peak_GiB"] = peak_gib(device)
             rec.append(r)
-            print(json.dumps({"framework": "trl", "step": state.global_step, **r}), flush=True)
+            print(json.dumps({"framework": name, "length": length, "dist": dist, "step": state.global_step, **r}), flush=True)
             timers["rollout"] = timers["reference"] = 0.0
-            Timer.last = now
+            reset_peak(device)
+            sync()
+            Timer.last = time.perf_counter()
 
     trainer.add_callback(Timer())
+    reset_peak(device)
     trainer.train()
     del trainer
-    torch.cuda.empty_cache() if device == "cuda" else None
-    return {"backend": "megablocks" if megablocks else "grouped_mm", "trl": trl.__version__, "steps": rec}
+    return summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
 
 
-def summarize(name, res, args):
-    steps = res["steps"][1:] or res["steps"]  # the first step captures graphs / initialises optimizer state
-    med = {k: statistics.median(s[k] for s in steps) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
-    tokens = args.prompts * args.G * args.new_tokens
-    return {"name": name, **med, "completion_tok_s": tokens / med["step_s"], "rollout_tok_s": tokens / med["rollout_s"],
-            "first_step_s": res["steps"][0]["step_s"], "peak_GiB": max(s["peak_GiB"] for s in res["steps"])}
+# -- report ----------------------------------------------------------------------------------------
+def summarize(length, dist, rec, warmup, setting, extra) -> dict:
+    timed = rec[warmup:] or rec  # a warm-up step runs at the full length
+    med = {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
+    tokens = [s.get("completion_tokens") for s in timed]
+    tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
+    pads = [s["padding"] for s in timed if s.get("padding") is not None]
+    return {"length": length, "dist": dist, **med, "step_s_min": min(s["step_s"] for s in timed),
+            "step_s_max": max(s["step_s"] for s in timed), "reps": len(timed),
+            "completion_tokens": statistics.mean(tokens) if all(t is not None for t in tokens) else None,
+            "completion_tok_s": statistics.median(tok_s) if tok_s else None,
+            "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
+            "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
+            **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
+               for phase in ("rollout", "reference", "update") if all(f"{phase}_GiB" in s for s in timed)}}
+
+
+def phases(p: dict) -> str:
+    if "update_GiB" not in p:
+        return ""
+    return f" ({p['rollout_GiB']:.1f} / {p['reference_GiB']:.1f} / {p['update_GiB']:.1f})"
+
+
+def table(results: dict) -> str:
+    lines = ["| length | dist | framework | s / step (min-max) | rollout s | reference s | update s | completion tokens/s "
+             "| mean tokens | padding | peak GiB (rollout / reference / update) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [(p["length"], p["dist"], fw, p) for fw, r in results.items() for p in r.get("points", [])]
+    order = {d: i for i, d in enumerate(["fixed", "lognormal"])}
+    for length, dist, fw, p in sorted(rows, key=lambda x: (x[0], order.get(x[1], 9))):
+        if "skipped" in p:
+            lines.append(f"| {length:,} | {dist} | {fw} | {p['skipped']} | | | | | | | |")
+            continue
+        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        lines.append(
+            f"| {length:,} | {dist} | {fw} | {p['step_s']:.2f} ({p['step_s_min']:.2f}-{p['step_s_max']:.2f}) | {p['rollout_s']:.2f} "
+            f"| {p['reference_s']:.2f} | {p['update_s']:.2f} | {fmt(p['completion_tok_s'], ',.0f')} "
+            f"| {fmt(p['completion_tokens'] and p['completion_tokens'] / (p['settings']['prompts'] * p['settings']['G']), ',.0f')} "
+            f"| {fmt(p['padding'] and 100 * p['padding'], '.1f')}% | {p['peak_GiB']:.1f}{phases(p)} |")
+    return "\n".join(lines)
+
+
+def head_bench(args) -> dict:
+    """The LM head alone: per-token log-probs + entropy, forward and backward, for `--head-tokens`
+    tokens of the model's hidden/vocab shape (bf16): chunked PyTorch vs liger-kernel vs full logits."""
+    from r1lightning.logprobs import liger_available, token_logprobs
+
+    dev = args.device
+    H, V = args.hidden, args.vocab
+    out = {}
+    for M in args.head_tokens:
+        g = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(M, H, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_(True)
+        weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16).requires_grad_(True)
+        targets = torch.randint(0, V, (M,), device=dev, generator=g)
+        upstream = torch.linspace(-1, 1, M, device=dev)
+        for impl in ["chunked"] + (["liger"] if liger_available() else []) + ["full"]:
+            def once():
+                logp, _ = token_logprobs(hidden, weight, targets, temperature=0.9, with_entropy=True, impl=impl)
+                (logp * upstream).sum().backward()
+                hidden.grad = weight.grad = None
+            try:
+                once()
+                sync()
+                reset_peak(dev)
+                base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    once()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                r = {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+                     "extra_peak_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30 if dev == "cuda" else 0.0}
+            except torch.cuda.OutOfMemoryError:
+                r = {"skipped": "out of memory"}
+            release(dev)
+            out[f"{impl}@{M}"] = r
+            print(json.dumps({"head": impl, "tokens": M, **r}), flush=True)
+    return out
+
+
+FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frameworks", nargs="+", default=["ours"],
-                    choices=["ours", "ours_megablocks", "trl", "trl_megablocks"])
+    ap.add_argument("--frameworks", nargs="*", default=["ours"], choices=FRAMEWORKS)
     add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="completion lengths to sweep (default: --new-tokens)")
+    ap.add_argument("--new-tokens", type=int, default=256, help="the completion length when --lengths is not given")
+    ap.add_argument("--length-dist", nargs="+", default=["fixed"], choices=["fixed", "lognormal"])
+    ap.add_argument("--lognormal-median", type=float, default=0.25, help="median drawn length as a fraction of the length")
+    ap.add_argument("--lognormal-sigma", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=0.04)
-    ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward (both frameworks)")
-    ap.add_argument("--steps", type=int, default=3, help="steps per framework; the first is reported apart")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
+    ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")
+    ap.add_argument("--ours-micro-batch-tokens", type=int, default=None, help="ours: override the default token budget")
+    ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL: most sequences per forward/backward")
+    ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
+                    help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")
+    ap.add_argument("--max-step-s", type=float, default=120.0, help="skip a TRL point predicted slower than this")
+    ap.add_argument("--engine", default="paged", choices=["paged", "static"],
+                    help="ours: the rollout engine (paged: continuous batching over paged KV, its default budget)")
     ap.add_argument("--free-cache", action="store_true", help="ours: free the KV cache and graphs after each rollout")
     ap.add_argument("--compile", default=None, help="ours: the engine's torch.compile mode for the decode step")
+    ap.add_argument("--trl-reps", type=int, default=None, help="TRL: timed steps per point (default: --reps)")
+    ap.add_argument("--head-tokens", type=int, nargs="*", default=[],
+                    help="first time the LM head alone (chunked / liger / full logits) at these token counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    args.lengths = args.lengths or [args.new_tokens]
+    if args.steps is not None:
+        args.reps = max(1, args.steps - 1)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
     tokdir = os.path.join(args.workdir, "tokenizer")
     tok = make_tokenizer(args.vocab, tokdir)
-    texts = prompts(args)
-    out = {"args": vars(args), "torch": torch.__version__, "results": {}}
+    out = {"args": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "results": {}}
+    if args.head_tokens:
+        out["head"] = head_bench(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=str)
     for fw in args.frameworks:
-        runner = run_ours if fw.startswith("ours") else run_trl
+        megablocks, liger = "megablocks" in fw, fw.endswith("liger")
+
+        def save(result, fw=fw):  # after every point, so a crash or a time limit keeps what ran
+            out["results"][fw] = result
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+
         try:
-            res = runner(args, args.device, tok, tokdir, texts, megablocks=fw.endswith("megablocks"))
-            out["results"][fw] = {"raw": res, "summary": summarize(fw, res, args)}
-            print("# summary", json.dumps(out["results"][fw]["summary"]), flush=True)
+            if fw.startswith("ours"):
+                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save)
+            else:
+                run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:
             import traceback
 
             traceback.print_exc()
             print(f"# {fw} failed: {type(err).__name__}: {err}", flush=True)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        release(args.device)
     print()
-    print("| framework | s / step | rollout s | reference s | update s | completion tokens/s | rollout tokens/s | first step s | peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for fw, r in out["results"].items():
-        s = r["summary"]
-        print(f"| {fw} | {s['step_s']:.2f} | {s['rollout_s']:.2f} | {s['reference_s']:.2f} | {s['update_s']:.2f} | "
-              f"{s['completion_tok_s']:,.0f} | {s['rollout_tok_s']:,.0f} | {s['first_step_s']:.2f} | {s['peak_GiB']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+    print(table(out["results"]))
     return out
 
 

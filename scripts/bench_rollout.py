@@ -3,6 +3,15 @@ static-cache CUDA-graph engine (`r1lightning.rollout.StaticCacheSampler`). Print
 
     python3 scripts/bench_rollout.py                      # the H200 defaults
     python3 scripts/bench_rollout.py --layers 2 --hidden 256 --experts 8 --vocab 1024   # a quick smoke run
+    python3 scripts/bench_rollout.py --length-dist lognormal --only-dist   # static vs paged engine, long-tailed lengths
+
+`--length-dist fixed lognormal` adds sections that time the static engine against the paged one
+(`PagedSampler`: continuous batching over `--slots` slots, KV in blocks) on `--dist-batch` rows in the
+same process, each warm at full length (a first call where the rows of a full batch run `--new-tokens`). With
+`lognormal`, row lengths are drawn log-normal (median `--median-frac` x new tokens, sigma `--sigma`),
+clipped to [1, new tokens], and forced by an EOS at the drawn step (`forced_lengths`). Reported: useful
+tokens/s (sum of lengths / seconds), padded-token waste (row- or slot-steps that produced no token)
+and the peak device memory of the call.
 
 Every sampled row runs the full `--new-tokens` (EOS is suppressed), so tokens/s = rows x new tokens /
 seconds. "Warm" means a previous call with the same shapes has run (graphs captured, kernels loaded).
@@ -178,6 +187,120 @@ def profile_decode(model, sampler, ids, mask, steps=8):
             "kernel_ms_per_decode_step": (total - base) / steps}
 
 
+def draw_lengths(n, new_tokens, dist, median_frac, sigma, gen) -> torch.Tensor:
+    """Completion lengths [n]: all `new_tokens`, or log-normal clipped to [1, new_tokens]."""
+    if dist == "fixed":
+        return torch.full((n,), new_tokens, dtype=torch.long)
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    lengths = torch.exp(math.log(median_frac * new_tokens) + sigma * z).round().long()
+    return lengths.clamp(1, new_tokens)
+
+
+def length_dist_section(model, args, device, results, gen):
+    """Static vs paged engine on the same rows and drawn lengths, both warm at full length."""
+    for dist in args.length_dist:
+        one_length_dist(model, args, device, results, gen, dist)
+
+
+def one_length_dist(model, args, device, results, gen, dist):
+    from r1lightning.rollout import PagedSampler, SamplingParams, StaticCacheSampler
+
+    B, P, C = args.dist_batch, args.prompt_len, args.new_tokens
+    lengths = draw_lengths(B, C, dist, args.median_frac, args.sigma, gen)
+    if args.equal_tokens and dist != "fixed":  # more rows until they hold as many tokens as B full-length rows
+        while int(lengths.sum()) < B * C:
+            lengths = torch.cat([lengths, draw_lengths(B, C, dist, args.median_frac, args.sigma, gen)])
+        lengths = lengths[: int((lengths.cumsum(0) < B * C).sum()) + 1]
+    n = lengths.numel()
+    ids = torch.randint(3, args.vocab, (n, P), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    tokens = int(lengths.sum())
+    forced = lengths.to(device)
+    info = {"dist": dist, "rows": n, "tokens": tokens, "mean_len": lengths.float().mean().item(),
+            "max_len": int(lengths.max()), "median_len": lengths.float().median().item()}
+    print("# lengths", json.dumps(info), flush=True)
+    section = results.setdefault("length_dist", {}).setdefault(dist, {"lengths": info, "rows": []})
+    model.set_experts_implementation(args.prefill[0] if args.prefill[0] != "megablocks" or megablocks_ok() else "grouped_mm")
+    engines = [(f"static, batches of {B}", "static", B)]
+    for slots in args.slots:
+        for gib in args.kv_gib:
+            S = slots or B
+            engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else ""), "paged", (S, gib or None)))
+    params = SamplingParams(C, temperature=1.0)
+    for name, kind, S in engines:
+        S, gib = S if kind == "paged" else (S, None)
+        if kind == "static":
+            sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=C, timing=True)
+            chunks = [slice(i, min(i + B, n)) for i in range(0, n, B)]
+        else:
+            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True)
+            chunks = [slice(0, n)]
+        try:
+            # warm at full length: the first call's rows run every token (every graph captured, buffers sized)
+            warm = chunks[0]
+            warm_len = torch.ones(warm.stop - warm.start, dtype=torch.long, device=device)
+            warm_len[: min(S, len(warm_len))] = C
+            sampler.generate(model, ids[warm], mask[warm], params, 1, 0, forced_lengths=warm_len)
+            sync()
+            # then twice with the drawn lengths: the first pass captures what the full-length call did not
+            # (the paged engine's narrower tail widths), the second is timed
+            for timed in (False, True):
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                steps = waste_steps = 0
+                extra: dict = {}
+                for rows in chunks:
+                    out = sampler.generate(model, ids[rows], mask[rows], params, 1, 0, forced_lengths=forced[rows])
+                    st = dict(sampler.last_stats)
+                    assert torch.equal(out.completion_lengths.cpu(), lengths[rows]), "forced lengths not honoured"
+                    steps += st["steps"]
+                    if kind == "static":
+                        waste_steps += (rows.stop - rows.start) * st["steps"]
+                    else:
+                        waste_steps += st["slot_steps"]
+                        extra = {k: st[k] for k in ("preempted", "max_live", "admitted", "idle_slot_fraction", "kv_blocks",
+                                                    "compactions", "graphs")}
+                sync()
+                seconds = time.perf_counter() - t0
+                if not timed:
+                    first = seconds
+            r = {"name": name, "seconds": seconds, "first_pass_s": first, "tokens": tokens, "tok_s": tokens / seconds,
+                 "padded_waste": 1 - tokens / waste_steps if kind == "static" else extra["idle_slot_fraction"],
+                 "decode_steps": steps, "kv_GiB": st["kv_bytes"] / 2**30,
+                 "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"), **extra}
+        except Exception as err:
+            import traceback
+
+            traceback.print_exc()
+            r = {"name": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        section["rows"].append(r)
+        print(json.dumps(r, default=str), flush=True)
+        sampler.release()
+        del sampler
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(f"{dist} lengths, {n} rows x up to {C} tokens after {P} prompt tokens: {tokens:,} tokens, "
+          f"mean {info['mean_len']:.0f}, median {info['median_len']:.0f}, max {info['max_len']}")
+    print()
+    print("| engine | tokens/s | s | padded-token waste | decode steps | KV GiB | peak GiB (call) | preempted |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in section["rows"]:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['seconds']:.2f} | {r['padded_waste']:.1%} | {r['decode_steps']} | "
+              f"{r['kv_GiB']:.2f} | {r['peak_GiB']:.1f} | {r.get('preempted', '–')} |")
+    print(flush=True)
+
+
+def megablocks_ok() -> bool:
+    from r1lightning.moe import megablocks_status
+
+    return megablocks_status()[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
@@ -201,6 +324,19 @@ def main(argv=None):
     ap.add_argument("--bandwidth", type=float, default=4.3e12)
     ap.add_argument("--time-budget", type=float, default=1e9, help="skip remaining sections after this many seconds")
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--length-dist", choices=["fixed", "lognormal"], nargs="+", default=None,
+                    help="add the static vs paged engine section under these completion-length distributions")
+    ap.add_argument("--equal-tokens", action="store_true",
+                    help="lognormal: draw more rows until they hold --dist-batch x --new-tokens tokens (the static "
+                         "engine runs them in batches of --dist-batch, the paged one through its slots)")
+    ap.add_argument("--only-dist", action="store_true", help="run only the --length-dist section")
+    ap.add_argument("--dist-batch", type=int, default=128, help="rows for the --length-dist section")
+    ap.add_argument("--median-frac", type=float, default=0.25, help="lognormal median as a fraction of --new-tokens")
+    ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma")
+    ap.add_argument("--slots", type=int, nargs="+", default=[0],
+                    help="paged engine slot counts for the --length-dist section (0: one slot per row)")
+    ap.add_argument("--kv-gib", type=float, nargs="+", default=[0],
+                    help="paged engine KV pool sizes in GiB, each run with each --slots (0: the engine's default)")
     args = ap.parse_args(argv)
 
     from r1lightning.moe import apply_moe_backend, megablocks_status
@@ -244,7 +380,9 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for bi, n in enumerate(args.batches):
+    if args.length_dist:
+        length_dist_section(model, args, device, results, gen)
+    for bi, n in enumerate([] if args.only_dist else args.batches):
         ids = torch.randint(3, args.vocab, (n, P), generator=gen).to(device)
         mask = torch.ones_like(ids)
         results.setdefault("bound", {})[n] = bound(n)
@@ -336,7 +474,7 @@ def main(argv=None):
         torch.cuda.empty_cache() if device == "cuda" else None
 
     # -- decode experts at a small batch: grouped_mm vs per-token weight gathering --
-    if args.small_batch and left() > 30:
+    if args.small_batch and left() > 30 and not args.only_dist:
         from r1lightning.rollout import decode_experts
 
         n = args.small_batch
@@ -356,6 +494,11 @@ def main(argv=None):
         decode_experts.set_decode_mode(model, "auto")
 
     # -- Markdown --
+    if args.only_dist:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        return results
     print()
     print(f"Model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, expert FFN "
           f"{args.expert_ffn}, vocab {args.vocab}, bf16; {P} prompt tokens -> {C} sampled tokens.")

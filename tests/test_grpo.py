@@ -129,3 +129,28 @@ def test_bad_options_are_rejected(tiny_moe_config):
         GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], aggregation="mean")
     with pytest.raises(ValueError, match="unknown|not registered|accuraccy"):
         Reward("accuraccy")
+
+
+def test_update_recomputes_checkpointed_layers_while_the_policy_stays_in_eval_mode(tiny_moe_config):
+    """transformers checkpoints a layer only in training mode; the policy is in eval mode, so the update
+    must switch checkpointing on itself (each layer's MLP then runs twice: forward and recompute)."""
+    from r1lightning.module import checkpointing_on
+
+    module = tiny_module(tiny_moe_config)
+    model = module.model.eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    layer = model.model.layers[0]
+    layer.mlp.register_forward_pre_hook(lambda m, a: calls.append(1))
+    ids = torch.randint(0, 20, (2, 7))
+
+    def mlp_runs():
+        calls.clear()
+        model(input_ids=ids).logits.sum().backward()
+        return len(calls)
+
+    assert mlp_runs() == 1  # eval mode: transformers stores every activation
+    with checkpointing_on(model):
+        assert mlp_runs() == 2  # recomputed in backward
+        assert not layer.mlp.training and not layer.self_attn.training  # children stay in eval mode
+    assert not layer.training  # restored

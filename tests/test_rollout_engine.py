@@ -2,6 +2,8 @@
 `generate` under greedy decoding, log-probs equal to a training-style forward, sampling frequencies
 that match the filtered distribution."""
 
+import weakref
+
 import pytest
 import torch
 from scipy import stats
@@ -255,3 +257,200 @@ def test_compiled_decode_greedy_matches_generate(mode, tiny_moe_config):
     assert counters["stats"]["unique_graphs"] == graphs
     ref_short = HFGenerateSampler().generate(model, short_ids, short_mask, params, eos, tok.pad_token_id)
     assert torch.equal(short.completion_ids[:, : ref_short.completion_ids.shape[1]], ref_short.completion_ids)
+
+
+# -- the paged engine: continuous batching over slots, KV in blocks ---------------------------------
+from r1lightning.errors import UserError  # noqa: E402
+from r1lightning.rollout import PagedSampler  # noqa: E402
+
+RAGGED = ["12+34=", "5+6=", "999+1=", "7=", "abc", "x+y*z=", "3*3=", "100-1=", "q"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, tiny_moe_config):
+    # 9 ragged prompts through 3 slots: rows finish at different steps and free slots get new samples
+    config = tiny_moe_config if arch == "qwen3_moe" else OLMOE
+    model, tok = build(config, attn_implementation=attn)
+    ids, mask = encode(tok, RAGGED)
+    n = 16
+    eos = pick_mid_batch_eos(model, tok, ids, mask, n)
+    params = SamplingParams(n, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert ref.truncated.any() and (~ref.truncated).any()
+    assert engine.last_stats["slots"] == 3 and engine.last_stats["admitted"] == len(RAGGED)
+    assert engine.last_stats["preempted"] == 0
+    assert engine.last_stats["compactions"] >= 1  # the tail ran narrower, its sequences moved to low slots
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(ours.completion_mask, ref.completion_mask)
+    assert torch.equal(ours.truncated, ref.truncated)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_paged_reused_slot_never_reads_its_previous_occupant(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    params = SamplingParams(12, temperature=0)
+    eos = len(tok) + 1  # never sampled: every row runs 12 tokens
+    engine = PagedSampler(max_slots=2, block_size=4, sync_every=3)
+    ids, mask = encode(tok, RAGGED)
+    batched = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    # the pool now holds other sequences' K/V; overwrite it with large garbage, then run each prompt
+    # again in another order and alone: a read outside a slot's own tokens would change the tokens
+    (state,) = engine._state.values()
+    for t in state.cache.keys + state.cache.values:
+        t.copy_(torch.randn_like(t) * 1e3)
+    order = torch.randperm(len(RAGGED), generator=torch.Generator().manual_seed(0))
+    shuffled = engine.generate(model, ids[order], mask[order], params, eos, tok.pad_token_id)
+    assert torch.equal(shuffled.completion_ids, batched.completion_ids[order])
+    fewer_ids, fewer_mask = encode(tok, RAGGED[3:5])  # fewer, shorter prompts: the same pool, not a new one
+    fewer = engine.generate(model, fewer_ids, fewer_mask, params, eos, tok.pad_token_id)
+    assert next(iter(engine._state.values())) is state
+    assert torch.equal(fewer.completion_ids, batched.completion_ids[3:5])
+    for i in (0, 3, 8):
+        one_ids, one_mask = encode(tok, [RAGGED[i]])
+        alone = PagedSampler(max_slots=1, block_size=4).generate(model, one_ids, one_mask, params, eos, tok.pad_token_id)
+        assert torch.equal(alone.completion_ids[0], batched.completion_ids[i])
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(batched.completion_ids, ref.completion_ids)
+
+
+def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    params = SamplingParams(24, temperature=0)
+    eos = len(tok) + 1
+    # one sequence needs ceil((6 + 24) / 4) = 8 blocks; the pool holds 12 besides the trash block,
+    # so 4 slots that start together must preempt as they grow
+    probe = PagedSampler(max_slots=4, block_size=4)
+    per_block = probe._pool_blocks(model, ids.device, 1, 8, 0)[1]
+    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["kv_blocks"] == 13
+    assert engine.last_stats["preempted"] > 0
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
+def test_paged_budget_too_small_for_one_sequence_is_a_user_error(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    engine = PagedSampler(block_size=4, kv_cache_gib=1e-6)
+    with pytest.raises(UserError, match=r"kv_cache_gib: 1e-06 GiB holds \d+ KV tokens .* one sequence .* needs 72"):
+        engine.generate(model, ids, mask, SamplingParams(64, 0), tok.eos_token_id, tok.pad_token_id)
+    with pytest.raises(UserError, match="max_slots"):
+        PagedSampler(max_slots=0)
+
+
+def test_paged_sampled_logprobs_equal_training_forward(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    params = SamplingParams(12, temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    engine = PagedSampler(max_slots=4, block_size=4)
+    out = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(out.completion_ids, again.completion_ids)  # seeded
+    with torch.no_grad():
+        ref = training_logprobs(model, out, 0.7) * out.completion_mask
+    assert out.completion_mask.sum() > 30
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["static", "paged"])
+def test_forced_lengths_end_rows_at_the_drawn_step(engine, tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)  # would end some rows early on its own
+    forced = torch.tensor([1, 16, 3, 40, 7, 2])  # 40 > max_new_tokens: runs to the limit
+    sampler = StaticCacheSampler() if engine == "static" else PagedSampler(max_slots=4, block_size=4)
+    out = sampler.generate(model, ids, mask, SamplingParams(16, 1.0, seed=0), eos, tok.pad_token_id, forced_lengths=forced)
+    assert out.completion_lengths.tolist() == [1, 16, 3, 16, 7, 2]
+    if engine == "paged":
+        assert sampler.last_stats["compactions"] >= 1
+    assert out.truncated.tolist() == [False, False, False, True, False, False]
+    ends = out.completion_ids[torch.arange(6), out.completion_lengths - 1]
+    assert (ends[~out.truncated] == eos).all()
+    with torch.no_grad():
+        ref = training_logprobs(model, out, 1.0) * out.completion_mask
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)  # a forced EOS keeps its true log-prob
+
+
+def test_paged_min_new_tokens_and_one_token(tiny_moe_config):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    out = PagedSampler(min_new_tokens=16, max_slots=4).generate(model, ids, mask, SamplingParams(16, 0), eos, tok.pad_token_id)
+    assert out.completion_lengths.tolist() == [16] * len(PROMPTS) and out.truncated.all()
+    one = PagedSampler(max_slots=4).generate(model, ids, mask, SamplingParams(1, 0), eos, tok.pad_token_id)
+    ref = HFGenerateSampler().generate(model, ids, mask, SamplingParams(1, 0), eos, tok.pad_token_id)
+    assert torch.equal(one.completion_ids, ref.completion_ids)
+
+
+def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config):
+    from tests.test_grpo import tiny_module
+
+    module = tiny_module(tiny_moe_config, sampler=PagedSampler(max_slots=3), use_sampler_logprobs=True, max_new_tokens=5,
+                         temperature=0.8)
+    ids, mask = encode(module.tokenizer, ["1+2=", "30+4="])
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "columns": {"answer": ["3", "34"]}}
+    rollout, _, total, _ = module.rollout(batch)
+    assert module.sampler._state  # the pool lives through the rollout ...
+    recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
+    torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
+    pool = [weakref.ref(t) for st in module.sampler._state.values() for t in vars(st).values() if isinstance(t, torch.Tensor)]
+    pool += [weakref.ref(t) for st in module.sampler._state.values() for t in st.cache.keys + st.cache.values]
+    module.sampler.release_for_update()
+    assert not module.sampler._state  # ... and not through the update:
+    assert pool and all(r() is None for r in pool)  # its tensors are gone, not kept alive by a reference cycle
+    static = StaticCacheSampler()
+    static.generate(module.model, ids, mask, SamplingParams(3, 0), module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
+    static.release_for_update()
+    assert static._state  # keep_cache: the static engine keeps it (its default)
+
+
+@pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
+def test_paged_compiled_decode_greedy_matches_generate(tiny_moe_config):
+    torch._dynamo.reset()
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
+    params = SamplingParams(12, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
+def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp_path, tiny_moe_config, monkeypatch):
+    import json
+
+    from r1lightning.cli import R1CLI
+    from tests.test_grpo import ROWS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+            "rewards": [{"fn": "format", "weight": 1.0}],
+            "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
+            "num_generations": 4, "max_new_tokens": 6, "num_iterations": 2, "micro_batch_size": 3,
+            "mask_truncated_completions": True, "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
+    }
+    (tmp_path / "grpo.yaml").write_text(json.dumps(config))
+    cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
+    assert cli.trainer.global_step == 4
+    sampler = cli.model.sampler
+    assert isinstance(sampler, PagedSampler) and sampler.last_stats["admitted"] >= 8
+    assert not sampler._state  # released for the update of the last step
+    assert 0 < cli.trainer.logged_metrics["train/completions/mean_length"] <= 6

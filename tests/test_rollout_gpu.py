@@ -125,3 +125,109 @@ def test_compiled_decode_bf16_logprobs_as_close_to_fp32_as_eager(mode, tiny_moe_
 
     compiled, eager = gap(StaticCacheSampler(compile=mode)), gap(StaticCacheSampler())
     assert compiled < 1.5 * eager + 0.01, (compiled, eager)
+
+
+# -- the paged engine (continuous batching, KV blocks) with CUDA graphs ------------------------------
+from r1lightning.rollout import PagedSampler  # noqa: E402
+from tests.test_rollout_engine import RAGGED  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_paged_graphs_greedy_matches_generate_fp32(arch, tiny_moe_config):
+    model, tok = on_cuda(tiny_moe_config if arch == "qwen3_moe" else OLMOE, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    params = SamplingParams(16, 0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["graphs"] >= 2 and engine.last_stats["admitted"] == len(RAGGED)
+    assert engine.last_stats["compactions"] >= 1
+    assert ref.truncated.any() and (~ref.truncated).any()
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(ours.truncated, ref.truncated)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+    # released for the update, then captured again: same tokens
+    engine.release_for_update()
+    assert not engine._state
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+
+
+def test_paged_graphs_preempt_and_keep_greedy_tokens(tiny_moe_config):
+    model, tok = on_cuda(tiny_moe_config, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    params = SamplingParams(24, 0)
+    eos = len(tok) + 1
+    per_block = PagedSampler(block_size=4)._pool_blocks(model, ids.device, 1, 8, 0)[1]
+    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["preempted"] > 0
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+
+
+def test_paged_graphs_bf16_equal_eager_and_see_weight_updates(tiny_moe_config):
+    model, tok = on_cuda(tiny_moe_config, torch.bfloat16, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)  # 36 rows through 16 slots
+    params = SamplingParams(12, 0)
+    graphs, eager = PagedSampler(max_slots=16, block_size=8), PagedSampler(max_slots=16, block_size=8, cuda_graphs=False)
+    a = graphs.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    b = eager.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=0, rtol=0)
+    n_graphs = graphs.last_stats["graphs"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    c = graphs.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    d = eager.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    assert graphs.last_stats["graphs"] == n_graphs
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    assert torch.equal(c.completion_ids, d.completion_ids)
+
+
+def test_paged_graphs_seeded_sampling_logprobs_and_forced_lengths(tiny_moe_config):
+    model, tok = on_cuda(tiny_moe_config, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    engine = PagedSampler(max_slots=4, block_size=4)
+    params = SamplingParams(12, temperature=0.8, top_p=0.95, top_k=30, seed=5)
+    a = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    b = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    with torch.no_grad():
+        ref = training_logprobs(model, a, 0.8) * a.completion_mask
+    torch.testing.assert_close(a.logprobs, ref, atol=1e-4, rtol=0)
+    forced = torch.tensor([1, 12, 3, 40, 7, 2, 5, 9, 11], device="cuda")
+    f = engine.generate(model, ids, mask, params, tok.eos_token_id, tok.pad_token_id, forced_lengths=forced)
+    assert f.completion_lengths.tolist() == forced.clamp(max=12).tolist()
+
+
+@pytest.mark.skipif(not megablocks_status()[0], reason=f"megablocks: {megablocks_status()[1]}")
+def test_paged_megablocks_prefill_graph_decode(tiny_moe_config):
+    model, tok = on_cuda(tiny_moe_config, torch.bfloat16, moe_backend="megablocks")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
+    params = SamplingParams(10, 0)
+    ours = PagedSampler(max_slots=8).generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    assert model.config._experts_implementation == "megablocks"  # restored after decode
+    model.set_experts_implementation("grouped_mm")
+    ref = PagedSampler(max_slots=8, cuda_graphs=False).generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    assert (ours.completion_ids == ref.completion_ids).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_paged_compiled_decode_greedy_matches_generate_fp32(mode, tiny_moe_config):
+    torch._dynamo.reset()
+    model, tok = on_cuda(tiny_moe_config, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    params = SamplingParams(16, 0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(compile=mode, max_slots=4, block_size=4)
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    assert torch.equal(again.completion_ids, ours.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)

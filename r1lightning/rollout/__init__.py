@@ -7,5 +7,6 @@ never care which engine produced it.
 from r1lightning.rollout.base import Rollout, Sampler, SamplingParams
 from r1lightning.rollout.engine import StaticCacheSampler
 from r1lightning.rollout.hf import HFGenerateSampler
+from r1lightning.rollout.paged import PagedSampler
 
-__all__ = ["Rollout", "Sampler", "SamplingParams", "HFGenerateSampler", "StaticCacheSampler"]
+__all__ = ["Rollout", "Sampler", "SamplingParams", "HFGenerateSampler", "PagedSampler", "StaticCacheSampler"]

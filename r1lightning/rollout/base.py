@@ -57,6 +57,10 @@ class Sampler:
     ) -> Rollout:
         raise NotImplementedError
 
+    def release_for_update(self) -> None:
+        """Called by GRPO after a rollout is scored, before the policy update: a sampler that holds
+        device memory between calls (KV cache, graph pools) may free it here. Default: nothing."""
+
 
 def completion_mask_from_ids(
     completion_ids: torch.Tensor, eos_token_id: int | list[int]

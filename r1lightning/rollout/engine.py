@@ -32,6 +32,7 @@ mu = 1 `use_sampler_logprobs` can skip that forward (numerics: see docs/benchmar
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 
@@ -172,9 +173,14 @@ class StaticCacheSampler(Sampler):
         self._state: dict = {}
         self.last_stats: dict = {}
 
+    release_after_call = True  # keep_cache False: free at the end of each call (the paged engine: at the update)
+
     # -- public ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_id, pad_token_id) -> Rollout:
+    def generate(self, model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_id, pad_token_id,
+                 forced_lengths: torch.Tensor | None = None) -> Rollout:
+        """`forced_lengths` [N] (benchmarks only): row i ends with an EOS at completion token
+        `forced_lengths[i]` (1-based; EOS is suppressed before it), to time given length distributions."""
         N, P = prompt_ids.shape
         C = int(params.max_new_tokens)
         device = prompt_ids.device
@@ -192,19 +198,27 @@ class StaticCacheSampler(Sampler):
                 model.set_attn_implementation("sdpa")
             with self._autocast(device):
                 return self._generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id,
-                                      N, P, C, use_graphs, prev_experts)
+                                      N, P, C, use_graphs, prev_experts, forced_lengths)
         finally:
             if getattr(model.config, "_experts_implementation", None) != prev_experts and prev_experts is not None:
                 model.set_experts_implementation(prev_experts)
             if prev_attn not in ("sdpa", "eager") and prev_attn is not None:
                 model.set_attn_implementation(prev_attn)
             model.train(was_training)
-            if not self.keep_cache:
-                self._state.clear()
+            if not self.keep_cache and self.release_after_call:
+                self.release()
 
     def release(self) -> None:
         """Free the KV caches and graphs (the next call captures again)."""
         self._state.clear()
+        # The state holds reference cycles (graphs, step closures): without a collection its device
+        # memory would outlive the call, e.g. through the whole policy update.
+        gc.collect()
+
+    def release_for_update(self) -> None:
+        # `keep_cache` decides: True keeps the cache through the update (fast), False already freed it.
+        if not self.keep_cache:
+            self.release()
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +228,8 @@ class StaticCacheSampler(Sampler):
             return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, P, C, use_graphs, prev_experts):
+    def _generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, P, C, use_graphs, prev_experts,
+                  forced_lengths=None):
         device = prompt_ids.device
         capacity = _round_up(P + C, self.kv_bucket)
         step_fn = self._step_fn()
@@ -243,10 +258,14 @@ class StaticCacheSampler(Sampler):
         st.temperature.fill_(params.temperature if not params.greedy else 1.0)
         st.top_p_value.fill_(params.top_p)
         st.min_new.fill_(self.min_new_tokens)
+        forced = forced_lengths is not None
+        if forced:
+            st.force_len.copy_(_check_forced(forced_lengths, N, C))
+            st.force_tok.fill_(int(eos[0]))
         st.out_ids.fill_(pad_token_id)
         st.out_logp.zero_()
         st.done.zero_()
-        mode = ("greedy",) if params.greedy else ("sample", int(params.top_k or 0), params.top_p < 1.0)
+        mode = sampling_mode(params, forced)
 
         clock = _Clock(device if self.timing else None)
         # -- prefill --
@@ -339,6 +358,8 @@ class StaticCacheSampler(Sampler):
         st.out_ids = torch.zeros(N, capacity, **long)
         st.out_logp = torch.zeros(N, capacity, dtype=torch.float32, device=device)
         st.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # a static buffer: graphs read its address
+        st.force_len = torch.zeros(N, **long)  # forced_lengths (benchmarks)
+        st.force_tok = torch.zeros((), **long)
         return st
 
     @staticmethod
@@ -378,24 +399,7 @@ class StaticCacheSampler(Sampler):
 
     def _sample_into(self, st, mode):
         """Sample from st.logits into out_ids/out_logp at column st.step; advance st.step; update done."""
-        logits = st.logits
-        if mode[0] == "greedy":
-            logp_all = torch.log_softmax(logits, dim=-1)
-            choose = logits
-        else:
-            scaled = logits / st.temperature
-            logp_all = torch.log_softmax(scaled, dim=-1)
-            choose = filter_logits(scaled, mode[1], st.top_p_value if mode[2] else None)
-        if self.min_new_tokens > 0:  # forbid EOS before min_new_tokens
-            early = (st.step < st.min_new).view(1, 1)
-            choose = choose.masked_fill(early & st.eos_mask[None], float("-inf"))
-        if mode[0] == "greedy":
-            nxt = choose.argmax(dim=-1)
-        else:
-            # Gumbel-max: argmax(log p + Gumbel) is a draw from p, with no host-side sampling call.
-            noise = torch.empty_like(choose).exponential_().clamp_min_(1e-30).log_()
-            nxt = (choose - noise).argmax(dim=-1)
-        logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+        nxt, logp = draw(st, mode, st.step, st.force_len, self.min_new_tokens > 0)
         nxt = torch.where(st.done, st.pad, nxt)
         logp = logp.masked_fill(st.done, 0.0)
         st.out_ids.index_copy_(1, st.step, nxt[:, None])
@@ -432,6 +436,52 @@ class StaticCacheSampler(Sampler):
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def sampling_mode(params: SamplingParams, forced: bool) -> tuple:
+    """What a captured step samples with (one graph per mode): kind, top-k, top-p on, forced lengths."""
+    if params.greedy:
+        return ("greedy", 0, False, forced)
+    return ("sample", int(params.top_k or 0), params.top_p < 1.0, forced)
+
+
+def draw(st, mode, step, force_len, min_new: bool):
+    """Next token and its log-prob [N] from `st.logits` [N, V], with no host synchronisation.
+
+    `step` (scalar or [N]) is the index of the completion token being drawn. The log-prob is the
+    unfiltered `log_softmax(logits / temperature)` (raw logits when greedy); EOS is suppressed while
+    `step < st.min_new` (`min_new`), and with forced lengths (mode[3]) before `force_len - 1`, where
+    `st.force_tok` is chosen instead."""
+    logits = st.logits
+    if mode[0] == "greedy":
+        logp_all = torch.log_softmax(logits, dim=-1)
+        choose = logits
+    else:
+        scaled = logits / st.temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        choose = filter_logits(scaled, mode[1], st.top_p_value if mode[2] else None)
+    step = step.reshape(-1, 1)  # [1, 1] or [N, 1]
+    if min_new:  # forbid EOS before min_new_tokens
+        choose = choose.masked_fill((step < st.min_new) & st.eos_mask[None], float("-inf"))
+    if mode[3]:
+        choose = choose.masked_fill((step < force_len[:, None] - 1) & st.eos_mask[None], float("-inf"))
+    if mode[0] == "greedy":
+        nxt = choose.argmax(dim=-1)
+    else:
+        # Gumbel-max: argmax(log p + Gumbel) is a draw from p, with no host-side sampling call.
+        noise = torch.empty_like(choose).exponential_().clamp_min_(1e-30).log_()
+        nxt = (choose - noise).argmax(dim=-1)
+    if mode[3]:
+        nxt = torch.where(step.view(-1) == force_len - 1, st.force_tok, nxt)
+    logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+    return nxt, logp
+
+
+def _check_forced(forced_lengths, N: int, C: int) -> torch.Tensor:
+    forced = torch.as_tensor(forced_lengths).reshape(-1)
+    if forced.numel() != N or bool((forced < 1).any()):
+        raise ValueError(f"forced_lengths: need {N} lengths >= 1, got {forced.numel()} (min {int(forced.min())})")
+    return forced.clamp(max=C + 1).long()  # above C: never forced (the row runs to max_new_tokens)
 
 
 class _Clock:

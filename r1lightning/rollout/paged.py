@@ -1,0 +1,593 @@
+"""The paged rollout engine: continuous batching over a fixed number of slots, KV in a pool of blocks.
+
+All N samples of a call are known up front. They run through S = min(N, `max_slots`) slots; a
+finished sample frees its slot and the next waiting sample takes it (its prompt is prefilled into
+that slot). KV lives in one pool per layer of fixed-size blocks ([blocks x block_size, kv_heads,
+head_dim]); a slot's block table [S, max_blocks] lists the blocks its sequence has written, so a slot
+holds only what it wrote (plus at most `sync_every` tokens of look-ahead) and a freed block goes to
+the next sample. The pool's size is the memory budget (`kv_cache_gib`); when growing sequences run
+out of blocks, the most recently admitted one is preempted (its blocks freed, its prompt and the
+tokens it sampled so far prefilled again later: recompute, no swap).
+
+Shapes stay fixed, so the decode step is captured in CUDA graphs as in `StaticCacheSampler`: the
+step scatters each slot's new K/V to `block_table[slot, pos // block_size]`, and gathers the slot's
+first `kv_len` positions through its block table for attention (one graph per `kv_len` bucket,
+captured the first time a call reaches it). A slot's sequence is stored without padding: KV index t
+is position id t, and the mask lets slot s attend to t <= pos[s], so whatever an earlier occupant
+left in a reused block is never read. Idle slots (finished, waiting for the next sync) compute on
+and write to a trash area; they cost time, not correctness.
+
+The host runs `sync_every` replays, then reads the slot states once (which slots finished, where
+each stands), frees, allocates blocks for the next `sync_every` steps, preempts if needed and admits
+waiting samples (one prefill forward for all admitted, with the policy's own experts).
+
+Tail: once no sample waits, the live sequences move to the first slots (their block-table rows move,
+not their KV) and a step over a power-of-two number of slots runs (`compact_tail`), so the last long
+sequences do not pay for idle slots.
+
+Memory: `release_for_update()` (GRPO calls it after scoring, before the update) frees the pool and
+the graphs unless `keep_cache`; the next rollout allocates and captures again (~16 KV buckets, the
+bucket grows with the length, times the tail widths reached).
+
+Output: the same `Rollout` as the static engine (completion ids, masks, truncation flags, sampler
+log-probs), rows in input order. Sampling draws differ from the static engine (slots, not rows, draw
+noise), greedy decoding does not.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+from transformers.cache_utils import Cache
+
+from r1lightning.errors import UserError
+from r1lightning.rollout import decode_experts
+from r1lightning.rollout.base import Rollout, completion_mask_from_ids
+from r1lightning.rollout.engine import (
+    StaticCacheSampler,
+    _check_forced,
+    _Clock,
+    _fingerprint,
+    _has_experts,
+    _round_up,
+    draw,
+    sampling_mode,
+)
+
+GIB = 1 << 30
+
+
+class PagedKV(Cache):
+    """Per layer a pool [rows, kv_heads, head_dim] (rows = blocks x block_size). The engine sets the
+    rows written and read by the next forward:
+
+    * prefill: `dest` [m] pool rows for the m real tokens `sel` [m] of the flattened [n * q] batch;
+      attention runs over the prompt batch itself (update returns the new K/V as given);
+    * decode: `write` [S] pool rows for each slot's token, `read` [S, kv_len] pool rows of each
+      slot's sequence; update returns the gathered [S, heads, kv_len, head_dim].
+    """
+
+    is_compileable = True
+
+    def __init__(self, num_layers: int, rows: int, heads: int, head_dim: int, dtype, device):
+        self.num_layers, self.rows = num_layers, rows
+        self.keys = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.sel = self.dest = self.write = self.read = None
+        self.prefill = True
+        self.kv_len = 0
+        self.layers = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n, h, q, d = key_states.shape
+        K, V = self.keys[layer_idx], self.values[layer_idx]
+        if (h, d) != tuple(K.shape[1:]):
+            raise ValueError(f"paged KV: layer {layer_idx} has K/V heads x dim {h} x {d}, the pool {tuple(K.shape[1:])}")
+        k = key_states.transpose(1, 2).reshape(n * q, h, d)
+        v = value_states.transpose(1, 2).reshape(n * q, h, d)
+        if self.prefill:
+            K.index_copy_(0, self.dest, k[self.sel].to(K.dtype))
+            V.index_copy_(0, self.dest, v[self.sel].to(V.dtype))
+            return key_states, value_states
+        K.index_copy_(0, self.write, k.to(K.dtype))
+        V.index_copy_(0, self.write, v.to(V.dtype))
+        S, T = self.read.shape
+        dtype = key_states.dtype  # a pool kept in another dtype (e.g. fp32 parameters, bf16 compute) is read as computed
+        return (K[self.read].view(S, T, h, d).transpose(1, 2).to(dtype),
+                V[self.read].view(S, T, h, d).transpose(1, 2).to(dtype))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.kv_len, 0
+
+    def __len__(self):
+        return self.num_layers
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class _PagedState:
+    """Pool, slot buffers and graphs for one (slots, blocks, block table width, device)."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.views: dict = {}
+        self.pool = None
+        self.static_marked = False
+        self.dummy_base = 0
+
+
+class PagedSampler(StaticCacheSampler):
+    """Continuous batching with paged KV; see the module docstring. Takes the static engine's options
+    (`cuda_graphs`, `decode_experts`, `sync_every`, `min_new_tokens`, `return_logprobs`, `compile`,
+    `timing`) and:
+
+    Args:
+        max_slots: sequences decoded at once (the graph batch); more samples wait for a free slot.
+        kv_cache_gib: size of the KV block pool in GiB. None: what every slot needs at full length,
+            capped on CUDA at `kv_memory_fraction` of the free device memory. A pool that cannot hold
+            one sequence (prompt + max_new_tokens) is a UserError.
+        kv_memory_fraction: the cap above (None budget only).
+        block_size: tokens per KV block.
+        kv_bucket: attention reads each slot up to the longest live sequence rounded up to this
+            many tokens (one graph per bucket); None: a multiple of `block_size` giving at most 16
+            buckets over the longest sequence.
+        keep_cache: keep pool and graphs through the policy update (`release_for_update` does
+            nothing); False frees them there and the next rollout captures again.
+        compact_tail: once no sample waits, move the live sequences to the first slots and decode
+            only a power-of-two number of slots (a graph per width reached; not with `compile`).
+    """
+
+    release_after_call = False
+
+    def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
+                 block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
+                 **kwargs):
+        super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
+        if int(max_slots) < 1:
+            raise UserError(f"max_slots: must be >= 1, got {max_slots}")
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise UserError(f"kv_cache_gib: must be > 0 (or null for the default), got {kv_cache_gib}")
+        self.max_slots = int(max_slots)
+        self.kv_cache_gib = kv_cache_gib
+        self.kv_memory_fraction = float(kv_memory_fraction)
+        self.block_size = max(1, int(block_size))
+        self.auto_bucket = kv_bucket is None
+        self.compact_tail = compact_tail
+
+    def release_for_update(self) -> None:
+        if not self.keep_cache:
+            self.release()
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @staticmethod
+    def _kv_shape(model, device):
+        c = model.config.get_text_config()
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = next(model.parameters()).dtype
+        return c.num_hidden_layers, heads, head_dim, dtype
+
+    def _pool_blocks(self, model, device, S, blocks_per_seq, trash_blocks) -> tuple[int, int]:
+        """(blocks in the pool, bytes per block) under the budget."""
+        layers, heads, head_dim, dtype = self._kv_shape(model, device)
+        per_block = 2 * layers * heads * head_dim * self.block_size * torch.empty((), dtype=dtype).element_size()
+        need = S * blocks_per_seq + trash_blocks
+        if self.kv_cache_gib is not None:
+            blocks = int(self.kv_cache_gib * GIB // per_block)
+            where = f"kv_cache_gib: {self.kv_cache_gib} GiB"
+        else:
+            blocks = need
+            where = "the KV pool"
+            if device.type == "cuda":
+                # free on the device + cached by torch's allocator + a pool about to be replaced
+                free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                        - torch.cuda.memory_allocated(device) + sum(st.cache.nbytes() for st in self._state.values()))
+                blocks = min(need, int(free * self.kv_memory_fraction // per_block))
+                where = f"kv_memory_fraction {self.kv_memory_fraction} of {free / GIB:.1f} GiB free"
+        if blocks - trash_blocks < blocks_per_seq:
+            raise UserError(f"{where} holds {max(blocks - trash_blocks, 0) * self.block_size} KV tokens "
+                            f"({per_block / self.block_size / 1024:.0f} KiB each); one sequence (prompt + max_new_tokens, "
+                            f"in blocks of {self.block_size}) needs {blocks_per_seq * self.block_size}: "
+                            f"raise kv_cache_gib or lower max_new_tokens")
+        return min(blocks, need), per_block
+
+    # -- the call --------------------------------------------------------------------------------
+    def _generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, P, C, use_graphs, prev_experts,
+                  forced_lengths=None):
+        device = prompt_ids.device
+        bs = self.block_size
+        S = min(N, self.max_slots)
+        st = next(iter(self._state.values()), None)
+        if st is not None and S <= st.S <= self.max_slots:
+            S = st.S  # a live pool with more slots serves fewer samples (dynamic sampling's retries)
+        lengths = prompt_mask.long().sum(-1)  # real prompt tokens per sample
+        Pmax = int(lengths.max())
+        MB = -(-(Pmax + C) // bs)  # block-table width: one sequence at full length
+        trash = -(-S // bs)  # blocks 0..trash-1: where idle slots write
+        fp = _fingerprint(model)
+        # reuse the pool while it fits: same slots, a table at least as wide, a pool that holds one sequence
+        if (st is None or st.fingerprint != fp or st.model is not model or st.S != S or st.MB < MB or str(st.device) != str(device)
+                or st.blocks - trash < MB or (self.kv_cache_gib is not None and st.budget != self.kv_cache_gib)):
+            blocks, per_block = self._pool_blocks(model, device, S, MB, trash)
+            MB += 2  # table headroom: the next batch's prompts may be a little longer
+            st = None
+            self.release()  # the old pool goes before the new one is allocated
+            st = self._new_paged_state(model, S, MB, blocks, C, N, device)
+            st.fingerprint, st.S, st.MB, st.device, st.blocks, st.per_block = fp, S, MB, device, blocks, per_block
+            st.budget = self.kv_cache_gib
+            self._state = {(S, MB, str(device)): st}
+        MB, blocks, per_block = st.MB, st.blocks, st.per_block
+        seq_blocks = -(-(Pmax + C) // bs)  # what one sequence of this call can reach (MB: the table, wider)
+        if st.out_ids.numel() < N * C + S:  # more samples or tokens than the graphs were captured with
+            st.out_ids = torch.empty(N * C + S, dtype=torch.long, device=device)
+            st.out_logp = torch.empty(N * C + S, dtype=torch.float32, device=device)
+            st.graphs, st.pool, st.static_marked, st.views = {}, None, False, {}
+        st.dummy_base = st.out_ids.numel() - S  # idle slot s writes its draw to out cell dummy_base + s
+        cache = st.cache
+        mask_dtype = self._mask_dtype(model)
+        if self.compile:
+            bucket = MB * bs  # one shape
+        elif self.auto_bucket:
+            bucket = max(bs, _round_up(-(-MB * bs // 16), bs))
+        else:
+            bucket = _round_up(self.kv_bucket, bs)
+        kv_len_for = lambda longest: min(MB * bs, _round_up(max(longest, 1), bucket))  # noqa: E731
+
+        # -- per-call inputs --
+        eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
+        st.eos_mask.zero_()
+        st.eos_mask[eos[(eos >= 0) & (eos < st.eos_mask.numel())]] = True
+        st.pad.fill_(pad_token_id)
+        st.temperature.fill_(params.temperature if not params.greedy else 1.0)
+        st.top_p_value.fill_(params.top_p)
+        st.min_new.fill_(self.min_new_tokens)
+        st.C.fill_(C)
+        forced = forced_lengths is not None
+        sample_force = _check_forced(forced_lengths, N, C).to(device) if forced else None
+        st.force_tok.fill_(int(eos[0]))
+        st.force_len.fill_(C + 1)
+        st.out_ids.fill_(pad_token_id)
+        st.out_logp.zero_()
+        st.done.fill_(True)
+        st.row.copy_(N * C + torch.arange(S, device=device))  # idle slots write to their own dummy cell
+        st.pos.zero_()
+        st.gen.zero_()
+        st.tok.zero_()
+        st.block_table.zero_()
+        st.write_trash.copy_(torch.arange(S, device=device))
+        mode = sampling_mode(params, forced)
+        min_new = self.min_new_tokens > 0
+        step_fn = self._step_fn()
+
+        # -- host bookkeeping --
+        waiting = collections.deque((i, 0) for i in range(N))  # (sample, tokens already sampled)
+        free_blocks = list(range(blocks - 1, trash - 1, -1))  # pop() hands out low ids first
+        slot_blocks: list[list[int]] = [[] for _ in range(S)]
+        table = torch.zeros(S, MB, dtype=torch.long)  # host copy of st.block_table, sent once per round
+        slot_sample = [-1] * S
+        slot_pos = [0] * S  # next KV index each slot writes (exact at every sync)
+        slot_gen = [0] * S
+        admitted_at = [0] * S
+        host_lengths = lengths.tolist()
+        stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, max_live=0,
+                     compactions=0)
+        compact = self.compact_tail and self.compile is None  # a compiled step would recompile per width
+        clock = _Clock(device if self.timing else None)
+        t_prefill = t_capture = t_decode = 0.0
+        k = self.sync_every
+        need_blocks = lambda s, steps: min(seq_blocks, -(-(slot_pos[s] + steps) // bs))  # noqa: E731
+        tick = 0
+
+        def set_table(s):
+            table[s].zero_()
+            table[s, : len(slot_blocks[s])] = torch.tensor(slot_blocks[s], dtype=torch.long)
+
+        def grow(s, steps):
+            want = need_blocks(s, steps) - len(slot_blocks[s])
+            if want > 0:
+                slot_blocks[s].extend(free_blocks.pop() for _ in range(want))
+                set_table(s)
+
+        def drop(s):
+            free_blocks.extend(reversed(slot_blocks[s]))
+            slot_blocks[s] = []
+            slot_sample[s] = -1
+
+        experts = self.decode_experts
+        swap_experts = experts != "policy" and prev_experts is not None and _has_experts(model)
+        if experts == "policy" and use_graphs:
+            raise ValueError("decode_experts: 'policy' is not graph-safe; set cuda_graphs: false")
+
+        def decode_impl(on: bool):
+            if not swap_experts:
+                return
+            if on:
+                decode_experts.register()
+                model.set_experts_implementation(decode_experts.NAME)
+                decode_experts.set_decode_mode(model, experts)
+            else:
+                model.set_experts_implementation(prev_experts)
+
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if params.seed is not None else contextlib.nullcontext()
+        with rng:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            while True:
+                live = [s for s in range(S) if slot_sample[s] >= 0]
+                # 1. blocks for the next k steps of every live slot; preempt the newest if short
+                growth = lambda: sum(max(0, need_blocks(s, k) - len(slot_blocks[s])) for s in live)  # noqa: E731
+                while live and growth() > len(free_blocks):
+                    victim = max(live, key=lambda s: admitted_at[s])
+                    waiting.appendleft((slot_sample[victim], slot_gen[victim]))
+                    drop(victim)
+                    st.done[victim] = True
+                    st.row[victim] = N * C + victim
+                    live.remove(victim)
+                    stats["preempted"] += 1
+                for s in live:
+                    grow(s, k)
+                # 2. admit waiting samples into free slots while blocks last
+                admit = []
+                free_slots = [s for s in range(S) if slot_sample[s] < 0]
+                while waiting and free_slots:
+                    i, g = waiting[0]
+                    total = host_lengths[i] + g
+                    want = min(seq_blocks, -(-(total + k) // bs))
+                    if want > len(free_blocks):
+                        break
+                    waiting.popleft()
+                    s = free_slots.pop(0)
+                    slot_sample[s], slot_pos[s], slot_gen[s] = i, total, g
+                    tick += 1
+                    admitted_at[s] = tick
+                    slot_blocks[s] = [free_blocks.pop() for _ in range(want)]
+                    set_table(s)
+                    admit.append((s, i, g))
+                st.block_table.copy_(table)
+                if admit:
+                    clock()
+                    decode_impl(False)
+                    self._prefill(st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new,
+                                  sample_force, N)
+                    decode_impl(True)
+                    stats["admitted"] += len(admit)
+                    stats["prefills"] += 1
+                    stats["prefill_tokens"] += sum(host_lengths[i] + g for _, i, g in admit)
+                    if self.timing:
+                        t_prefill += clock()
+                    if self.compile == "reduce-overhead" and not st.static_marked:
+                        for t in (*vars(st).values(), *cache.keys, *cache.values):
+                            if isinstance(t, torch.Tensor):
+                                torch._dynamo.mark_static_address(t)
+                        st.static_marked = True
+                live = [s for s in range(S) if slot_sample[s] >= 0]
+                if not live:
+                    if waiting:
+                        raise RuntimeError("paged engine: no slot could be filled (pool accounting bug)")
+                    break
+                stats["max_live"] = max(stats["max_live"], len(live))
+                # 3. k decode steps (rows admitted with a finished first token just idle). Once nothing
+                # waits, the live sequences move to the first slots and a narrower step runs: moving a
+                # sequence is moving its block-table row, its KV stays where it is.
+                if not waiting and compact:
+                    width = self._compact(st, live, S, slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at, table)
+                    live = [s for s in range(S) if slot_sample[s] >= 0]
+                    st.block_table.copy_(table)
+                    stats["compactions"] += width < stats.setdefault("_width", S)
+                    stats["_width"] = width
+                else:
+                    width = S
+                view = self._view(st, width)
+                if C > 1:
+                    kv_len = kv_len_for(max(slot_pos[s] for s in live) + k)
+                    if use_graphs and (width, kv_len, mode) not in st.graphs:
+                        clock()
+                        self._capture_paged(st, view, model, (width, kv_len, mode), mask_dtype, step_fn)
+                        if self.timing:
+                            t_capture += clock()
+                    else:
+                        clock()
+                    for _ in range(k):
+                        if use_graphs:
+                            st.graphs[(width, kv_len, mode)].replay()
+                        else:
+                            cache.kv_len = kv_len
+                            step_fn(view, model, mode, mask_dtype)
+                    stats["replays"] += k
+                    stats["slot_steps"] += k * width
+                    if self.timing:
+                        t_decode += clock()
+                # 4. sync: which slots finished, where each stands
+                done, gen, pos = torch.stack([st.done.long(), st.gen, st.pos.view(-1)]).tolist()
+                for s in live:
+                    slot_gen[s], slot_pos[s] = gen[s], pos[s]
+                    if done[s]:
+                        drop(s)
+        decode_impl(False)
+
+        out_ids = st.out_ids[: N * C].view(N, C)
+        mask, truncated = completion_mask_from_ids(out_ids, eos_token_id)
+        width = int(mask.sum(-1).max()) if N else 0
+        completion_ids = out_ids[:, :width].masked_fill(mask[:, :width] == 0, pad_token_id)
+        mask = mask[:, :width]
+        logprobs = (st.out_logp[: N * C].view(N, C)[:, :width] * mask) if self.return_logprobs else None
+        tokens = int(mask.sum())
+        slot_steps = stats["slot_steps"]
+        stats.pop("_width", None)
+        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(),
+                               kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
+                               idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
+                               prefill_s=t_prefill if self.timing else None,
+                               capture_s=t_capture if self.timing else None,
+                               decode_s=t_decode if self.timing else None)
+        return Rollout(prompt_ids, prompt_mask, completion_ids.clone(), mask.clone(), truncated,
+                       logprobs.clone() if logprobs is not None else None)
+
+    SLOT_BUFFERS = ("tok", "pos", "gen", "row", "done", "block_table", "write_trash", "logits", "force_len")
+
+    @classmethod
+    def _view(cls, st, width: int):
+        """The state with its per-slot buffers narrowed to the first `width` slots (views: same memory)."""
+        if width not in st.views:
+            view = _PagedState()
+            view.__dict__.update(st.__dict__)
+            for name in cls.SLOT_BUFFERS:
+                setattr(view, name, getattr(st, name)[:width])
+            st.views[width] = view
+        view = st.views[width]
+        view.dummy_base = st.dummy_base
+        return view
+
+    def _compact(self, st, live, S, slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at, table) -> int:
+        """Move the live slots into 0..len(live)-1; return the width to decode with (a power of two)."""
+        width = min(S, 1 << max(len(live) - 1, 0).bit_length())
+        movers = [s for s in live if s >= len(live)]
+        holes = [t for t in range(len(live)) if slot_sample[t] < 0]
+        if movers:
+            src = torch.tensor(movers, device=st.tok.device)
+            dst = torch.tensor(holes[: len(movers)], device=st.tok.device)
+            for name in ("tok", "pos", "gen", "row", "done", "force_len"):
+                buf = getattr(st, name)
+                buf[dst] = buf[src].clone()
+            st.done[src] = True
+            for s, t in zip(movers, holes):
+                for lst in (slot_blocks, slot_sample, slot_pos, slot_gen, admitted_at):
+                    lst[t], lst[s] = lst[s], lst[t]
+                table[t] = table[s]
+                table[s] = 0
+        return width
+
+    def _new_paged_state(self, model, S, MB, blocks, C, N, device) -> _PagedState:
+        st = _PagedState()
+        st.model = model
+        layers, heads, head_dim, dtype = self._kv_shape(model, device)
+        st.cache = PagedKV(layers, blocks * self.block_size, heads, head_dim, dtype, device)
+        V = model.get_output_embeddings().weight.shape[0]
+        long = dict(dtype=torch.long, device=device)
+        st.tok = torch.zeros(S, 1, **long)  # token each slot feeds at the next step
+        st.pos = torch.zeros(S, 1, **long)  # its position = the KV index it writes
+        st.gen = torch.zeros(S, **long)  # completion tokens the slot's sample has so far
+        st.row = torch.zeros(S, **long)  # out index base (sample * C) or the slot's dummy cell
+        st.done = torch.ones(S, dtype=torch.bool, device=device)  # idle or finished
+        st.block_table = torch.zeros(S, MB, **long)
+        st.write_trash = torch.arange(S, **long)
+        st.offsets = torch.arange(self.block_size, **long)
+        st.arange = torch.arange(MB * self.block_size, **long)
+        st.logits = torch.zeros(S, V, dtype=torch.float32, device=device)
+        st.temperature = torch.ones((), device=device)
+        st.top_p_value = torch.ones((), device=device)
+        st.min_new = torch.zeros((), **long)
+        st.C = torch.zeros((), **long)
+        st.pad = torch.zeros((), **long)
+        st.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
+        st.force_len = torch.zeros(S, **long)
+        st.force_tok = torch.zeros((), **long)
+        st.out_ids = torch.zeros(N * C + S, **long)
+        st.out_logp = torch.zeros(N * C + S, dtype=torch.float32, device=device)
+        return st
+
+    def _prefill(self, st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new, sample_force, N):
+        """Prefill the admitted (slot, sample, tokens already sampled) rows into their slots and draw
+        each one's next token. Eager, the policy's own experts (host syncs are fine here)."""
+        device = prompt_ids.device
+        bs = self.block_size
+        slots = torch.tensor([s for s, _, _ in admit], device=device)
+        samples = torch.tensor([i for _, i, _ in admit], device=device)
+        gens = [g for _, _, g in admit]
+        if not any(gens):  # fresh samples: their left-padded prompts, trimmed to the longest
+            W = int(lengths[samples].max())
+            ids, mask = prompt_ids[samples, -W:], prompt_mask[samples, -W:]
+        else:  # preempted ones too: prompt + the tokens sampled so far, left-padded
+            out = st.out_ids[: N * C].view(N, C)
+            rows = [torch.cat([prompt_ids[i][prompt_mask[i].bool()], out[i, :g]]) for _, i, g in admit]
+            W = max(r.numel() for r in rows)
+            ids = torch.stack([torch.nn.functional.pad(r, (W - r.numel(), 0)) for r in rows])
+            mask = torch.stack([torch.nn.functional.pad(torch.ones_like(r), (W - r.numel(), 0)) for r in rows])
+        mask = mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+        allowed = causal[None] & mask.bool()[:, None, :]
+        allowed |= torch.eye(W, dtype=torch.bool, device=device)[None]
+        cache = st.cache
+        dest = st.block_table[slots].gather(1, positions // bs) * bs + positions % bs
+        cache.sel = mask.flatten().nonzero().squeeze(1)
+        cache.dest = dest.flatten()[cache.sel]
+        cache.prefill, cache.kv_len = True, W
+        logits = self._forward(model, ids, self._mask(allowed[:, None], mask_dtype), positions, cache, keep_last=True)
+        cache.prefill = False
+        # the admitted slots' state, then their first draw (the other slots are left untouched)
+        st.pos[slots] = mask.sum(-1, keepdim=True)
+        st.gen[slots] = torch.tensor(gens, device=device)
+        st.row[slots] = samples * C
+        st.force_len[slots] = sample_force[samples] if sample_force is not None else C + 1
+        st.done[slots] = False
+        st.logits[slots] = logits
+        live = torch.zeros_like(st.done)
+        live[slots] = True
+        self._draw_into(st, mode, live, min_new)
+
+    def _draw_into(self, st, mode, live, min_new):
+        """Draw every live slot's next token into its sample's output cell; advance gen, done, tok."""
+        nxt, logp = draw(st, mode, st.gen, st.force_len, min_new)
+        cell = torch.where(live, st.row + st.gen, st.write_trash + st.dummy_base)
+        st.out_ids.index_copy_(0, cell, nxt)
+        st.out_logp.index_copy_(0, cell, logp)
+        finished = st.eos_mask[nxt] | (st.gen + 1 >= st.C)
+        st.done |= live & finished
+        st.gen.add_(live.long())
+        st.tok.copy_(torch.where(live[:, None], nxt[:, None], st.tok))
+
+    def _decode_step(self, st, model, mode, mask_dtype):
+        """One decode step for every slot over static buffers (the body captured in a graph)."""
+        cache = st.cache
+        bs = self.block_size
+        kv = cache.kv_len
+        live = ~st.done
+        write = st.block_table.gather(1, st.pos // bs) * bs + st.pos % bs  # [S, 1]
+        cache.write = torch.where(live, write.view(-1), st.write_trash)
+        nb = kv // bs
+        cache.read = (st.block_table[:, :nb, None] * bs + st.offsets).view(-1, nb * bs)
+        cache.prefill = False
+        allowed = st.arange[:kv][None] <= st.pos  # [S, kv]: the slot's own tokens only
+        mask4d = self._mask(allowed[:, None, None, :], mask_dtype)
+        logits = self._forward(model, st.tok, mask4d, st.pos, cache)
+        st.logits.copy_(logits)
+        st.pos.add_(live.long()[:, None])
+        self._draw_into(st, mode, live, self.min_new_tokens > 0)
+
+    def _capture_paged(self, st, view, model, key, mask_dtype, step_fn):
+        _, kv_len, mode = key
+        st.cache.kv_len = kv_len
+        bufs = (st.tok, st.pos, st.gen, st.done, st.out_ids, st.out_logp)
+        snapshot = [t.clone() for t in bufs]
+        # the warm-up must not write real KV: every slot idle while it runs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for t, s in zip(bufs, snapshot):
+                    t.copy_(s)
+                st.done.fill_(True)
+                step_fn(view, model, mode, mask_dtype)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(bufs, snapshot):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=st.pool):
+            step_fn(view, model, mode, mask_dtype)
+        st.pool = graph.pool()
+        st.graphs[key] = graph
+        for t, s in zip(bufs, snapshot):  # capture only records kernels; restore anyway
+            t.copy_(s)

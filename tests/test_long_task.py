@@ -1,0 +1,200 @@
+"""The long-sum task (traces of 1,000+ tokens), the GPU recipe's model size, the fp32-master AdamW,
+and a CPU smoke run of the recipe's SFT through the CLI."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from r1lightning.tasks import LongSumTask
+from r1lightning.tokenizer import build_char_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trace_writes_every_column_and_carry():
+    task = LongSumTask(digits=3, min_terms=2, max_terms=2)
+    assert task.width == 4
+    row = task.row((457, 386))
+    assert row == {
+        "prompt": "Add: a=457 b=386",
+        "answer": "843",
+        "completion": "<think>"
+        "a:0000+0457 0+7+0=07 0+5+0=05 0+4+0=04 0+0+0=00 =0457\n"
+        "b:0457+0386 7+6+0=13 5+8+1=14 4+3+1=08 0+0+0=00 =0843\n"
+        "</think><answer>843</answer>",
+    }
+    # A carry out of the top digit lands in the padding column: 999 + 999 = 1998.
+    assert task.line("b", 999, 999) == "b:0999+0999 9+9+0=18 9+9+1=19 9+9+1=19 0+0+1=01 =1998\n"
+
+
+def _check_row(task, row):
+    terms = [int(t.split("=")[1]) for t in row["prompt"].removeprefix("Add: ").split(" ")]
+    assert task.min_terms <= len(terms) <= task.max_terms
+    assert all(10 ** (task.digits - 1) <= t < 10**task.digits for t in terms)
+    assert row["answer"] == str(sum(terms))
+    assert row["completion"].endswith(f"</think><answer>{sum(terms)}</answer>")
+    lines = row["completion"].removeprefix("<think>").split("</think>")[0].splitlines()
+    assert len(lines) == len(terms)
+    total = 0
+    for line, term in zip(lines, terms):
+        # Every group is arithmetic that holds, and the carry chain is consistent.
+        groups = re.findall(r"(\d)\+(\d)\+(\d)=(\d\d)", line)
+        assert len(groups) == task.width
+        carry = 0
+        for s, x, c, t in groups:
+            assert int(c) == carry and int(s) + int(x) + int(c) == int(t)
+            carry = int(t) // 10
+        assert line.endswith(f"={total + term:0{task.width}d}")
+        total += term
+    return terms
+
+
+def test_answers_and_traces_are_correct(tmp_path):
+    task = LongSumTask(num_train=60, num_test=20)
+    paths = task.write(tmp_path)
+    for split in ("train", "test"):
+        for text in paths[split].read_text().splitlines():
+            _check_row(task, json.loads(text))
+
+
+def test_gpu_difficulty_traces_run_1000_to_1259_tokens():
+    # The recipe's task (configs/gpu/*.yaml) through the embedded character tokenizer, EOS included.
+    cfg = yaml.safe_load((ROOT / "configs/gpu/long_sft.yaml").read_text())
+    task = LongSumTask(**{**cfg["data"]["init_args"]["task"]["init_args"], "num_train": 300, "num_test": 100})
+    tok = build_char_tokenizer()
+    splits = task.splits()
+    rows = splits["train"] + splits["test"]
+    lengths = [len(tok(r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
+    assert min(lengths) >= 1000 and max(lengths) <= task.max_completion_tokens() == 1259
+    # 13..16 terms of 78 characters a line: four lengths, every one represented.
+    assert {n // 78 for n in lengths} == {13, 14, 15, 16}
+    assert 1100 < sum(lengths) / len(lengths) < 1200
+    # The configs leave room for the longest trace and the longest prompt.
+    grpo = yaml.safe_load((ROOT / "configs/gpu/long_grpo.yaml").read_text())["model"]["init_args"]
+    assert grpo["max_new_tokens"] >= task.max_completion_tokens()
+    prompt = max(len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True))
+                 for r in rows)  # fmt: skip
+    assert prompt + task.max_completion_tokens() <= cfg["data"]["init_args"]["max_length"]
+
+
+def test_splits_are_disjoint_deterministic_and_stable():
+    small = LongSumTask(seed=1, num_train=100, num_test=50).splits()
+    big = LongSumTask(seed=1, num_train=400, num_test=50).splits()
+    assert [r["prompt"] for r in small["test"]] == [r["prompt"] for r in big["test"]]
+    assert not {r["prompt"] for r in big["train"]} & {r["prompt"] for r in big["test"]}
+    assert LongSumTask(seed=1, num_train=100, num_test=50).splits() == small
+    with pytest.raises(ValueError, match="max_terms"):
+        LongSumTask(min_terms=5, max_terms=4)
+
+
+def test_gpu_policy_has_over_100m_parameters():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = yaml.safe_load((ROOT / "configs/gpu/long_sft.yaml").read_text())
+    model_cfg = dict(cfg["model"]["init_args"]["policy"]["init_args"]["config"])
+    model_cfg["vocab_size"] = len(build_char_tokenizer())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_cfg.pop("model_type"), **model_cfg))
+    total = sum(p.numel() for p in model.parameters())
+    h, f, layers, experts = 768, 768, 8, 8
+    attention = h * 12 * 64 * 2 + h * 4 * 64 * 2  # q, o and the grouped k, v
+    expert = 3 * h * f
+    assert total == pytest.approx(layers * (attention + experts * expert), rel=0.002)
+    assert 125e6 < total < 127e6
+    active = layers * (attention + 2 * expert)
+    assert 40e6 < active < 42e6  # the FLOP estimates in the configs use 40.9 M
+
+
+def test_master_weight_adamw_equals_adamw_in_fp32_and_keeps_small_bf16_steps():
+    from r1lightning.optim import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(4)]
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    opt_a = torch.optim.AdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt_b = MasterWeightAdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+    # bf16 weights of 1.0 (spacing 2^-7): plain AdamW steps of 1e-3 round away, the master copy adds up.
+    p_plain = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    p_master = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    plain = torch.optim.AdamW([p_plain], lr=1e-3, weight_decay=0.0)
+    master = MasterWeightAdamW([p_master], lr=1e-3, weight_decay=0.0)
+    for _ in range(20):
+        p_plain.grad = torch.ones(4, dtype=torch.bfloat16)
+        p_master.grad = torch.ones(4, dtype=torch.bfloat16)
+        plain.step()
+        master.step()
+    assert torch.all(p_plain == 1.0)
+    assert torch.allclose(p_master.float(), torch.full((4,), 0.98), atol=2**-8)
+    state = master.state_dict()["state"][0]
+    assert state["master"].dtype == torch.float32 and state["step"] == 20
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_long_sft_smoke_through_the_cli(tmp_path, monkeypatch):
+    """The GPU recipe's SFT on CPU, shrunk: a tiny model, 3-term sums, a few steps and one validation."""
+    from r1lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": 4, "val_check_interval": 4,
+                    "max_time": None, "log_every_n_steps": 1},
+        "model": {"init_args": {
+            "policy": {"init_args": {"dtype": "float32", "config": {
+                "model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 512,
+                "tie_word_embeddings": True}}},
+            "val_max_new_tokens": 8}},
+        "data": {"init_args": {"task": {"init_args": {"digits": 2, "min_terms": 2, "max_terms": 3, "num_train": 40,
+                                                       "num_test": 6}},
+                               "batch_size": 4, "val_batch_size": 6, "max_val_samples": 6, "max_length": 320}},
+    }))  # fmt: skip
+    main(["fit", "-c", str(ROOT / "configs/gpu/long_sft.yaml"), "-c", str(overlay)])
+    metrics = list((tmp_path / "runs/gpu/long_sft/logs").glob("version_*/metrics.csv"))
+    assert len(metrics) == 1
+    text = metrics[0].read_text()
+    assert "train/loss" in text and "val/accuracy" in text
+    assert (tmp_path / "runs/gpu/long_sft/model/config.json").exists()
+    assert (tmp_path / "data/generated/longsum2x2-3-seed0-train40-test6/train.jsonl").exists()
+
+
+def test_char_tokenizer_is_one_token_per_character_on_long_traces():
+    from r1lightning.tokenizer import SPECIAL_TOKENS, char_vocabulary
+
+    tok = build_char_tokenizer()
+    vocab = {t: i for i, t in enumerate(char_vocabulary())}
+    row = LongSumTask(num_train=3, num_test=1).splits()["train"][0]
+    body = row["completion"].removeprefix("<think>").split("</think>")[0] + "\u00e9\u00e9"  # two unknown characters
+    text = "<think>" + body + "</think><|end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    expected = [vocab["<think>"]] + [vocab.get(c, vocab["<|unk|>"]) for c in body] + [vocab["</think>"], vocab["<|end|>"]]
+    assert ids == expected and len(ids) > 1000
+    assert tok.decode(ids[:-4], skip_special_tokens=False) == "<think>" + body[:-2]
+    assert set(SPECIAL_TOKENS) <= set(vocab)
+
+
+def test_plot_of_a_long_reasoning_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_long_reasoning", ROOT / "scripts/plot_long_reasoning.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    sft, grpo = tmp_path / "sft.csv", tmp_path / "grpo.csv"
+    sft.write_text("step,val/accuracy,train/loss\n49,0.1,\n59,,0.5\n99,0.35,\n")
+    grpo.write_text("step,bench/longsum/greedy,train/reward,train/completions/mean_length\n0,0.33,,\n1,,0.2,1150\n"
+                    "3,,0.3,1149\n4,0.41,,\n")
+    out = plot.main(["--sft", str(sft), "--grpo", str(grpo), "-o", str(tmp_path / "p.png")])
+    assert out.stat().st_size > 10_000
