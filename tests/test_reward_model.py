@@ -156,7 +156,7 @@ def test_reward_matches_the_exported_model_in_plain_transformers(trained):
     rows = trained["data"].task.splits()["test"][:16]
     prompts = [r["prompt"] for r in rows]
     completions = ["<think>n=3</think>" + r["chosen"] for r in rows] + ["<think>1+1=2</think>" + r["rejected"] for r in rows]
-    reward = get_reward(str(trained["dir"]), scope="answer", batch_size=5)  # TRL's form: a model directory as the reward
+    reward = get_reward(str(trained["dir"]), scope="answer", batch_size=5, device="cpu")  # TRL's form: a model directory as the reward
     assert isinstance(reward, RewardModelReward)
     got = reward(prompts + prompts, completions)
 
@@ -171,13 +171,13 @@ def test_reward_matches_the_exported_model_in_plain_transformers(trained):
     # and the reward model prefers the answers that follow the instruction
     assert sum(a > b for a, b in zip(got[:16], got[16:])) >= 14
 
-    sig = get_reward("reward_model", model=str(trained["dir"]), normalize="sigmoid", shift=1.0, scale=2.0)(prompts, completions[:16])
+    sig = get_reward("reward_model", model=str(trained["dir"]), normalize="sigmoid", shift=1.0, scale=2.0, device="cpu")(prompts, completions[:16])
     torch.testing.assert_close(torch.tensor(sig), torch.sigmoid((torch.tensor(want[:16]) - 1.0) / 2.0), rtol=1e-4, atol=1e-5)
 
 
 def test_scope_answer_reads_only_the_text_after_think(trained):
-    reward_answer = RewardModelReward(str(trained["dir"]), scope="answer")
-    reward_full = RewardModelReward(str(trained["dir"]), scope="full")
+    reward_answer = RewardModelReward(str(trained["dir"]), scope="answer", device="cpu")
+    reward_full = RewardModelReward(str(trained["dir"]), scope="full", device="cpu")
     prompt = ["Give me an odd 3-digit number."] * 2
     same_answer = ["<think>short</think><answer>517</answer>", "<think>a much longer line of reasoning 99</think><answer>517</answer>"]
     a, f = reward_answer(prompt, same_answer), reward_full(prompt, same_answer)
@@ -187,7 +187,7 @@ def test_scope_answer_reads_only_the_text_after_think(trained):
     assert reward_answer.texts(prompt[:1], same_answer[:1]) == [reward_text(tok, prompt[0], "<answer>517</answer>")]
     assert reward_full.texts(prompt[:1], same_answer[:1]) == [reward_text(tok, prompt[0], same_answer[0])]
     assert answer_part("no closing tag") == "" and answer_part("<think>a</think>b</think>c") == "c"
-    strict = RewardModelReward(str(trained["dir"]), scope="answer", no_answer=-1.0)  # no summary: a fixed low reward
+    strict = RewardModelReward(str(trained["dir"]), scope="answer", no_answer=-1.0, device="cpu")  # no summary: a fixed low reward
     assert strict(prompt, ["<think>never closed", same_answer[0]]) == [-1.0, pytest.approx(a[0], abs=1e-6)]
     msgs = [{"role": "assistant", "content": "<think>x</think><answer>1</answer>"}]
     assert answer_part(msgs) == [{"role": "assistant", "content": "<answer>1</answer>"}]
@@ -337,7 +337,7 @@ def _fsdp_run(rm_dir: str, workdir: str) -> None:
         "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": TINY, "tokenizer": "char", "moe_backend": "eager"}},
             "rewards": [{"fn": "accuracy", "kinds": ["reasoning"]},
-                        {"fn": "tests.test_reward_model.RecordingRM", "name": "rm", "kinds": ["general"], "kwargs": {"model": rm_dir, "batch_size": 3}}],
+                        {"fn": "tests.test_reward_model.RecordingRM", "name": "rm", "kinds": ["general"], "kwargs": {"model": rm_dir, "batch_size": 3, "device": "cpu"}}],
             "num_generations": 2, "max_new_tokens": 8, "micro_batch_size": 64, "beta": 0.04, "log_completions_every": 0}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts), "batch_size": 2}},
     }  # fmt: skip
