@@ -10,5 +10,6 @@ from r1lightning.callbacks.benchmark import BenchmarkEval
 from r1lightning.callbacks.reference import ReferenceModelRefresh, refresh_reference
 from r1lightning.callbacks.rejection import RejectionSampling
 from r1lightning.callbacks.report import StageReport
+from r1lightning.callbacks.reward_eval import HeldoutRewardEval
 
-__all__ = ["BenchmarkEval", "ReferenceModelRefresh", "RejectionSampling", "StageReport", "refresh_reference"]
+__all__ = ["BenchmarkEval", "HeldoutRewardEval", "ReferenceModelRefresh", "RejectionSampling", "StageReport", "refresh_reference"]

@@ -315,6 +315,7 @@ class GRPOModule(PolicyModule):
         ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None
         t_ref = time.perf_counter() - t1
         self._memory_peak("reference", peaks)
+        self.log_kinds(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
 
         t2 = time.perf_counter()
         stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp, micro)
@@ -413,6 +414,18 @@ class GRPOModule(PolicyModule):
         every = self.hparams.log_completions_every
         if every and self.global_step % every < self.hparams.num_iterations:
             self.log_completions(rollout, total, scores)
+
+    def log_kinds(self, rollout, columns, scores, logp, ref_logp):
+        """Per prompt kind and per reward model (see `r1lightning.rewards.monitor`); only when the data
+        has a `kind` column or a reward is a reward model. KL needs the sampling log-probs."""
+        from r1lightning.rewards.monitor import kind_metrics, row_kl
+
+        models = {r.name for r in self.rewards.rewards if getattr(r._callable, "is_reward_model", False)}
+        if "kind" not in columns and not models:
+            return
+        kl = row_kl(logp, ref_logp, rollout.completion_mask) if logp is not None and ref_logp is not None else None
+        metrics = kind_metrics(columns.get("kind"), scores.per_fn, rollout.completion_lengths.cpu(), kl, models)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, prog_bar=False)
 
     def log_completions(self, rollout, total, scores, n: int = 8):
         if not self.trainer.is_global_zero or self.logger is None:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from r1lightning.errors import UserError
 from r1lightning.moe import apply_moe_backend
-from r1lightning.tokenizer import build_char_tokenizer
+from r1lightning.tokenizer import build_char_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Policy:
             return build_char_tokenizer()
         self._check_exists(name, "policy.tokenizer")
         try:
-            tok = AutoTokenizer.from_pretrained(name, revision=self.revision, trust_remote_code=self.trust_remote_code)
+            tok = load_tokenizer(name, revision=self.revision, trust_remote_code=self.trust_remote_code)
         except OSError as err:
             raise FileNotFoundError(f"policy.tokenizer: cannot load {name!r}: {str(err).splitlines()[0]}") from None
         if tok.pad_token is None:

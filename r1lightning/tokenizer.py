@@ -56,3 +56,21 @@ def build_char_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFas
         chat_template=CHAT_TEMPLATE,
     )
     return tokenizer
+
+
+def load_tokenizer(name: str, **kwargs):
+    """`AutoTokenizer.from_pretrained`, except for directories whose tokenizer is a plain `tokenizers`
+    one (the embedded char tokenizer): transformers 5 then picks the class from the model config
+    beside it (e.g. Qwen2Tokenizer for qwen2 / qwen3_moe), whose byte-level pre-tokenizer drops every
+    space; the class the tokenizer was saved as loads it unchanged."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    config = Path(name).expanduser() / "tokenizer_config.json"
+    if config.is_file():
+        saved_as = json.loads(config.read_text()).get("tokenizer_class")
+        if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(name, **kwargs)
+    return AutoTokenizer.from_pretrained(name, **kwargs)

@@ -105,7 +105,10 @@ def test_every_pipeline_file_composes_and_parses(path, tmp_path, monkeypatch):
 def test_quickstart_pipeline_links_its_stages(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     done = pl.run_pipeline(pl.load_pipeline(ROOT / "configs/quickstart/pipeline.yaml", str(tmp_path)), dry_run=True)
-    assert list(done) == ["cold_start", "reasoning_rl", "rejection_sft", "grpo_all", "distill"]
+    assert list(done) == ["cold_start", "reasoning_rl", "rejection_sft", "reward_model", "grpo_all", "distill"]
+    stage4 = yaml.safe_load((tmp_path / "grpo_all" / "config.dry-run.yaml").read_text())["model"]["init_args"]
+    assert stage4["policy"]["init_args"]["name_or_path"] == str(tmp_path / "rejection_sft" / "model")
+    assert stage4["rewards"][2]["kwargs"]["model"] == str(tmp_path / "reward_model" / "model")
     rsft = yaml.safe_load((tmp_path / "rejection_sft" / "config.dry-run.yaml").read_text())
     assert rsft["model"]["init_args"]["policy"]["init_args"]["name_or_path"] == str(tmp_path / "reasoning_rl" / "model")
     assert rsft["data"]["init_args"]["train_files"][0] == str(tmp_path / "reasoning_rl" / "traces.jsonl")

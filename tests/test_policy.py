@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from r1lightning import Policy
 from r1lightning.policy import export_pretrained
@@ -28,9 +28,12 @@ def test_builds_from_config_and_round_trips_through_save_pretrained(model_type, 
     # Loaded back through the policy and through plain transformers: identical logits.
     ours, our_tok = Policy(name_or_path=str(tmp_path / "export")).build()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
-    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
-    ids = torch.tensor([our_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]])
-    assert ids.tolist()[0] == plain_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    # The class the tokenizer was saved as (AutoTokenizer would pick Qwen2Tokenizer / LlamaTokenizer from
+    # config.json, whose pre-tokenizers drop the char vocabulary's spaces).
+    plain_tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "export")
+    text = "<|user|>What is 12+34?<|end|><|assistant|>"
+    ids = torch.tensor([our_tok(text, add_special_tokens=False)["input_ids"]])
+    assert ids.tolist()[0] == plain_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     model.eval(), ours.eval(), plain.eval()
     with torch.no_grad():
         expected = model(ids).logits

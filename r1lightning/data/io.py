@@ -46,6 +46,10 @@ def _check_jsonl(path: Path, required: Sequence[str], any_of: Sequence[Sequence[
     return n
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
 def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str]], where: str) -> None:
     for key in required:
         if key not in row or row[key] is None:
@@ -55,7 +59,7 @@ def _check_row(row: dict, required: Sequence[str], any_of: Sequence[Sequence[str
             raise DataError(f"{where}: missing field, need one of {', '.join(repr(k) for k in group)}")
     for key in ("prompt", "completion"):
         value = row.get(key)
-        if value is None or isinstance(value, str) or (key == "prompt" and isinstance(value, list)):
+        if value is None or isinstance(value, str) or _is_messages(value) or (key == "prompt" and isinstance(value, list)):
             continue
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     for key in ("messages", "prompt"):  # a list-valued prompt is a conversation (TRL's format)

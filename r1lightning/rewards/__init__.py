@@ -58,7 +58,7 @@ __all__ = [
 
 _REGISTRY: dict[str, Any] = {}
 # Imported on first request so an optional/heavy module only fails when asked for.
-_LAZY: dict[str, str] = {"code": "r1lightning.rewards.code:CodeReward"}
+_LAZY: dict[str, str] = {"code": "r1lightning.rewards.code:CodeReward", "reward_model": "r1lightning.rewards.reward_model:RewardModelReward"}
 
 
 def register_reward(name: str) -> Callable[[Any], Any]:
@@ -118,11 +118,18 @@ def _import_path(path: str) -> Any:
     raise ValueError(f"cannot import reward {path!r}: {last_err}")
 
 
+def _is_model(name: str) -> bool:
+    from r1lightning.rewards.reward_model import looks_like_model
+
+    return looks_like_model(name)
+
+
 def get_reward(name_or_path: str, **kwargs: Any) -> Callable[..., list]:
     """Return a callable reward from a registered name or an import path.
 
     Classes are instantiated with ``kwargs``; plain functions get ``kwargs``
-    bound with :func:`functools.partial`.
+    bound with :func:`functools.partial`. A directory or hub id (``org/name``)
+    is a reward model (:class:`~r1lightning.rewards.reward_model.RewardModelReward`).
     """
     if name_or_path in _REGISTRY:
         obj = _REGISTRY[name_or_path]
@@ -130,6 +137,10 @@ def get_reward(name_or_path: str, **kwargs: Any) -> Callable[..., list]:
         obj = _import_path(_LAZY[name_or_path])
         _REGISTRY.setdefault(name_or_path, obj)
         _LAZY.pop(name_or_path, None)
+    elif _is_model(name_or_path):  # TRL's form: a reward-model id or directory where a function goes
+        from r1lightning.rewards.reward_model import RewardModelReward
+
+        return RewardModelReward(name_or_path, **kwargs)
     elif "." in name_or_path or ":" in name_or_path:
         obj = _import_path(name_or_path)
     else:
@@ -157,6 +168,9 @@ class Reward:
         kwargs: constructor arguments (classes) or bound keyword arguments (functions).
         inputs: ``trl`` (TRL's calling convention, see the module docstring), ``text`` (the builtins':
             texts and every column) or ``auto``: ``text`` for registered names, ``trl`` for import paths.
+        kinds: apply only to rows whose ``kind_column`` is one of these (None elsewhere); see
+            :mod:`r1lightning.rewards.routing`. None: every row.
+        kind_column: the column that names a row's kind.
     """
 
     def __init__(
@@ -166,6 +180,8 @@ class Reward:
         name: str | None = None,
         kwargs: dict | None = None,
         inputs: str = "auto",
+        kinds: list[str | None] | None = None,
+        kind_column: str = "kind",
     ) -> None:
         if inputs not in ("auto", "trl", "text"):
             raise ValueError(f"reward {fn!r}: inputs={inputs!r} is not one of auto, trl, text")
@@ -174,16 +190,29 @@ class Reward:
         self.inputs = inputs
         self.fn = fn
         self.weight = float(weight)
-        self.name = name if name is not None else fn.replace(":", ".").rsplit(".", 1)[-1]
+        if name is None:  # a model id or directory: its last component; an import path: its attribute
+            name = fn.rstrip("/").rsplit("/", 1)[-1] if "/" in fn else fn.replace(":", ".").rsplit(".", 1)[-1]
+        self.name = name
         self.kwargs = dict(kwargs or {})
+        self.kinds = None if kinds is None else list(kinds)
+        self.kind_column = kind_column
         # Resolve now so a typo fails at config time, not after the first rollout.
         self._callable = get_reward(fn, **self.kwargs)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list:
+        return self.invoke(prompts=prompts, completions=completions, **columns)
+
+    def invoke(self, prompts: list, completions: list, **columns: Any):
+        """The function on these rows, routed by kind when `kinds` is set (None for other kinds)."""
+        if self.kinds is not None:
+            from r1lightning.rewards.routing import route
+
+            return route(self._callable, self.kinds, self.kind_column, self.name, prompts, completions, **columns)
         return self._callable(prompts=prompts, completions=completions, **columns)
 
     def __repr__(self) -> str:
-        return f"Reward(fn={self.fn!r}, weight={self.weight}, name={self.name!r}, kwargs={self.kwargs!r})"
+        kinds = f", kinds={self.kinds!r}" if self.kinds is not None else ""
+        return f"Reward(fn={self.fn!r}, weight={self.weight}, name={self.name!r}, kwargs={self.kwargs!r}{kinds})"
 
 
 @dataclass
@@ -318,7 +347,7 @@ class RewardComposer:
         for reward in self.rewards:
             p, c, cols = inputs(reward)
             try:
-                res = reward._callable(prompts=p, completions=c, **cols, **shared)
+                res = reward.invoke(prompts=p, completions=c, **cols, **shared)
             except Exception as e:
                 results[reward.name] = e
                 continue
@@ -393,7 +422,7 @@ class RewardComposer:
         for i in range(n):
             cols_i = {k: v[i : i + 1] for k, v in columns.items()}
             try:
-                res = reward._callable(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **cols_i, **shared)
+                res = reward.invoke(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **cols_i, **shared)
                 if inspect.isawaitable(res):
                     res = _AsyncLoop.run(_awaited(res))
             except Exception as e:
