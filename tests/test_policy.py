@@ -50,9 +50,9 @@ def test_export_is_atomic_and_replaces_an_old_export(tmp_path, tiny_moe_config):
 
 def test_missing_model_path_names_the_path(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(FileNotFoundError, match=f"policy.name_or_path: path does not exist: {missing}"):
+    with pytest.raises(FileNotFoundError, match=f"policy.init_args.name_or_path: path does not exist: {missing}"):
         Policy(name_or_path=missing, tokenizer="char").build()
-    with pytest.raises(FileNotFoundError, match="policy.tokenizer: path does not exist: ./nope"):
+    with pytest.raises(FileNotFoundError, match="policy.init_args.tokenizer: path does not exist: ./nope"):
         Policy(name_or_path=missing, tokenizer="./nope").build_tokenizer()
 
 

@@ -81,9 +81,14 @@ class _BaseDataModule(L.LightningDataModule):
         return self.tokenizer
 
     # -- prompts (RL and evaluation) ---------------------------------------------------------
-    def load_prompts(self, files: Sequence[str], limit: int | None = None):
+    def load_prompts(self, files: Sequence[str], limit: int | None = None, required: dict[str, str] | None = None):
+        """`required`: column -> the reward that needs it; a row without it stops the load."""
         tok = self._tokenizer()
-        rows = load_rows(files, any_of=PROMPT_FIELDS)
+        try:
+            rows = load_rows(files, required=list(required or ()), any_of=PROMPT_FIELDS)
+        except DataError as err:
+            needed_by = next((f"the `{r}` reward needs it" for c, r in (required or {}).items() if f"'{c}'" in str(err)), None)
+            raise DataError(f"{err} ({needed_by})" if needed_by else str(err)) from None
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         system_prompt = self.system_prompt
@@ -180,12 +185,24 @@ class TraceDataModule(_BaseDataModule):
         )
 
 
+def reward_columns(module) -> dict[str, str]:
+    """Column -> reward name, for the rewards of `module` that declare the columns they read
+    (a reward's `columns` attribute, e.g. `accuracy` needs `answer`)."""
+    composer = getattr(module, "rewards", None)
+    needed = {}
+    for reward in getattr(composer, "rewards", None) or []:
+        fn = getattr(reward, "_callable", reward)
+        for column in getattr(fn, "columns", None) or getattr(reward, "columns", None) or ():
+            needed.setdefault(column, reward.name)
+    return needed
+
+
 class PromptDataModule(_BaseDataModule):
     """RL prompts: `prompt` (or `messages`) plus every other column, which reaches the reward functions
     unchanged (`answer`, `test`, `language`, ...)."""
 
     def load_train(self, files: list[str]):
-        return self.load_prompts(files)
+        return self.load_prompts(files, required=reward_columns(self.trainer.lightning_module if self.trainer else None))
 
     def train_dataloader(self) -> DataLoader:
         return self._prompt_loader(self.train_rows, self.batch_size, shuffle=True)
