@@ -29,8 +29,17 @@ def test_builds_from_config_and_round_trips_through_save_pretrained(model_type, 
     ours, our_tok = Policy(name_or_path=str(tmp_path / "export")).build()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     plain_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
-    ids = torch.tensor([our_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]])
-    assert ids.tolist()[0] == plain_tok("<|user|>What is 12+34?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    text = "<|user|>What is 12 + 34?<|end|><|assistant|>"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert our_tok(text, add_special_tokens=False)["input_ids"] == want
+    ids = torch.tensor([want])
+    if type(plain_tok).__name__ == "Qwen2Tokenizer":
+        # transformers (5.24) builds Qwen2Tokenizer for every qwen2 checkpoint whatever tokenizer_config.json
+        # declares; it drops the spaces (export warns; tests/test_export_student.py). The project loads the
+        # declared class, so everything else below still holds.
+        assert model_type == "qwen2" and plain_tok(text, add_special_tokens=False)["input_ids"] != want
+    else:
+        assert plain_tok(text, add_special_tokens=False)["input_ids"] == want
     model.eval(), ours.eval(), plain.eval()
     with torch.no_grad():
         expected = model(ids).logits
