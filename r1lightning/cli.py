@@ -54,8 +54,11 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def main(args: list[str] | None = None) -> None:
+def _configure_logging() -> None:
     logging.basicConfig(level=os.environ.get("R1L_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
@@ -63,6 +66,7 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(2)
         return
     if argv[0] in PROJECT_COMMANDS:
+        _configure_logging()
         module, func = PROJECT_COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module), func)(argv[1:])
     if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
@@ -79,8 +83,11 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _run_lightning(args: list[str] | None) -> None:
+    # Lightning gives its loggers their own handler when imported before the root logger has one;
+    # configuring the root logger first would print each of its lines twice.
     from r1lightning.lightning_cli import R1CLI
 
+    _configure_logging()
     R1CLI(args=args)
 
 

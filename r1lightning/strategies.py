@@ -528,6 +528,7 @@ class InterruptCheckpoint(Checkpoint):
 
     def __init__(self):
         self.received: str | None = None
+        self._saved = False
         self._previous: dict[int, Any] = {}
 
     # -- signals -------------------------------------------------------------------------------
@@ -561,7 +562,7 @@ class InterruptCheckpoint(Checkpoint):
     # -- hooks -----------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         _restore_log_rows(trainer)
-        self.received = None
+        self.received, self._saved = None, False
         self._install()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -570,15 +571,29 @@ class InterruptCheckpoint(Checkpoint):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._uninstall()
 
+    # Saved where ModelCheckpoint saves (after a step, after a validation); the run stops at the next
+    # hook, once Lightning has logged the step's metrics.
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._stop_if_signalled(trainer)
+        self._save_if_signalled(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.training and not trainer.sanity_checking:
-            self._stop_if_signalled(trainer)
+            self._save_if_signalled(trainer)
 
-    def _stop_if_signalled(self, trainer) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training and not trainer.sanity_checking:
+            self._stop_if_saved()
+
+    def _stop_if_saved(self) -> None:
+        if self._saved:
+            self._uninstall()
+            raise KeyboardInterrupt(self.received)
+
+    def _save_if_signalled(self, trainer) -> None:
+        if self._saved or not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
         targets = [cb for cb in callbacks if cb.save_last] or callbacks[:1]
@@ -595,5 +610,4 @@ class InterruptCheckpoint(Checkpoint):
             else:
                 log.warning("%s: no ModelCheckpoint with a dirpath; stopping at step %d without a checkpoint",
                             self.received or "signal", trainer.global_step)
-        self._uninstall()
-        raise KeyboardInterrupt(self.received)
+        self._saved = True
