@@ -82,6 +82,15 @@ def main(args: list[str] | None = None) -> None:
         _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
 
 
+def __getattr__(name: str):
+    # `from r1lightning.cli import R1CLI` keeps working; Lightning is imported on that first use.
+    if name == "R1CLI":
+        from r1lightning.lightning_cli import R1CLI
+
+        return R1CLI
+    raise AttributeError(f"module 'r1lightning.cli' has no attribute {name!r}")
+
+
 def _run_lightning(args: list[str] | None) -> None:
     # Lightning gives its loggers their own handler when imported before the root logger has one;
     # configuring the root logger first would print each of its lines twice.
@@ -174,6 +183,40 @@ def unknown_key(config: dict, valid_top: set[str]) -> tuple[str, str | None] | N
     return None
 
 
+def _unknown_argument(argv: list[str], valid_top: set[str]) -> str | None:
+    """A `--a.b.c value` argument that no class takes (model/data classes from the config files)."""
+    import lightning as L
+    import yaml
+
+    classes = {}
+    for name in config_files(argv):
+        try:
+            config = yaml.safe_load(Path(name).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for group in ("model", "data"):
+            if isinstance(config.get(group), dict) and "class_path" in config[group]:
+                classes[group] = _import(str(config[group]["class_path"]))
+    for arg in argv:
+        if not arg.startswith("--") or arg in ("--config", "--print_config") or arg.startswith("--config="):
+            continue
+        key = arg[2:].split("=", 1)[0]
+        parts = key.split(".")
+        if parts[0] not in valid_top:
+            close = _closest(parts[0], valid_top)
+        elif parts[0] == "trainer" and len(parts) == 2:
+            valid = init_parameters(L.Trainer)
+            close = None if valid is None or parts[1] in valid else _closest(parts[1], valid) or "?"
+        elif parts[0] in classes and len(parts) == 3 and parts[1] == "init_args" and classes[parts[0]] is not None:
+            valid = init_parameters(classes[parts[0]])
+            close = None if valid is None or parts[2] in valid else _closest(parts[2], valid) or "?"
+        else:
+            continue
+        if close:
+            return f"command line: unknown argument `--{key}`" + (f", did you mean `{close}`?" if close != "?" else "")
+    return None
+
+
 def _closest(key: str, valid) -> str | None:
     close = difflib.get_close_matches(key, sorted(valid or ()), n=1, cutoff=0.6)
     return close[0] if close else None
@@ -196,6 +239,9 @@ def explain_config_error(argv: list[str], valid_top: set[str], message: str) -> 
         if found:
             key, close = found
             return f"{name}: unknown key `{key}`" + (f", did you mean `{close}`?" if close else "")
+    found = _unknown_argument(argv, valid_top)
+    if found:
+        return found
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     first = lines[0] if lines else "invalid arguments"
     return first + (" (R1L_TRACEBACK=1 for the parser's full message)" if len(lines) > 1 else "")

@@ -73,7 +73,7 @@ class R1CLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             sub = next((a for a in self._argv if a in SUBCOMMANDS), None)
-            target = self._subcommand_parsers.get(sub, parser) if sub else parser
+            target = getattr(self, "_subcommand_parsers", {}).get(sub, parser) if sub else parser
             valid = {a.dest.split(".")[0] for a in target._actions if a.dest} | {"config"}
             raise UserError(explain_config_error(self._argv, valid, str(err))) from None
 
