@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import lightning as L
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.cli import LightningCLI
@@ -69,8 +69,14 @@ class R1CLI(LightningCLI):
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
+        # Lightning's version warns when `args` is given while sys.argv holds arguments too; the
+        # project always hands over the full argv (the pipeline's in-process stages, tests), so
+        # parse it as Lightning does, without that warning.
         try:
-            super().parse_arguments(parser, args)
+            if isinstance(args, (dict, Namespace)):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
         except ArgumentError as err:
             sub = next((a for a in self._argv if a in SUBCOMMANDS), None)
             target = getattr(self, "_subcommand_parsers", {}).get(sub, parser) if sub else parser
