@@ -547,7 +547,7 @@ def summarize(pipeline: Pipeline, done: dict[str, dict]) -> str:
     lines += ["", f"Total stage wall time: {total:.0f} s ({total / 60:.1f} min).", ""]
     if model:
         lines += [f"Final model: `{model}` (a save_pretrained directory: `AutoModelForCausalLM.from_pretrained` and "
-                  "`AutoTokenizer.from_pretrained` load it; `r1lightning validate` evaluates it).", ""]  # fmt: skip
+                  "`AutoTokenizer.from_pretrained` load it, and so does a recipe's `policy.init_args.name_or_path`).", ""]  # fmt: skip
     text = "\n".join(lines)
     atomic_write_text(pipeline.run_dir / "summary.md", text)
     atomic_write_text(pipeline.run_dir / "summary.json",
