@@ -110,7 +110,7 @@ def test_quickstart_pipeline_links_its_stages(tmp_path, monkeypatch):
     assert rsft["model"]["init_args"]["policy"]["init_args"]["name_or_path"] == str(tmp_path / "reasoning_rl" / "model")
     assert rsft["data"]["init_args"]["train_files"][0] == str(tmp_path / "reasoning_rl" / "traces.jsonl")
     distill = yaml.safe_load((tmp_path / "distill" / "config.dry-run.yaml").read_text())
-    assert distill["model"]["init_args"]["policy"]["init_args"]["config"]["model_type"] == "qwen2"
+    assert distill["model"]["init_args"]["policy"]["init_args"]["config"]["model_type"] == "llama"
     assert distill["data"]["init_args"]["train_files"] == [str(tmp_path / "grpo_all" / "teacher_traces.jsonl")]
 
 
