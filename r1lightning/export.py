@@ -17,9 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from r1lightning.policy import export_pretrained
+# torch, transformers and the policy are imported inside the functions: `r1lightning export --help`
+# and argument errors answer at once.
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ def checkpoint_metadata(module) -> dict:
 # -- from weights to a directory -----------------------------------------------------------------
 def model_from_state(config, state: dict[str, torch.Tensor], generation_config=None):
     """A transformers model holding `state`'s tensors, built without initialising weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -70,6 +70,7 @@ def model_from_state(config, state: dict[str, torch.Tensor], generation_config=N
 def export_model(model, tokenizer, directory, is_global_zero: bool = True) -> Path | None:
     """Write model + tokenizer + generation config atomically. Under FSDP every rank must call this
     (gathering the shards is a collective); rank 0 writes."""
+    from r1lightning.policy import export_pretrained
     from r1lightning.strategies import full_state_dict
 
     state = full_state_dict(model)
@@ -83,6 +84,8 @@ def export_model(model, tokenizer, directory, is_global_zero: bool = True) -> Pa
 
 # -- reading checkpoints -------------------------------------------------------------------------
 def _torch_load(path: Path):
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # older checkpoints may pickle objects; they are the user's own files
@@ -108,6 +111,7 @@ def load_policy_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _load_sharded(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Consolidate an FSDP distributed checkpoint (torch.distributed.checkpoint format) in this one
     process, reading only the policy's tensors (not the optimizer state or the reference)."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -158,6 +162,10 @@ def _from_config_file(config_path: Path):
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, config: str | Path | None = None, dtype: str = "auto") -> Path:
+    import torch
+
+    from r1lightning.policy import export_pretrained
+
     state, rest = load_policy_state(ckpt)
     meta = rest.get(META_KEY)
     if meta is not None:

@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,14 @@ from r1lightning.rollout.base import replace_rows
 from lightning.pytorch.cli import OptimizerCallable
 
 log = logging.getLogger(__name__)
+
+# Two Lightning warnings that do not apply to GRPO, silenced once here:
+# - the frozen reference (`ref_model`, beta > 0) is in eval mode on purpose; Lightning counts its modules;
+# - with manual optimisation, ModelCheckpoint(every_n_train_steps) saves the state after the optimizer
+#   step, which is what exact resume needs (it matches global_step and the loop's progress); its
+#   12-line advice to save a pre-step copy is for a different use.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 class GRPOModule(PolicyModule):

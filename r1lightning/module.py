@@ -144,12 +144,12 @@ class PolicyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        from r1lightning.strategies import ExactResume, NonFiniteGuard
+        from r1lightning.strategies import ExactResume, InterruptCheckpoint, NonFiniteGuard
 
         # Every run needs these; an instance listed in `trainer.callbacks` is kept as configured
         # (Lightning would otherwise replace it with the one returned here).
         listed = self.trainer.callbacks if self._trainer is not None else []
-        defaults = [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row)]
+        defaults = [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row), InterruptCheckpoint()]
         return [cb for cb in defaults if not any(isinstance(c, type(cb)) for c in listed)]
 
     def on_save_checkpoint(self, checkpoint):

@@ -462,12 +462,32 @@ def run_pipeline(pipeline: Pipeline, cli_overrides=(), rerun_from: str | None = 
         }
         atomic_write_text(marker, json.dumps(record, indent=1))
         done[stage.name] = record
+        _remove_parts(here)
         acc = record["metrics"].get("accuracy")
         log.info("[%d/%d] %s: done in %.0f s%s", i + 1, len(pipeline.stages), stage.name, wall,
-                 f", held-out accuracy {acc:.3f}" if acc is not None else "")  # fmt: skip
+                 f", held-out accuracy {100 * acc:.1f} %" if acc is not None else "")  # fmt: skip
     if not dry_run:
         log.info("pipeline: %.0f s in this invocation", time.perf_counter() - t_pipeline)
     return done
+
+
+def _remove_parts(directory: Path) -> None:
+    """A finished stage's `<dataset>.parts/` folders (rejection sampling's progress for a resume) are
+    no longer needed: the dataset next to them is complete."""
+    import shutil
+
+    for parts in sorted(directory.rglob("*.parts")):
+        if parts.is_dir():
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def final_model(pipeline: Pipeline, done: dict[str, dict]) -> str | None:
+    """The model the last finished stage exported (or, for a validate stage, evaluated)."""
+    for stage in reversed(pipeline.stages):
+        rec = done.get(stage.name)
+        if rec and rec.get("model"):
+            return rec["model"]
+    return None
 
 
 def _stats(dataset: str) -> dict | None:
@@ -515,17 +535,23 @@ def summarize(pipeline: Pipeline, done: dict[str, dict]) -> str:
         return "–" if v is None else format(v, spec)
 
     lines = [f"# Pipeline `{pipeline.path}`", "", f"Held-out accuracy (`{_METRIC}`, greedy) at the end of each stage.", "",
-             "| # | stage | model from | steps | held-out accuracy | Δ vs stage 1 (points) | wall (s) | notes |",
+             "| # | stage | model from | steps | held-out accuracy | Δ vs stage 1 | wall (s) | notes |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for n, r in enumerate(rows, 1):
+        accuracy = None if r["accuracy"] is None else 100 * r["accuracy"]
         delta = None if r["delta"] is None else 100 * r["delta"]
-        lines.append(f"| {n} | {r['stage']} | {r['from']} | {fmt(r['steps'], 'd')} | {fmt(r['accuracy'], '.3f')} | "
-                     f"{fmt(delta, '+.1f')} | {fmt(r['wall_s'], '.0f')} | {r['notes']} |")  # fmt: skip
+        lines.append(f"| {n} | {r['stage']} | {r['from']} | {fmt(r['steps'], 'd')} | {fmt(accuracy, '.1f')} % | "
+                     f"{fmt(delta, '+.1f')} points | {fmt(r['wall_s'], '.0f')} | {r['notes']} |")  # fmt: skip
     total = sum(r["wall_s"] or 0 for r in rows)
+    model = final_model(pipeline, done)
     lines += ["", f"Total stage wall time: {total:.0f} s ({total / 60:.1f} min).", ""]
+    if model:
+        lines += [f"Final model: `{model}` (a save_pretrained directory: `AutoModelForCausalLM.from_pretrained` and "
+                  "`AutoTokenizer.from_pretrained` load it, and so does a recipe's `policy.init_args.name_or_path`).", ""]  # fmt: skip
     text = "\n".join(lines)
     atomic_write_text(pipeline.run_dir / "summary.md", text)
-    atomic_write_text(pipeline.run_dir / "summary.json", json.dumps({"stages": rows, "total_wall_s": total}, indent=1))
+    atomic_write_text(pipeline.run_dir / "summary.json",
+                      json.dumps({"stages": rows, "total_wall_s": total, "final_model": model}, indent=1))
     try:
         plot(pipeline, done, pipeline.run_dir / "summary.png")
     except ImportError:
@@ -541,30 +567,32 @@ def plot(pipeline: Pipeline, done: dict[str, dict], out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     offset = 0
-    names, finals = [], []
-    for stage in pipeline.stages:
+    names, finals, colours = [], [], []
+    palette = plt.get_cmap("tab10")
+    for k, stage in enumerate(pipeline.stages):
         m = (done.get(stage.name) or {}).get("metrics") or {}
         series = m.get("accuracy_series") or []
         if series:
             # Stages are laid end to end; a fresh student (model_from: null) starts its own line.
             xs = [offset + s + 1 for s, _ in series]
-            left.plot(xs, [v for _, v in series], "o-", markersize=3, label=stage.name)
+            left.plot(xs, [v for _, v in series], "o-", markersize=3, label=stage.name, color=palette(k % 10))
         offset += (m.get("steps") or 0) + 1
         if m.get("accuracy") is not None:
             names.append(stage.name)
             finals.append(m["accuracy"])
+            colours.append(palette(k % 10))  # the same colour as the stage's line
     left.set_xlabel("optimizer steps, stages end to end")
     left.set_ylabel("held-out accuracy")
     left.set_ylim(0, 1)
     left.grid(alpha=0.3)
     if names:
         left.legend(fontsize=8, loc="lower right")
-    right.bar(range(len(finals)), finals, color="tab:orange")
+    right.bar(range(len(finals)), finals, color=colours)
     right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     right.set_ylim(0, 1)
     right.set_title("end of stage")
     for x, v in enumerate(finals):
-        right.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+        right.text(x, v + 0.02, f"{100 * v:.1f} %", ha="center", fontsize=8)
     fig.suptitle(str(pipeline.path))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

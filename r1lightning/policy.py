@@ -17,11 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from r1lightning.errors import UserError
 from r1lightning.moe import apply_moe_backend
-from r1lightning.tokenizer import build_char_tokenizer, load_tokenizer
+from r1lightning.tokenizer import build_char_tokenizer, check_autotokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 CHAR_TOKENIZER = "char"  # the embedded character-level tokenizer
+# How recipes spell a policy's arguments; errors name the key the user wrote.
+KEY = "model.init_args.policy.init_args"
 
 
 def _looks_local(name: str) -> bool:
@@ -77,14 +79,15 @@ class Policy:
     def build_tokenizer(self):
         name = self.tokenizer_name or self.name_or_path
         if name is None:
-            raise UserError("policy.tokenizer: required when the model comes from `config`")
+            raise UserError(f"{KEY}.tokenizer: required when the model comes from `config`")
         if name == CHAR_TOKENIZER:
             return build_char_tokenizer()
-        self._check_exists(name, "policy.tokenizer")
+        key = f"{KEY}.tokenizer" if self.tokenizer_name else f"{KEY}.name_or_path"
+        self._check_exists(name, key)
         try:
             tok = load_tokenizer(name, revision=self.revision, trust_remote_code=self.trust_remote_code)
         except OSError as err:
-            raise FileNotFoundError(f"policy.tokenizer: cannot load {name!r}: {str(err).splitlines()[0]}") from None
+            raise FileNotFoundError(f"{key}: cannot load {name!r}: {str(err).splitlines()[0]}") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -99,7 +102,7 @@ class Policy:
                 config._attn_implementation = self.attn_implementation
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
-            self._check_exists(self.name_or_path, "policy.name_or_path")
+            self._check_exists(self.name_or_path, f"{KEY}.name_or_path")
             try:
                 model = AutoModelForCausalLM.from_pretrained(
                     self.name_or_path,
@@ -110,7 +113,7 @@ class Policy:
                 )
             except OSError as err:
                 raise FileNotFoundError(
-                    f"policy.name_or_path: cannot load {self.name_or_path!r}: {str(err).splitlines()[0]}"
+                    f"{KEY}.name_or_path: cannot load {self.name_or_path!r}: {str(err).splitlines()[0]}"
                 ) from None
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ValueError(
@@ -129,7 +132,7 @@ class Policy:
     def model_config(self, tokenizer):
         """The transformers config of the model this policy builds (no weights are loaded)."""
         if self.config is None:
-            self._check_exists(self.name_or_path, "policy.name_or_path")
+            self._check_exists(self.name_or_path, f"{KEY}.name_or_path")
             return AutoConfig.from_pretrained(self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code)
         cfg = dict(self.config)
         model_type = cfg.pop("model_type")
@@ -157,6 +160,10 @@ def export_pretrained(model: PreTrainedModel, tokenizer, directory: str | Path) 
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # What the project loads must be what plain transformers loads; say so once when it is not.
+    problem = check_autotokenizer(tokenizer if hasattr(tokenizer, "encode") else load_tokenizer(tmp), tmp)
+    if problem:
+        log.warning("export %s: %s", directory, problem)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

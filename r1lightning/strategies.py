@@ -10,8 +10,11 @@
   the epoch, per-step RNG seeds, and checkpoint files written atomically.
 - `NonFiniteGuard`: skips optimizer steps whose gradients are not finite, counts them, stops after
   too many in a row.
+- `InterruptCheckpoint`: on SIGINT (Ctrl-C), SIGTERM or SIGUSR1 (SLURM's pre-emption warning) the
+  step in progress finishes, `last.ckpt` is written and the run exits; `--ckpt_path last` continues
+  from that step. A second signal stops at once.
 
-`PolicyModule.configure_callbacks` adds both callbacks to every run.
+`PolicyModule.configure_callbacks` adds these callbacks to every run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import logging
 import os
 import random
 import shutil
+import signal
+import threading
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -440,3 +447,167 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.in_a_row = state["skipped"], state["in_a_row"]
+
+
+# -- interrupts ----------------------------------------------------------------------------------
+def _last_path(cb: ModelCheckpoint) -> Path:
+    return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+
+
+def last_checkpoints(trainer) -> list[Path] | None:
+    """The `last*.ckpt` files (or sharded directories) `--ckpt_path last` can resume from; None when
+    no ModelCheckpoint names its directory (Lightning picks one under the logger's version)."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    if not any(cb.dirpath for cb in callbacks):
+        return None
+    found = []
+    for cb in callbacks:
+        if cb.dirpath and Path(cb.dirpath).is_dir():
+            found += [p for p in Path(cb.dirpath).iterdir() if p.suffix == cb.FILE_EXTENSION and p.stem.split("-")[0] == cb.CHECKPOINT_NAME_LAST]
+    return found
+
+
+def continue_log_versions(trainer) -> None:
+    """A resumed run logs into the latest version of each CSV/TensorBoard logger that has no fixed
+    version, instead of a new `version_N+1`. The CSV rows logged before the checkpoint are kept
+    (`InterruptCheckpoint.on_train_start` writes them back; rows after it are dropped, so a step
+    is never logged twice)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is not None:
+            continue
+        root = Path(logger.root_dir)
+        versions = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+        if not versions:
+            continue
+        logger._version = max(versions)
+        if isinstance(logger, CSVLogger):
+            metrics = Path(logger.log_dir) / "metrics.csv"
+            if metrics.exists():
+                import csv
+
+                with open(metrics, newline="") as f:
+                    logger._r1l_previous_rows = list(csv.DictReader(f))
+            # Lightning's CSV writer warns, then deletes metrics.csv; its rows are kept above.
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+
+
+def _restore_log_rows(trainer) -> None:
+    for logger in trainer.loggers:
+        rows = getattr(logger, "_r1l_previous_rows", None)
+        if rows is None:
+            continue
+        del logger._r1l_previous_rows
+        if not trainer.is_global_zero:
+            continue
+        # A step's metrics are logged under step = global_step - 1; later rows come again after the resume.
+        kept = [{k: v for k, v in row.items() if v not in ("", None)} for row in rows if int(row["step"]) < trainer.global_step]
+        writer = logger.experiment
+        for row in kept:
+            row["step"] = int(row["step"])
+        writer.metrics = kept + writer.metrics
+        writer.save()
+
+
+class InterruptCheckpoint(Checkpoint):
+    """Ctrl-C, `kill` or a pre-emption loses no completed step.
+
+    On SIGINT, SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@<s>` warning; left alone when Lightning's
+    SLURM auto-requeue handles it) the step in progress finishes, then `last.ckpt` is written into
+    every `ModelCheckpoint(save_last=True)` directory (the same state a scheduled checkpoint holds,
+    saved at the same point of the loop, so the resume is exact) and the run stops as Lightning stops
+    on Ctrl-C (exit status 1). A second signal interrupts at once. All ranks stop together: the flag
+    is reduced across them after every step.
+
+    A `Checkpoint` subclass so that Lightning orders it after the other callbacks: ExactResume's
+    data position is updated before the save.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._saved = False
+        self._previous: dict[int, Any] = {}
+
+    # -- signals -------------------------------------------------------------------------------
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            current = signal.getsignal(signum)
+            if name == "SIGUSR1" and current not in (signal.SIG_DFL, None):
+                continue  # someone (Lightning's SLURM requeue) already handles it
+            self._previous[signum] = current
+            signal.signal(signum, self._handle)
+
+    def _uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            self._uninstall()
+            raise KeyboardInterrupt(f"second signal ({name})")
+        self.received = name
+        log.warning("%s: finishing this step, then writing a checkpoint and stopping (send it again to stop at once)", name)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        _restore_log_rows(trainer)
+        self.received, self._saved = None, False
+        self._install()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._uninstall()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._uninstall()
+
+    # Saved where ModelCheckpoint saves (after a step, after a validation); the run stops at the next
+    # hook, once Lightning has logged the step's metrics.
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._save_if_signalled(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.training and not trainer.sanity_checking:
+            self._save_if_signalled(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training and not trainer.sanity_checking:
+            self._stop_if_saved()
+
+    def _stop_if_saved(self) -> None:
+        if self._saved:
+            self._uninstall()
+            raise KeyboardInterrupt(self.received)
+
+    def _save_if_signalled(self, trainer) -> None:
+        if self._saved or not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        targets = [cb for cb in callbacks if cb.save_last] or callbacks[:1]
+        written = []
+        for cb in targets:
+            path = _last_path(cb)
+            if cb._last_global_step_saved != trainer.global_step or not path.exists():
+                trainer.save_checkpoint(path)
+            written.append(str(path))
+        if trainer.is_global_zero:
+            if written:
+                log.warning("%s: step %d saved to %s; continue with --ckpt_path last",
+                            self.received or "signal", trainer.global_step, ", ".join(written))
+            else:
+                log.warning("%s: no ModelCheckpoint with a dirpath; stopping at step %d without a checkpoint",
+                            self.received or "signal", trainer.global_step)
+        self._saved = True

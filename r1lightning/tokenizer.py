@@ -1,7 +1,15 @@
 """The embedded default tokenizer: one token per character, built offline with `tokenizers`.
 
 Deterministic (the vocabulary is a fixed list), so two machines build byte-identical files, and
-saved with `save_pretrained` it loads in plain transformers through `AutoTokenizer`.
+saved with `save_pretrained` it loads in plain transformers through `AutoTokenizer`, which reads
+`tokenizer_class` from `tokenizer_config.json` (`TokenizersBackend`, transformers 5's name for
+`PreTrainedTokenizerFast`: the backend built from `tokenizer.json` as saved).
+
+Exception: transformers (5.24 at least) ignores the declared class for some model types it lists as
+having wrong hub tokenizer classes, `qwen2` among them, and builds `Qwen2Tokenizer`, which replaces
+the character pre-tokenizer (spaces are dropped). `load_tokenizer` (what the project uses) loads the
+declared class in that case; `check_autotokenizer` tells at export time when plain `AutoTokenizer`
+would not give the same token ids. The quickstart's dense student is a Llama for that reason.
 """
 
 from __future__ import annotations
@@ -9,7 +17,7 @@ from __future__ import annotations
 import string
 
 from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|end|>", "<|unk|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -58,19 +66,45 @@ def build_char_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFas
     return tokenizer
 
 
-def load_tokenizer(name: str, **kwargs):
-    """`AutoTokenizer.from_pretrained`, except for directories whose tokenizer is a plain `tokenizers`
-    one (the embedded char tokenizer): transformers 5 then picks the class from the model config
-    beside it (e.g. Qwen2Tokenizer for qwen2 / qwen3_moe), whose byte-level pre-tokenizer drops every
-    space; the class the tokenizer was saved as loads it unchanged."""
+# Classes that mean "the tokenizer.json backend as saved".
+_BACKEND_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+PROBE = "<|user|>What is 457 + 386?<|end|><|assistant|><think>7+6=13\n</think><answer>843</answer><|end|>"
+
+
+def declared_class(directory) -> str | None:
+    """`tokenizer_class` of a local tokenizer directory's tokenizer_config.json, if any."""
     import json
     from pathlib import Path
 
-    from transformers import AutoTokenizer
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
-    config = Path(name).expanduser() / "tokenizer_config.json"
-    if config.is_file():
-        saved_as = json.loads(config.read_text()).get("tokenizer_class")
-        if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(name, **kwargs)
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+def load_tokenizer(name, **kwargs):
+    """`AutoTokenizer.from_pretrained`, except that a directory declaring the backend class
+    (`TokenizersBackend` / `PreTrainedTokenizerFast`) gets that class even where transformers
+    substitutes its model type's own class (see the module docstring)."""
+    tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    if declared_class(name) in _BACKEND_CLASSES and type(tok).__name__ not in _BACKEND_CLASSES:
+        tok = PreTrainedTokenizerFast.from_pretrained(name, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
+    return tok
+
+
+def check_autotokenizer(tokenizer, directory) -> str | None:
+    """None if plain `AutoTokenizer.from_pretrained(directory)` encodes like `tokenizer`; else one
+    line saying what it loads instead and how to load the right one."""
+    import transformers
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # any failure means a plain user cannot load it either
+        return f"AutoTokenizer.from_pretrained fails on this export ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if loaded(PROBE, add_special_tokens=False)["input_ids"] == tokenizer(PROBE, add_special_tokens=False)["input_ids"]:
+        return None
+    return (f"transformers {transformers.__version__} loads this tokenizer as {type(loaded).__name__} for this model type, which "
+            f"encodes differently; load it with PreTrainedTokenizerFast.from_pretrained (r1lightning does)")

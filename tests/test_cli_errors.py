@@ -35,4 +35,97 @@ def test_missing_model_path_names_the_path(tmp_path, capsys, monkeypatch):
     data = tmp_path / "traces.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     code, line = run(tmp_path, capsys, monkeypatch, data, {"name_or_path": "./models/missing", "tokenizer": "char"})
-    assert code == 2 and "policy.name_or_path: path does not exist: ./models/missing" in line
+    assert (code, line) == (2, "r1lightning: error: model.init_args.policy.init_args.name_or_path: path does not exist: ./models/missing")
+
+
+def fit(tmp_path, capsys, monkeypatch, config: dict, *extra: str) -> tuple[int, list[str]]:
+    """`r1lightning fit -c <config>`: (exit status, the error lines of stderr). In-process, stderr
+    also holds Lightning's info lines (and, after an earlier test, its handler's complaints about
+    the closed capture stream); the command's own error is the last line and the only one."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(path), *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("r1lightning: error:")]
+    assert errors[-1:] == lines[-1:], lines[-20:]
+    return exit_info.value.code, errors
+
+
+def grpo_recipe(tmp_path, tiny_moe_config, prompts, **module_args) -> dict:
+    return {
+        "trainer": {"max_steps": 1, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}]},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char", "moe_backend": "eager"}},
+            "rewards": [{"fn": "accuracy"}, {"fn": "format", "weight": 0.1}], "num_generations": 2, "max_new_tokens": 4,
+            "log_completions_every": 0, **module_args}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts), "batch_size": 2}},
+    }
+
+
+def write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_misspelled_key_names_the_file_and_the_closest_key(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
+    recipe["model"]["init_args"]["num_generatons"] = recipe["model"]["init_args"].pop("num_generations")
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert code == 2
+    assert err == [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: unknown key `model.init_args.num_generatons`, "
+                   "did you mean `num_generations`?"]
+
+
+def test_misspelled_trainer_key(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
+    recipe["trainer"]["max_step"] = recipe["trainer"].pop("max_steps")
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert (code, err) == (2, [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: unknown key `trainer.max_step`, did you mean `max_steps`?"])
+
+
+def test_missing_model_path_names_the_users_key(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    # What `fit -c configs/quickstart/grpo.yaml` meets before the SFT stage ran: the GRPO module builds
+    # its tokenizer from the path in __init__, inside jsonargparse's instantiation.
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
+    recipe["model"]["init_args"]["policy"]["init_args"] = {"name_or_path": "runs/quickstart/sft/model"}
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert (code, err) == (2, ["r1lightning: error: model.init_args.policy.init_args.name_or_path: path does not exist: "
+                               "runs/quickstart/sft/model"])
+
+
+def test_prompt_row_without_the_column_a_reward_needs(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    rows = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
+    del rows[2]["answer"]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
+    code, err = fit(tmp_path, capsys, monkeypatch, grpo_recipe(tmp_path, tiny_moe_config, prompts))
+    assert (code, err) == (2, [f"r1lightning: error: {prompts}:3: missing field 'answer' (the `accuracy` reward needs it)"])
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    code, err = fit(tmp_path, capsys, monkeypatch, grpo_recipe(tmp_path, tiny_moe_config, prompts), "--ckpt_path", "last")
+    assert (code, err) == (2, [f"r1lightning: error: --ckpt_path last: no checkpoint to resume in {tmp_path / 'checkpoints'}; "
+                               "run without --ckpt_path to start from step 0"])
+
+
+def test_unknown_command_suggests_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt", "-c", "x.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["r1lightning: error: unknown command `fitt`, did you mean `fit`?"]
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "pipeline", "export"):
+        assert sum(line.startswith(f"  {command} ") for line in out.splitlines()) == 1, command

@@ -56,7 +56,11 @@ def test_print_config_runs_again(monkeypatch, tmp_path, capsys):
 
 
 def test_unknown_key_is_one_clear_error(monkeypatch, capsys):
+    from r1lightning.cli import main
+
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit):
-        parse(ROOT / "configs/quickstart/sft.yaml", extra=["--model.init_args.no_such_option", "1"])
-    assert "no_such_option" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/quickstart/sft.yaml", "--model.init_args.warmup_step", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "r1lightning: error: command line: unknown argument `--model.init_args.warmup_step`, did you mean `warmup_steps`?")

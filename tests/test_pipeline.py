@@ -113,7 +113,7 @@ def test_quickstart_pipeline_links_its_stages(tmp_path, monkeypatch):
     assert rsft["model"]["init_args"]["policy"]["init_args"]["name_or_path"] == str(tmp_path / "reasoning_rl" / "model")
     assert rsft["data"]["init_args"]["train_files"][0] == str(tmp_path / "reasoning_rl" / "traces.jsonl")
     distill = yaml.safe_load((tmp_path / "distill" / "config.dry-run.yaml").read_text())
-    assert distill["model"]["init_args"]["policy"]["init_args"]["config"]["model_type"] == "qwen2"
+    assert distill["model"]["init_args"]["policy"]["init_args"]["config"]["model_type"] == "llama"
     assert distill["data"]["init_args"]["train_files"] == [str(tmp_path / "grpo_all" / "teacher_traces.jsonl")]
 
 
@@ -183,6 +183,11 @@ def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, c
     assert rsft["model"]["init_args"]["policy"]["init_args"]["name_or_path"] == str(run / "reasoning_rl" / "model")
     summary = (run / "summary.md").read_text()
     assert summary.count("\n| ") == 6 and "points vs grpo_all" in summary  # header + 5 stages
+    assert f"Final model: `{run / 'distill' / 'model'}`" in summary
+    assert json.loads((run / "summary.json").read_text())["final_model"] == str(run / "distill" / "model")
+    rows = [line for line in summary.splitlines() if line.startswith("| 1 |")]
+    assert rows and " % | " in rows[0] and " points | " in rows[0]  # percent and points, not fractions
+    assert not list(run.rglob("*.parts"))  # rejection sampling's progress folders went with the finished stage
     assert (run / "summary.png").stat().st_size > 1000
     # Again: every stage is skipped, nothing is trained or rewritten.
     stamps = {n: (run / n / "DONE").stat().st_mtime_ns for n in names}

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from r1lightning import Policy
 from r1lightning.policy import export_pretrained
@@ -28,12 +28,18 @@ def test_builds_from_config_and_round_trips_through_save_pretrained(model_type, 
     # Loaded back through the policy and through plain transformers: identical logits.
     ours, our_tok = Policy(name_or_path=str(tmp_path / "export")).build()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
-    # The class the tokenizer was saved as (AutoTokenizer would pick Qwen2Tokenizer / LlamaTokenizer from
-    # config.json, whose pre-tokenizers drop the char vocabulary's spaces).
-    plain_tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "export")
-    text = "<|user|>What is 12+34?<|end|><|assistant|>"
-    ids = torch.tensor([our_tok(text, add_special_tokens=False)["input_ids"]])
-    assert ids.tolist()[0] == plain_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = "<|user|>What is 12 + 34?<|end|><|assistant|>"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert our_tok(text, add_special_tokens=False)["input_ids"] == want
+    ids = torch.tensor([want])
+    if type(plain_tok).__name__ == "Qwen2Tokenizer":
+        # transformers (5.24) builds Qwen2Tokenizer for every qwen2 checkpoint whatever tokenizer_config.json
+        # declares; it drops the spaces (export warns; tests/test_export_student.py). The project loads the
+        # declared class, so everything else below still holds.
+        assert model_type == "qwen2" and plain_tok(text, add_special_tokens=False)["input_ids"] != want
+    else:
+        assert plain_tok(text, add_special_tokens=False)["input_ids"] == want
     model.eval(), ours.eval(), plain.eval()
     with torch.no_grad():
         expected = model(ids).logits
@@ -53,9 +59,9 @@ def test_export_is_atomic_and_replaces_an_old_export(tmp_path, tiny_moe_config):
 
 def test_missing_model_path_names_the_path(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(FileNotFoundError, match=f"policy.name_or_path: path does not exist: {missing}"):
+    with pytest.raises(FileNotFoundError, match=f"policy.init_args.name_or_path: path does not exist: {missing}"):
         Policy(name_or_path=missing, tokenizer="char").build()
-    with pytest.raises(FileNotFoundError, match="policy.tokenizer: path does not exist: ./nope"):
+    with pytest.raises(FileNotFoundError, match="policy.init_args.tokenizer: path does not exist: ./nope"):
         Policy(name_or_path=missing, tokenizer="./nope").build_tokenizer()
 
 

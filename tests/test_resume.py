@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,13 +39,17 @@ TIMING = ("time/", "tokens_per_s", "step_time")
 
 
 class PauseAt(L.Callback):
-    """Test hook: with R1L_PAUSE_AT=N, announce in R1L_PAUSE_FILE and wait before training step N+1."""
+    """Test hook: with R1L_PAUSE_AT=N, announce in R1L_PAUSE_FILE and wait before training step N+1
+    (until R1L_GO_FILE exists, if set)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         at = os.environ.get("R1L_PAUSE_AT")
         if at and trainer.global_step == int(at):
             Path(os.environ["R1L_PAUSE_FILE"]).write_text(at)
-            time.sleep(600)
+            go = os.environ.get("R1L_GO_FILE")
+            deadline = time.time() + 600
+            while time.time() < deadline and not (go and Path(go).exists()):
+                time.sleep(0.05)
 
 
 def config(run: Path) -> dict:
@@ -76,10 +81,13 @@ def config(run: Path) -> dict:
     }
 
 
-def start(run: Path, *extra: str, pause_at: int | None = None) -> subprocess.Popen:
+def start(run: Path, *extra: str, pause_at: int | None = None, go_file: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                R1L_PAUSE_FILE=str(run / "paused"))
     env.pop("R1L_PAUSE_AT", None)
+    env.pop("R1L_GO_FILE", None)
+    if go_file is not None:
+        env["R1L_GO_FILE"] = str(go_file)
     if pause_at is not None:
         env["R1L_PAUSE_AT"] = str(pause_at)
     cfg = run / "config.json"
@@ -89,16 +97,20 @@ def start(run: Path, *extra: str, pause_at: int | None = None) -> subprocess.Pop
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def kill_when_paused(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
+def wait_paused(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
     flag = run / "paused"
     deadline = time.time() + timeout
     while not flag.exists():
         assert proc.poll() is None, f"run ended (rc {proc.returncode}) before pausing: {sorted(run.glob('log-*'))[-1].read_text()[-3000:]}"
         assert time.time() < deadline, "run did not reach the pause"
         time.sleep(0.05)
+    flag.unlink()
+
+
+def kill_when_paused(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
+    wait_paused(proc, run, timeout)
     proc.kill()  # SIGKILL: no handler, no clean-up
     proc.wait()
-    flag.unlink()
 
 
 def finish(proc: subprocess.Popen, run: Path) -> None:
@@ -107,15 +119,18 @@ def finish(proc: subprocess.Popen, run: Path) -> None:
 
 
 def metrics(run: Path) -> dict[tuple[int, str], float]:
-    """(step, name) -> value over every logger version of the run, later versions winning."""
+    """(step, name) -> value of the run's one logger version; a (step, name) logged twice fails."""
+    versions = list((run / "logs").glob("version_*"))
+    assert [v.name for v in versions] == ["version_0"], versions  # a resumed run appends to its version
     out = {}
-    for version in sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        with open(version / "metrics.csv") as f:
-            for row in csv.DictReader(f):
-                for name, value in row.items():
-                    if name in ("step", "epoch") or value in ("", None) or any(t in name for t in TIMING):
-                        continue
-                    out[(int(row["step"]), name)] = float(value)
+    with open(versions[0] / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for name, value in row.items():
+                if name in ("step", "epoch") or value in ("", None) or any(t in name for t in TIMING):
+                    continue
+                key = (int(row["step"]), name)
+                assert key not in out, f"{key} logged twice"
+                out[key] = float(value)
     return out
 
 
@@ -123,18 +138,31 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
-def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir()
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must reproduce."""
+    run = tmp_path_factory.mktemp("straight")
+    finish(start(run), run)
+    return run
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    steps = sorted({s for s, _ in want})
+    assert steps[-1] == MAX_STEPS - 1 and len(steps) == MAX_STEPS  # CSVLogger counts steps from 0
+    assert got.keys() == want.keys()
+    mismatched = [(k, got[k], want[k]) for k in sorted(want) if not math.isclose(got[k], want[k], rel_tol=0, abs_tol=0)]
+    assert not mismatched, mismatched[:10]
+
+
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path, straight):
+    killed = tmp_path / "killed"
     killed.mkdir()
-    finish(start(straight), straight)
 
     kill_when_paused(start(killed, pause_at=2), killed)  # mid-epoch 0
     assert checkpoint_step(killed / "checkpoints/last.ckpt") == 2
     kill_when_paused(start(killed, "--ckpt_path", "last", pause_at=6), killed)  # epoch 1 just ended
     assert checkpoint_step(killed / "checkpoints/last.ckpt") == 6
     finish(start(killed, "--ckpt_path", "last"), killed)
-    assert len(list((killed / "logs").glob("version_*"))) == 3
 
     want, got = metrics(straight), metrics(killed)
     steps = sorted({s for s, _ in want})
@@ -148,6 +176,30 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(tmp_path):
     assert not mismatched, mismatched[:10]
     # The run is not trivially constant: rewards and losses move from step to step.
     assert len({want[(s, "train/reward")] for s in steps}) > 3 and len({want[(s, "train/loss")] for s in steps}) > 3
+
+
+def test_ctrl_c_before_the_first_checkpoint_saves_the_step_and_resumes_it(tmp_path, straight):
+    """SIGINT while step 1 is about to run (checkpoints are scheduled every 2 steps): step 1 finishes,
+    is saved, the run exits; `--ckpt_path last` continues from step 1 and ends as the straight run."""
+    run = tmp_path / "interrupted"
+    run.mkdir()
+    go = run / "go"
+    proc = start(run, pause_at=0, go_file=go)
+    wait_paused(proc, run)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # delivered while the step waits
+    go.write_text("")
+    assert proc.wait(timeout=300) == 1  # Lightning's exit status after an interrupt
+    log = sorted(run.glob("log-*"))[-1].read_text()
+    assert "SIGINT: step 1 saved to" in log, log[-3000:]
+    assert checkpoint_step(run / "checkpoints/last.ckpt") == 1
+    assert not list((run / "checkpoints").glob("epoch=*"))  # no scheduled checkpoint was reached
+
+    resumed = start(run, "--ckpt_path", "last")
+    finish(resumed, run)
+    log = sorted(run.glob("log-*"))[-1].read_text()
+    assert "Restoring states from the checkpoint path" in log, log[-3000:]
+    assert_same_metrics(metrics(run), metrics(straight))
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):

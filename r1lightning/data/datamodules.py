@@ -120,29 +120,38 @@ class _BaseDataModule(L.LightningDataModule):
         return self.tokenizer
 
     # -- rows: files or a dataset by name, then the column mapping ------------------------------
-    def read_rows(self, files: Sequence, any_of: Sequence[Sequence[str]] = ()):
+    def read_rows(self, files: Sequence, any_of: Sequence[Sequence[str]] = (), required: Sequence[str] = ()):
         """Rows from files or a `load_dataset` spec, with `prompt_column` / `messages_column` renamed,
-        `answer` extracted from `answer_column`, and string prompts made conversations if asked."""
+        `answer` extracted from `answer_column`, and string prompts made conversations if asked.
+        `required`: columns every row must have once mapped (file:line errors where no mapping applies)."""
         rename = {k: v for k, v in ((self.prompt_column, "prompt"), (self.messages_column, "messages")) if k}
         by_name = len(files) == 1 and isinstance(files[0], dict)
         where = f"dataset {hub.spec_name(files[0])}" if by_name else ", ".join(map(str, files))
         if by_name:
             rows = hub.load_dataset_spec(files[0])
-        else:  # checked after the renaming when there is one
-            rows = load_rows(files, any_of=() if rename else any_of)
+        else:  # checked after the mapping when there is one
+            plain = not rename and not self.answer_column
+            rows = load_rows(files, required=required if plain else (), any_of=() if rename else any_of)
         if rename or by_name:
             rows = hub.rename_columns(rows, rename, where)
             check_rows(rows, (), any_of, where)
         if self.answer_column:
             rows = hub.add_answers(rows, self.answer_column, self.answer_format, where, log)
+        if required and (by_name or not plain):
+            check_rows(rows, required, (), where)
         if self.conversational:
             rows = hub.as_conversation(rows, self.system_prompt)
         return rows
 
     # -- prompts (RL and evaluation) ---------------------------------------------------------
-    def load_prompts(self, files: Sequence[str], limit: int | None = None):
+    def load_prompts(self, files: Sequence[str], limit: int | None = None, required: dict[str, str] | None = None):
+        """`required`: column -> the reward that needs it; a row without it stops the load."""
         tok = self._tokenizer()
-        rows = self.read_rows(files, any_of=PROMPT_FIELDS)
+        try:
+            rows = self.read_rows(files, any_of=PROMPT_FIELDS, required=list(required or ()))
+        except DataError as err:
+            needed_by = next((f"the `{r}` reward needs it" for c, r in (required or {}).items() if f"'{c}'" in str(err)), None)
+            raise DataError(f"{err} ({needed_by})" if needed_by else str(err)) from None
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         system_prompt = self.system_prompt
@@ -239,12 +248,26 @@ class TraceDataModule(_BaseDataModule):
         )
 
 
+def reward_columns(module) -> dict[str, str]:
+    """Column -> reward name, for the rewards of `module` that declare the columns they read
+    (a reward's `columns` attribute, e.g. `accuracy` needs `answer`)."""
+    composer = getattr(module, "rewards", None)
+    needed = {}
+    for reward in getattr(composer, "rewards", None) or []:
+        if getattr(reward, "kinds", None) is not None:  # routed: rows of other kinds need not have its columns
+            continue
+        fn = getattr(reward, "_callable", reward)
+        for column in getattr(fn, "columns", None) or getattr(reward, "columns", None) or ():
+            needed.setdefault(column, reward.name)
+    return needed
+
+
 class PromptDataModule(_BaseDataModule):
     """RL prompts: `prompt` (or `messages`) plus every other column, which reaches the reward functions
     unchanged (`answer`, `test`, `language`, ...)."""
 
     def load_train(self, files: list[str]):
-        return self.load_prompts(files)
+        return self.load_prompts(files, required=reward_columns(self.trainer.lightning_module if self.trainer else None))
 
     def train_dataloader(self) -> DataLoader:
         return self._prompt_loader(self.train_rows, self.batch_size, shuffle=True)

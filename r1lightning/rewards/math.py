@@ -99,6 +99,11 @@ class AccuracyReward:
         self.answer_column = answer_column
         self.timeout_seconds = timeout_seconds
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Dataset columns every prompt row must have (checked when the data loads)."""
+        return (self.answer_column,)
+
     def __call__(self, prompts: list[str], completions: list[str], **kwargs: Any) -> list[float | None]:
         if self.answer_column not in kwargs:
             raise KeyError(f"accuracy reward needs dataset column {self.answer_column!r}; got {sorted(kwargs)}")
