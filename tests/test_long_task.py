@@ -61,7 +61,7 @@ def test_answers_and_traces_are_correct(tmp_path):
             _check_row(task, json.loads(text))
 
 
-def test_gpu_difficulty_traces_run_1000_to_1259_tokens():
+def test_gpu_difficulty_traces_run_1000_to_1103_tokens():
     # The recipe's task (configs/gpu/*.yaml) through the embedded character tokenizer, EOS included.
     cfg = yaml.safe_load((ROOT / "configs/gpu/long_sft.yaml").read_text())
     task = LongSumTask(**{**cfg["data"]["init_args"]["task"]["init_args"], "num_train": 300, "num_test": 100})
@@ -69,13 +69,24 @@ def test_gpu_difficulty_traces_run_1000_to_1259_tokens():
     splits = task.splits()
     rows = splits["train"] + splits["test"]
     lengths = [len(tok(r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
-    assert min(lengths) >= 1000 and max(lengths) <= task.max_completion_tokens() == 1259
-    # 13..16 terms of 78 characters a line: four lengths, every one represented.
-    assert {n // 78 for n in lengths} == {13, 14, 15, 16}
-    assert 1100 < sum(lengths) / len(lengths) < 1200
+    assert min(lengths) >= 1000 and max(lengths) <= task.max_completion_tokens() == 1103
+    # 13..14 terms of 78 characters a line: both represented.
+    assert {n // 78 for n in lengths} == {13, 14}
+    assert 1040 < sum(lengths) / len(lengths) < 1090
     # The configs leave room for the longest trace and the longest prompt.
     grpo = yaml.safe_load((ROOT / "configs/gpu/long_grpo.yaml").read_text())["model"]["init_args"]
     assert grpo["max_new_tokens"] >= task.max_completion_tokens()
+    assert cfg["model"]["init_args"]["val_max_new_tokens"] >= task.max_completion_tokens()
+    grpo_cfg = yaml.safe_load((ROOT / "configs/gpu/long_grpo.yaml").read_text())
+    bench = grpo_cfg["trainer"]["callbacks"][0]["init_args"]
+    assert bench["max_new_tokens"] >= task.max_completion_tokens()
+    # The same task everywhere: SFT data, GRPO prompts and the held-out benchmark.
+    sft_task = cfg["data"]["init_args"]["task"]["init_args"]
+    assert grpo_cfg["data"]["init_args"]["task"]["init_args"] == sft_task
+    assert bench["benchmarks"][0]["init_args"]["task"]["init_args"] == sft_task
+    # Training caps leave room in one 10-minute device call for start-up, evaluations and export (~2 min).
+    seconds = [sum(int(x) * m for x, m in zip(c["trainer"]["max_time"].split(":")[1:], (3600, 60, 1))) for c in (cfg, grpo_cfg)]
+    assert sum(seconds) <= 7 * 60
     prompt = max(len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True))
                  for r in rows)  # fmt: skip
     assert prompt + task.max_completion_tokens() <= cfg["data"]["init_args"]["max_length"]
@@ -245,15 +256,15 @@ def test_gold_traces_score_one_through_the_recipe_validation(tmp_path):
     gold = {tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True):
             r["completion"] for r in task.splits()["test"]}  # fmt: skip
     module.val_sampler = _GoldSampler(tok, gold)
-    for batch in data.val_dataloader():  # ragged prompts (13-16 terms), left-padded
+    for batch in data.val_dataloader():  # ragged prompts (13-14 terms), left-padded
         module.validation_step(batch, 0)
-    assert module.val_sampler.max_new == [1280] * 3
+    assert module.val_sampler.max_new == [1152] * 3
     assert module.val_accuracy.compute().item() == 1.0
     # A budget that cuts the longer traces before their answer scores them 0 (truncation is not hidden).
     module.val_accuracy.reset()
-    module.hparams.val_max_new_tokens = 14 * 78 + 4 + 6  # 14 lines, the four tags, a six-digit answer
+    module.hparams.val_max_new_tokens = 13 * 78 + 4 + 6  # 13 lines, the four tags, a six-digit answer
     for batch in data.val_dataloader():
         module.validation_step(batch, 0)
-    n_short = sum(r["prompt"].count("=") <= 14 for r in task.splits()["test"])  # 13 or 14 terms
+    n_short = sum(r["prompt"].count("=") == 13 for r in task.splits()["test"])  # 13 terms
     assert 0 < n_short < 60
     assert module.val_accuracy.compute().item() == pytest.approx(n_short / 60)
