@@ -5,7 +5,7 @@
 # Writes to OUTDIR: long_sft_metrics.csv, long_grpo_metrics.csv (Lightning CSV logs), the GRPO
 # evaluation reports (bench/), sampled completions, both logs, long_reasoning.png (reward, held-out
 # accuracy, mean completion length) and summary.txt. Budget (configs/gpu/*.yaml): SFT <= 3 min 10 s,
-# GRPO <= 3 min 50 s of training (trainer.max_time); ~9 min of wall time with start-up and export. Extra CLI arguments per stage: SFT_ARGS="..." GRPO_ARGS="...".
+# GRPO <= 3 min 40 s of training (trainer.max_time); ~9 min of wall time with start-up and export. Extra CLI arguments per stage: SFT_ARGS="..." GRPO_ARGS="...".
 # The data and the exported models stay in WORK (default: runs/long_reasoning in the repository, git-
 # ignored), not in OUTDIR. STAGES="sft" or STAGES="grpo" runs one stage (e.g. two calls of at most
 # 10 minutes each; the GRPO stage needs the SFT export in the same WORK); default: both.
