@@ -268,3 +268,39 @@ def test_gold_traces_score_one_through_the_recipe_validation(tmp_path):
     n_short = sum(r["prompt"].count("=") == 13 for r in task.splits()["test"])  # 13 terms
     assert 0 < n_short < 60
     assert module.val_accuracy.compute().item() == pytest.approx(n_short / 60)
+
+
+def test_static_engine_greedy_holds_over_recipe_length_with_ragged_prompts():
+    """Greedy decoding through the recipe's engine (StaticCacheSampler, here eager on CPU) for the recipe's
+    val_max_new_tokens after ragged left-padded prompts of the recipe's length equals the argmax of one
+    teacher-forced forward over prompt + completion at every one of the ~1,150 positions (KV cache, kv
+    buckets and positions stay right far past the 1,024 of the tokenizer's nominal model_max_length)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from r1lightning.rollout import StaticCacheSampler
+    from r1lightning.rollout.base import SamplingParams
+
+    C = yaml.safe_load((ROOT / "configs/gpu/long_sft.yaml").read_text())["model"]["init_args"]["val_max_new_tokens"]
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=111, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=2048,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # sharp logits: no argmax ties within float noise
+    N, P = 3, 119
+    ids = torch.randint(11, 111, (N, P))
+    mask = torch.ones(N, P, dtype=torch.long)
+    mask[1, :15] = 0
+    mask[2, :3] = 0
+    ids[mask == 0] = 0
+    # EOS outside the vocabulary: every row runs the whole budget.
+    out = StaticCacheSampler(cuda_graphs=False, return_logprobs=False).generate(
+        model, ids, mask, SamplingParams(C, temperature=0.0), 10**6, 0)
+    assert out.completion_ids.shape == (N, C)
+    for i in range(N):
+        prompt = ids[i][mask[i].bool()]
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, out.completion_ids[i]])[None]).logits[0]
+        assert torch.equal(logits[len(prompt) - 1 : -1].argmax(-1), out.completion_ids[i])
