@@ -9,6 +9,10 @@
 # The data and the exported models stay in WORK (default: runs/long_reasoning in the repository, git-
 # ignored), not in OUTDIR. STAGES="sft" or STAGES="grpo" runs one stage (e.g. two calls of at most
 # 10 minutes each; the GRPO stage needs the SFT export in the same WORK); default: both.
+# The issue's 10-minute limit is on GRPO only; SFT may take a call of its own (machine kept warm):
+#   STAGES=sft SFT_ARGS="--trainer.max_time 00:00:07:30 --trainer.max_steps 1400 --trainer.val_check_interval 200" \
+#     bash scripts/gpu_long_reasoning.sh $OUT
+#   STAGES=grpo GRPO_ARGS="--trainer.max_time 00:00:08:00" bash scripts/gpu_long_reasoning.sh $OUT
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-/tmp/gpu_long_reasoning}}
