@@ -25,7 +25,7 @@ significant digit (`c` is the carry into the column, `tt` the column total on tw
 next carry is always the character 9 places back), and ends with the new running sum. Every line of
 a problem has the same length, 12·width + 6 characters. The difficulty knobs are `digits` and the
 term range `min_terms..max_terms` (each problem draws its count), `max_completion_tokens` gives
-the longest completion (1,259 tokens at the GPU recipe's digits=4, terms 13..16; the shortest is 1,024).
+the longest completion (1,103 tokens at the GPU recipe's digits=4, terms 13..14; the shortest is 1,024).
 """
 
 from __future__ import annotations
