@@ -330,7 +330,7 @@ def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir, lockst
         rs = RejectionSampling(out, prompt_file, num_samples=5, batch_size=2)
         rs.sampler = sampler = StubSampler(tok, addition_sample)
         module.generate = lambda ids, mask, params, sampler: sampler.generate(None, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
-        module.score = lambda rollout, columns, rewards: PolicyModule.score(module, rollout, columns, rewards)
+        module.score = lambda rollout, columns, rewards, **context: PolicyModule.score(module, rollout, columns, rewards, **context)
         strategy = SimpleNamespace(barrier=lambda name=None: dist.barrier(), gather_for_rollout=lockstep)
         trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=7, loggers=[], callback_metrics={}, strategy=strategy)
         rs.run(trainer, module)
