@@ -319,6 +319,10 @@ class GRPOModule(PolicyModule):
         t1 = time.perf_counter()
         micro = self.micro_batches(rollout, mask)
         old_logp = None
+        if h.use_sampler_logprobs and rollout.logprobs is None:
+            # Falling back to the current log-probs would make the ratio 1: clipping would never act.
+            raise UserError(f"model.use_sampler_logprobs: the sampler ({type(self.sampler).__name__}) returned no "
+                            "log-probs; enable them on the sampler (return_logprobs: true) or set use_sampler_logprobs: false")
         if h.num_iterations > 1 or h.use_sampler_logprobs:
             old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
         ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None

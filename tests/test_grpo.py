@@ -156,3 +156,16 @@ def test_update_recomputes_checkpointed_layers_while_the_policy_stays_in_eval_mo
         assert mlp_runs() == 2  # recomputed in backward
         assert not layer.mlp.training and not layer.self_attn.training  # children stay in eval mode
     assert not layer.training  # restored
+
+
+def test_sampler_logprobs_requested_but_missing_is_an_error(tiny_moe_config, monkeypatch):
+    """Without sampler log-probs the 'old' policy would silently be the current one (ratio 1, no clipping)."""
+    from r1lightning.errors import UserError
+    from r1lightning.rollout import HFGenerateSampler
+
+    module = tiny_module(tiny_moe_config, sampler=HFGenerateSampler(return_logprobs=False), use_sampler_logprobs=True)
+    ids = module.tokenizer(["1+2="], return_tensors="pt")
+    batch = {"prompt_ids": ids["input_ids"], "prompt_mask": ids["attention_mask"], "columns": {"answer": ["3"]}}
+    monkeypatch.setattr(module, "log_step", lambda *a, **k: None)
+    with pytest.raises(UserError, match="use_sampler_logprobs: the sampler \\(HFGenerateSampler\\) returned no log-probs"):
+        module.training_step(batch, 0)
