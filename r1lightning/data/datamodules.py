@@ -25,7 +25,30 @@ log = logging.getLogger(__name__)
 PROMPT_FIELDS = (("prompt", "messages"),)
 
 
-class _BaseDataModule(L.LightningDataModule):
+class _FilesAndTokenizer:
+    """What every data module of the project shares: files for a split (given, or the task's generated
+    ones) and the tokenizer (connected, or the attached module's)."""
+
+    def task_files(self, split: str) -> list[str] | None:
+        given = self.train_files if split == "train" else self.val_files
+        if given is not None:
+            return [given] if isinstance(given, str) else list(given)
+        if self.task is not None:
+            return [str(self.task.directory(self.data_dir) / f"{'train' if split == 'train' else 'test'}.jsonl")]
+        return None
+
+    def connect(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def attached_tokenizer(self):
+        if self.tokenizer is None and self.trainer is not None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        if self.tokenizer is None:
+            raise RuntimeError("data: no tokenizer; call connect(tokenizer) or attach to a Trainer")
+        return self.tokenizer
+
+
+class _BaseDataModule(_FilesAndTokenizer, L.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str] | None = None,
@@ -100,24 +123,13 @@ class _BaseDataModule(L.LightningDataModule):
         spec = self.dataset if split == "train" else self.val_dataset
         if spec is not None:
             return [{"path": spec} if isinstance(spec, str) else dict(spec)]
-        given = self.train_files if split == "train" else self.val_files
-        if given is not None:
-            return [given] if isinstance(given, str) else list(given)
-        if self.task is not None:
-            return [str(self.task.directory(self.data_dir) / f"{'train' if split == 'train' else 'test'}.jsonl")]
-        return None
+        return self.task_files(split)
 
     # -- tokenizer ---------------------------------------------------------------------------
-    def connect(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
     def _tokenizer(self):
-        if self.tokenizer is None and self.trainer is not None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
-        if self.tokenizer is None:
-            raise RuntimeError("data: no tokenizer; call connect(tokenizer) or attach to a Trainer")
-        require_chat_template(self.tokenizer)
-        return self.tokenizer
+        tokenizer = self.attached_tokenizer()
+        require_chat_template(tokenizer)
+        return tokenizer
 
     # -- rows: files or a dataset by name, then the column mapping ------------------------------
     def read_rows(self, files: Sequence, any_of: Sequence[Sequence[str]] = (), required: Sequence[str] = ()):

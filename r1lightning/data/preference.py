@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from r1lightning.data.datamodules import _FilesAndTokenizer
 from r1lightning.data.io import DataError, load_rows
 from r1lightning.tasks import SyntheticTask
 
@@ -99,7 +100,7 @@ class PreferenceCollator:
         return batch
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(_FilesAndTokenizer, L.LightningDataModule):
     def __init__(
         self,
         train_files: str | list[str] | None = None,
@@ -142,22 +143,10 @@ class PreferenceDataModule(L.LightningDataModule):
             self.task.write(self.data_dir)
 
     def files(self, split: str) -> list[str] | None:
-        given = self.train_files if split == "train" else self.val_files
-        if given is not None:
-            return [given] if isinstance(given, str) else list(given)
-        if self.task is not None:
-            return [str(self.task.directory(self.data_dir) / f"{'train' if split == 'train' else 'test'}.jsonl")]
-        return None
-
-    def connect(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+        return self.task_files(split)
 
     def _tokenizer(self):
-        if self.tokenizer is None and self.trainer is not None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
-        if self.tokenizer is None:
-            raise RuntimeError("data: no tokenizer; call connect(tokenizer) or attach to a Trainer")
-        return self.tokenizer
+        return self.attached_tokenizer()
 
     def load(self, files: list[str], limit: int | None = None):
         tok = self._tokenizer()
