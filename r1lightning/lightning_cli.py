@@ -3,7 +3,7 @@
 What it adds to Lightning's:
 - config errors are one line with the file and the closest valid key (`r1lightning.cli.explain_config_error`);
 - `--ckpt_path last` with no checkpoint is an error, not a fresh start;
-- a resumed run logs into the logger version it resumes (`strategies.continue_log_versions`);
+- a resumed run logs into the logger version it resumes (`checkpointing.continue_log_versions`);
 - a step-based progress bar (`step 93/250`) when the run is bounded by `max_steps`.
 """
 
@@ -23,7 +23,7 @@ import r1lightning.grpo  # noqa: F401
 import r1lightning.sft  # noqa: F401
 from r1lightning.cli import explain_config_error
 from r1lightning.errors import UserError
-from r1lightning.strategies import continue_log_versions, last_checkpoints
+from r1lightning.checkpointing import continue_log_versions, last_checkpoints
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
