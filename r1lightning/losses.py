@@ -1,16 +1,20 @@
-"""GRPO-family losses as pure tensor functions.
+"""Every training loss as a pure tensor function: SFT's completion-only cross-entropy and the
+GRPO family (advantages, KL, clipped surrogate, aggregation modes).
 
 Shapes: N sequences in a (micro-)batch, C completion tokens, G completions per
 prompt. Sequences are ordered group by group: rows ``i*G .. i*G+G-1`` belong to
-prompt ``i``.
+prompt ``i``. SFT: T tokens per row, V the vocabulary.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "completion_cross_entropy",
+    "IGNORE_INDEX",
     "group_advantages",
     "k3_kl",
     "zero_variance_groups",
@@ -18,6 +22,7 @@ __all__ = [
     "grpo_loss",
     "AGGREGATIONS",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "ADVANTAGE_SCALES",
     "nanstd",
     "global_nanstd",
     "global_nanmean",
@@ -26,6 +31,24 @@ __all__ = [
 
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+IGNORE_INDEX = -100  # label of the tokens SFT puts no loss on (prompt, padding)
+
+
+# -- SFT --------------------------------------------------------------------------------------------
+def completion_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean next-token cross-entropy over labelled (assistant) tokens.
+
+    logits [N, T, V], labels [N, T] with IGNORE_INDEX on prompt/pad tokens. Returns (loss, #tokens).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [N*(T-1), V]
+    shift_labels = labels[:, 1:].reshape(-1)  # [N*(T-1)]
+    count = (shift_labels != IGNORE_INDEX).sum()
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / count.clamp(min=1), count
+
+
+# -- GRPO -------------------------------------------------------------------------------------------
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from r1lightning.data.chat import IGNORE_INDEX
+from r1lightning.losses import completion_cross_entropy
 from r1lightning.module import PolicyModule
 
 
-def completion_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over labelled (assistant) tokens.
-
-    logits [N, T, V], labels [N, T] with IGNORE_INDEX on prompt/pad tokens. Returns (loss, #tokens).
-    """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [N*(T-1), V]
-    shift_labels = labels[:, 1:].reshape(-1)  # [N*(T-1)]
-    count = (shift_labels != IGNORE_INDEX).sum()
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / count.clamp(min=1), count
-
-
 class SFTModule(PolicyModule):
-    """Completion-only cross-entropy + the MoE load-balancing loss."""
+    """Completion-only cross-entropy (`r1lightning.losses.completion_cross_entropy`) + the MoE
+    load-balancing loss."""
 
     def training_step(self, batch, batch_idx):
         logits, aux = self.forward_logits(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))

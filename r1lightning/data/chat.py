@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from r1lightning.losses import IGNORE_INDEX  # the label SFT's loss skips; re-exported by r1lightning.data
 
 
 def require_chat_template(tokenizer) -> None:
