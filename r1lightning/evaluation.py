@@ -18,6 +18,7 @@ with a `test` are programs scored by the `code` reward in the sandbox.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -30,7 +31,8 @@ import torch
 from torchmetrics import Metric
 
 from r1lightning.data.chat import left_pad
-from r1lightning.rewards.math import extract_answer
+from r1lightning.options import SamplingOptions
+from r1lightning.rewards.reasoning import extract_answer
 from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
@@ -304,7 +306,7 @@ def score_completions(data: BenchmarkData, rows: Sequence[dict], prompts: Sequen
         scores = code_reward(stubs, list(completions), test=[r.get("test") for r in rows],
                              entry_point=[r.get("entry_point") for r in rows])  # fmt: skip
     else:
-        from r1lightning.rewards.math import AccuracyReward
+        from r1lightning.rewards.reasoning import AccuracyReward
 
         scores = AccuracyReward()(list(prompts), list(completions), answer=[r.get("answer") for r in rows])
     return [float(s) if s is not None else 0.0 for s in scores]
@@ -325,10 +327,11 @@ def encode_problems(tokenizer, rows: Sequence[dict], system_prompt: str | None =
     return [encode_prompt(tokenizer, row_messages(r, system_prompt)) for r in rows]
 
 
-def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k: int, temperature: float, top_p: float,
-                      max_new_tokens: int, greedy: bool = True, batch_size: int = 16, sampler=None,
-                      code_reward=None, min_batches: int = 0) -> list[dict]:  # fmt: skip
-    """Generate and score problems `indices` of `data` with `module` (a `PolicyModule`).
+def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, sampling: SamplingOptions, greedy: bool = True,
+                      batch_size: int = 16, sampler=None, code_reward=None, min_batches: int = 0) -> list[dict]:  # fmt: skip
+    """Generate and score problems `indices` of `data` with `module` (a `PolicyModule`): k =
+    `sampling.num_samples` samples per problem (0: none), and the greedy answer if `greedy`, both
+    within `sampling.max_new_tokens`.
 
     Returns one record per problem: `correct` [k] (sampled), `vote` (index of the majority sample
     or None), `cons` (its correctness), `greedy` (correctness of the greedy answer, if asked) and
@@ -336,16 +339,17 @@ def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k:
     generate calls, repeating a throwaway batch (FSDP: every rank must make the same calls).
     """
     tok = module.tokenizer
+    k = sampling.num_samples
     records = []
     starts = list(range(0, len(indices), batch_size))
     throwaway = max(0, min_batches - len(starts))
     for start in starts + [None] * throwaway:
         if start is None:  # one problem: only the call count matters
-            _generate(module, data, [data.rows[0]], k, temperature, top_p, max_new_tokens, greedy, sampler)
+            _generate(module, data, [data.rows[0]], sampling, greedy, sampler)
             continue
         idx = list(indices[start : start + batch_size])
         rows = [data.rows[i] for i in idx]
-        ids, greedy_out, sampled_out = _generate(module, data, rows, k, temperature, top_p, max_new_tokens, greedy, sampler)
+        ids, greedy_out, sampled_out = _generate(module, data, rows, sampling, greedy, sampler)
         prompts = tok.batch_decode(ids, skip_special_tokens=True)
         greedy_scores = [None] * len(idx)
         greedy_texts = [None] * len(idx)
@@ -380,18 +384,17 @@ def evaluate_problems(module, data: BenchmarkData, indices: Sequence[int], *, k:
     return records
 
 
-def _generate(module, data: BenchmarkData, rows, k, temperature, top_p, max_new_tokens, greedy, sampler):
+def _generate(module, data: BenchmarkData, rows, sampling: SamplingOptions, greedy: bool, sampler):
     """The prompt ids of `rows`, their greedy rollout (if asked) and k sampled rollouts each (if k > 0)."""
-    from r1lightning.rollout import SamplingParams
-
+    k = sampling.num_samples
     tok = module.tokenizer
     device = module.device if hasattr(module, "device") else torch.device("cpu")
     ids, mask = left_pad(encode_problems(tok, rows, data.system_prompt), tok.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     greedy_out = sampled_out = None
     if greedy:
-        greedy_out = module.generate(ids, mask, SamplingParams(max_new_tokens, temperature=0.0), sampler=sampler)
+        greedy_options = dataclasses.replace(sampling, temperature=0.0, top_p=1.0, top_k=0)
+        greedy_out = module.generate(ids, mask, greedy_options.params(), sampler=sampler)
     if k > 0:
-        sampled_out = module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
-                                      SamplingParams(max_new_tokens, temperature=temperature, top_p=top_p), sampler=sampler)  # fmt: skip
+        sampled_out = module.generate(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), sampling.params(), sampler=sampler)
     return ids, greedy_out, sampled_out

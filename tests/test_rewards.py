@@ -7,7 +7,7 @@ import torch
 
 import r1lightning.rewards as rewards_pkg
 from r1lightning.rewards import Reward, RewardComposer, get_reward, registered_rewards
-from r1lightning.rewards.math import (
+from r1lightning.rewards.reasoning import (
     AccuracyReward,
     LanguageConsistencyReward,
     SoftOverlongReward,

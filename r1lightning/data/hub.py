@@ -82,7 +82,7 @@ def extract_gold(value: Any, fmt: str) -> str | None:
             return None
         return text.rsplit("####", 1)[1].strip().replace(",", "") or None
     if fmt == "boxed":
-        from r1lightning.rewards.math import last_boxed
+        from r1lightning.rewards.reasoning import last_boxed
 
         boxed = last_boxed(text)
         return boxed.strip() if boxed is not None else None

@@ -42,7 +42,6 @@ import torch
 from r1lightning.errors import UserError
 
 logger = logging.getLogger(__name__)
-# Not `import math`: the submodule r1lightning.rewards.math would shadow it here.
 _NAN = float("nan")
 
 __all__ = [
@@ -442,4 +441,4 @@ async def _awaited(awaitable):
 
 
 # Registers the builtin rewards; must come after register_reward is defined.
-from r1lightning.rewards import math as _builtin_math  # noqa: E402,F401
+from r1lightning.rewards import reasoning as _builtin_reasoning  # noqa: E402,F401

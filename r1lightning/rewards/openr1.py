@@ -20,7 +20,7 @@ def _text(completion: Any) -> str:
 
 
 def _correct(content: str, solution: Any) -> float | None:
-    from r1lightning.rewards.math import AccuracyReward, last_boxed
+    from r1lightning.rewards.reasoning import AccuracyReward, last_boxed
 
     # The answer is the last <answer> block or \boxed{}; a bare completion is read whole.
     if "<answer>" not in content and last_boxed(content) is None:

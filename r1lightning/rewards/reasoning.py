@@ -1,4 +1,5 @@
-"""Builtin rewards for R1-style math reasoning: accuracy, format, language consistency, overlong."""
+"""Builtin rewards for R1-style reasoning traces: accuracy (math-verify), format, language consistency,
+overlong. Registered by name (`fn: accuracy` in YAML) when `r1lightning.rewards` is imported."""
 
 from __future__ import annotations
 

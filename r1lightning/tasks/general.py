@@ -119,7 +119,7 @@ class InstructionTask(SyntheticTask):
 
 def instruction_following(prompts, completions, digits=None, parity=None, **kwargs) -> list[float | None]:
     """Rule check of `InstructionTask`'s constraints on the `<answer>`; None on rows without any."""
-    from r1lightning.rewards.math import extract_answer
+    from r1lightning.rewards.reasoning import extract_answer
 
     n = len(completions)
     digits = digits if digits is not None else [None] * n
