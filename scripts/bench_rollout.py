@@ -475,7 +475,7 @@ def main(argv=None):
 
     # -- decode experts at a small batch: grouped_mm vs per-token weight gathering --
     if args.small_batch and left() > 30 and not args.only_dist:
-        from r1lightning.rollout import decode_experts
+        from r1lightning.moe import decode_experts
 
         n = args.small_batch
         ids = torch.randint(3, args.vocab, (n, P), generator=gen).to(device)

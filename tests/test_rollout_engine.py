@@ -10,7 +10,7 @@ from scipy import stats
 
 from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, SamplingParams, StaticCacheSampler
-from r1lightning.rollout import decode_experts
+from r1lightning.moe import decode_experts
 from r1lightning.rollout.engine import filter_logits
 
 PROMPTS = ["12+34=", "5+6=", "999+1=", "7=", "abc", "x+y*z="]
@@ -215,8 +215,8 @@ def test_decode_experts_match_transformers_grouped_mm(mode, tiny_moe_config):
 def test_grpo_rollout_logprobs_match_the_module_forward(tiny_moe_config):
     from tests.test_grpo import tiny_module
 
-    module = tiny_module(tiny_moe_config, sampler=StaticCacheSampler(), use_sampler_logprobs=True, max_new_tokens=5,
-                         temperature=0.8)
+    module = tiny_module(tiny_moe_config, sampler=StaticCacheSampler(), use_sampler_logprobs=True,
+                         sampling={"max_new_tokens": 5, "temperature": 0.8})
     ids, mask = encode(module.tokenizer, ["1+2=", "30+4="])
     batch = {"prompt_ids": ids, "prompt_mask": mask, "columns": {"answer": ["3", "34"]}}
     rollout, columns, total, _ = module.rollout(batch)
@@ -392,8 +392,8 @@ def test_paged_min_new_tokens_and_one_token(tiny_moe_config):
 def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config):
     from tests.test_grpo import tiny_module
 
-    module = tiny_module(tiny_moe_config, sampler=PagedSampler(max_slots=3), use_sampler_logprobs=True, max_new_tokens=5,
-                         temperature=0.8)
+    module = tiny_module(tiny_moe_config, sampler=PagedSampler(max_slots=3), use_sampler_logprobs=True,
+                         sampling={"max_new_tokens": 5, "temperature": 0.8})
     ids, mask = encode(module.tokenizer, ["1+2=", "30+4="])
     batch = {"prompt_ids": ids, "prompt_mask": mask, "columns": {"answer": ["3", "34"]}}
     rollout, _, total, _ = module.rollout(batch)
@@ -443,8 +443,8 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
             "rewards": [{"fn": "format", "weight": 1.0}],
             "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
-            "num_generations": 4, "max_new_tokens": 6, "num_iterations": 2, "micro_batch_size": 3,
-            "mask_truncated_completions": True, "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
+            "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
+            "loss": {"mask_truncated_completions": True}, "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
     }
     (tmp_path / "grpo.yaml").write_text(json.dumps(config))

@@ -39,7 +39,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache
 
-from r1lightning.rollout import decode_experts
+from r1lightning.moe import decode_experts
 from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids
 
 log = logging.getLogger(__name__)

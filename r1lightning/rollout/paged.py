@@ -43,7 +43,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from r1lightning.errors import UserError
-from r1lightning.rollout import decode_experts
+from r1lightning.moe import decode_experts
 from r1lightning.rollout.base import Rollout, completion_mask_from_ids
 from r1lightning.rollout.engine import (
     StaticCacheSampler,
