@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from lightning.pytorch import Callback
 from r1lightning.callbacks._common import (barrier, crossed_multiple, gather_objects, log_metrics, needs_lockstep, rank_and_world, write_json,
                                           write_table)
 from r1lightning.evaluation import Benchmark, ConsAtK, GreedyAccuracy, PassAt1, PassAtK, evaluate_problems
+from r1lightning.options import SamplingOptions, coerce, moved_into
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,16 @@ class BenchmarkEval(Callback):
     batches so that every rank makes the same calls.
     """
 
+    # The flat arguments of earlier versions and where they went.
+    moved_arguments = moved_into(SamplingOptions, "sampling", renamed={"k": "num_samples"})
+
     def __init__(
         self,
         benchmarks: list[Benchmark],
         every_n_steps: int | None = None,
         at_fit_start: bool = False,
         at_fit_end: bool = True,
-        k: int = 4,
-        temperature: float = 0.6,
-        top_p: float = 0.95,
-        max_new_tokens: int = 512,
+        sampling: SamplingOptions = SamplingOptions(num_samples=4, temperature=0.6, top_p=0.95, max_new_tokens=512),
         greedy: bool = True,
         batch_size: int = 16,
         seed: int = 0,
@@ -53,16 +55,17 @@ class BenchmarkEval(Callback):
             every_n_steps: evaluate every N optimizer steps (None: only at start/end).
             at_fit_start: evaluate before the first step (the starting point of the curve).
             at_fit_end: evaluate when training ends.
-            k: samples per problem for pass@1 / cons@k (R1: 4 to 64 depending on the test set size;
-                0 = greedy only).
-            temperature, top_p: sampling of the k samples (R1: 0.6 and 0.95).
-            max_new_tokens: generation budget (R1: 32,768).
+            sampling: the k = `num_samples` samples per problem for pass@1 / cons@k (R1: 4 to 64
+                depending on the test set size; 0 = greedy only), sampled at `temperature` and
+                `top_p` (R1: 0.6 and 0.95), within `max_new_tokens` (R1: 32,768; greedy decoding
+                too; a benchmark's own `max_new_tokens` wins). `r1lightning.options.SamplingOptions`.
             greedy: also decode greedily once per problem.
             batch_size: problems per generate call (k sequences each).
             seed: sampling seed (each rank adds its rank); the training RNG state is left untouched.
             report_dir: where reports go; default `<trainer.log_dir or default_root_dir>/bench`.
             samples_in_report: completions per benchmark quoted in the JSON report.
         """
+        sampling = coerce(SamplingOptions, sampling, "BenchmarkEval.sampling")
         if not benchmarks:
             raise ValueError("BenchmarkEval: give at least one benchmark")
         names = [b.name for b in benchmarks]
@@ -72,10 +75,7 @@ class BenchmarkEval(Callback):
         self.every_n_steps = every_n_steps
         self.at_fit_start = at_fit_start
         self.at_fit_end = at_fit_end
-        self.k = k
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
         self.greedy = greedy
         self.batch_size = batch_size
         self.seed = seed
@@ -124,8 +124,9 @@ class BenchmarkEval(Callback):
         device = getattr(pl_module, "device", torch.device("cpu"))
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
-        report = {"step": step, "k": self.k, "temperature": self.temperature, "top_p": self.top_p,
-                  "max_new_tokens": self.max_new_tokens, "world_size": world, "benchmarks": {}}  # fmt: skip
+        o = self.sampling
+        report = {"step": step, "k": o.num_samples, "temperature": o.temperature, "top_p": o.top_p, "top_k": o.top_k,
+                  "max_new_tokens": o.max_new_tokens, "world_size": world, "benchmarks": {}}  # fmt: skip
         per_problem: dict[str, list] = {}
         for bench in self.benchmarks:
             data = self._load(trainer, bench)
@@ -134,10 +135,9 @@ class BenchmarkEval(Callback):
             fork_devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(self.seed + 1_000_003 * rank)
+                sampling = dataclasses.replace(o, max_new_tokens=bench.max_new_tokens) if bench.max_new_tokens else o
                 records = evaluate_problems(
-                    pl_module, data, mine, k=self.k, temperature=self.temperature, top_p=self.top_p,
-                    max_new_tokens=bench.max_new_tokens or self.max_new_tokens, greedy=self.greedy,
-                    batch_size=self.batch_size, sampler=self.sampler,
+                    pl_module, data, mine, sampling=sampling, greedy=self.greedy, batch_size=self.batch_size, sampler=self.sampler,
                     min_batches=_ceil_div(_ceil_div(len(data.rows), world), self.batch_size) if needs_lockstep(trainer) else 0,
                 )
             values = self._compute(records, device)
@@ -159,11 +159,12 @@ class BenchmarkEval(Callback):
     def _compute(self, records: list[dict], device) -> dict[str, float]:
         # Every rank reaches compute() for every metric, even with no problems, so the sums reduce.
         out: dict[str, float] = {}
-        if self.k > 0:
-            correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64).reshape(-1, self.k)
+        k = self.sampling.num_samples
+        if k > 0:
+            correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64).reshape(-1, k)
             cons = torch.tensor([r["cons"] for r in records], dtype=torch.float64)
-            for name, metric, value in (("pass@1", PassAt1(), correct), (f"pass@{self.k}", PassAtK(), correct),
-                                        (f"cons@{self.k}", ConsAtK(), cons)):  # fmt: skip
+            for name, metric, value in (("pass@1", PassAt1(), correct), (f"pass@{k}", PassAtK(), correct),
+                                        (f"cons@{k}", ConsAtK(), cons)):  # fmt: skip
                 metric = metric.to(device)
                 metric.update(value)
                 out[name] = float(metric.compute())

@@ -18,6 +18,7 @@ of the policy weights and the step); chunks from another policy are discarded, n
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -29,11 +30,11 @@ from lightning.pytorch import Callback
 
 from r1lightning.callbacks._common import (barrier, crossed_multiple, log_metrics, needs_lockstep, rank_and_world, write_json,
                                           write_table)
+from r1lightning.callbacks.rejection_filters import RejectionFilters
+from r1lightning.options import SamplingOptions, coerce, moved_into
 from r1lightning.tasks import SyntheticTask
 
 log = logging.getLogger(__name__)
-
-_EPS = 1e-6
 
 
 class RejectionSampling(Callback):
@@ -43,15 +44,7 @@ class RejectionSampling(Callback):
     prompt file's other columns, and metadata: `prompt_index`, `sample_index`, `source_model` (at
     `fit_end`: the export directory the sampling policy is saved to; otherwise the run directory
     and step), `source_init` (where that policy started), `source_step`, `scores` (every reward),
-    `reward` (weighted total), `num_tokens`, `sampling`.
-
-    A sample is kept if it ended (EOS within `max_new_tokens`, unless `drop_truncated: false`),
-    and: its `correct_reward` score is 1 (`require_correct`), its `format_reward` score is 1
-    (`require_format`), its `language_reward` score >= `min_language_consistency`, it has at
-    most `max_length` tokens, and it meets every `min_scores` entry. A score of None (reward not
-    applicable) fails a requirement. Then per prompt: exact duplicate completions are dropped
-    (`dedup`) and at most `max_per_prompt` are kept, in sample order. Rewards named by a filter
-    but absent from `rewards` are added by name (`accuracy`, `format`, `language_consistency`).
+    `reward` (weighted total), `num_tokens`, `sampling`. Which samples are kept: `RejectionFilters`.
 
     Distributed: the pending prompts are cut into chunks of `batch_size`; rank r samples chunks
     r, r + world, ...; after a barrier rank 0 merges the chunk files. Each chunk is seeded from
@@ -61,37 +54,25 @@ class RejectionSampling(Callback):
     keep every rank making the same calls.
     """
 
+    # The flat arguments of earlier versions and where they went.
+    moved_arguments = {**moved_into(SamplingOptions, "sampling"), **moved_into(RejectionFilters, "filters")}
+
     def __init__(
         self,
         output: str,
         prompt_files: str | list[str] | None = None,
         task: SyntheticTask | None = None,
         data_dir: str = "data/generated",
-        num_samples: int = 4,
+        sampling: SamplingOptions = SamplingOptions(num_samples=4),
+        filters: RejectionFilters = RejectionFilters(),
         when: str = "fit_end",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         rewards: list | None = None,
-        require_correct: bool = True,
-        require_format: bool = True,
-        min_language_consistency: float | None = None,
-        language: str | None = "en",
-        max_length: int | None = None,
-        drop_truncated: bool = True,
-        min_scores: dict[str, float] | None = None,
-        dedup: bool = True,
-        max_per_prompt: int | None = None,
         max_prompts: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 64,
         batch_size: int = 16,
         seed: int = 0,
         system_prompt: str | None = None,
-        correct_reward: str = "accuracy",
-        format_reward: str = "format",
-        language_reward: str = "language_consistency",
     ):
         """
         Args:
@@ -102,62 +83,55 @@ class RejectionSampling(Callback):
             task: instead of `prompt_files`, a `SyntheticTask` whose train split (written under
                 `data_dir` if missing) gives the prompts; e.g. more problems than the run trains
                 on, for distillation data.
-            num_samples: k, completions sampled per prompt.
+            sampling: `num_samples` (k) completions per prompt and how they are sampled
+                (`r1lightning.options.SamplingOptions`).
+            filters: which samples are kept (`RejectionFilters`).
             when: `fit_end` (when training ends), `validate_end` (after `r1lightning validate`:
                 sample from a finished model, e.g. a teacher, without training) or `never` (only
                 the periodic triggers).
             every_n_steps, every_n_epochs: also run every N optimizer steps / epochs.
             rewards: how samples are scored; default the module's `rewards` (GRPO), else
                 accuracy + format.
-            require_correct, require_format, min_language_consistency, language, max_length,
-                drop_truncated, min_scores, dedup, max_per_prompt: the filters (see the class doc).
             max_prompts: use only the first N prompts.
-            temperature, top_p, top_k, max_new_tokens: sampling.
             batch_size: prompts per generate call (and per progress chunk).
             seed: base sampling seed; the training RNG state is left untouched.
             system_prompt: prepended as a system message when encoding prompts; default: the data
                 module's `system_prompt`, so prompts look as they did in training.
-            correct_reward, format_reward, language_reward: the reward names the filters read.
         """
+        sampling = coerce(SamplingOptions, sampling, "RejectionSampling.sampling")
+        filters = coerce(RejectionFilters, filters, "RejectionSampling.filters")
         if when not in ("fit_end", "validate_end", "never"):
             raise ValueError(f"RejectionSampling: when must be fit_end, validate_end or never, got {when!r}")
         if Path(output).suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"RejectionSampling: output must end in .jsonl or .parquet, got {output!r}")
-        if num_samples < 1 or batch_size < 1:
-            raise ValueError("RejectionSampling: num_samples and batch_size must be >= 1")
+        if sampling.num_samples < 1 or batch_size < 1:
+            raise ValueError("RejectionSampling: sampling.num_samples and batch_size must be >= 1")
         self.prompt_files = [prompt_files] if isinstance(prompt_files, str) else prompt_files
         self.task = task
         self.data_dir = data_dir
         self.output = output
-        self.num_samples = num_samples
+        self.sampling = sampling
+        self.filters = filters
         self.when = when
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.rewards = list(rewards) if rewards is not None else None
-        self.require_correct = require_correct
-        self.require_format = require_format
-        self.min_language_consistency = min_language_consistency
-        self.language = language
-        self.max_length = max_length
-        self.drop_truncated = drop_truncated
-        self.min_scores = dict(min_scores or {})
-        self.dedup = dedup
-        self.max_per_prompt = max_per_prompt
         self.max_prompts = max_prompts
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.seed = seed
         self.system_prompt = system_prompt
-        self.correct_reward = correct_reward
-        self.format_reward = format_reward
-        self.language_reward = language_reward
         self.sampler = None  # a `Sampler`; None uses the module's default (tests inject stubs)
         self.last_stats: dict | None = None
         self.written: list[str] = []
         self._last_step = 0
+
+    @classmethod
+    def stage_outputs(cls, init_args: dict) -> list[str]:
+        """The dataset a pipeline stage with this callback (these init_args) has written by its end:
+        `output`, unless the callback only runs periodically (`when: never`)."""
+        args = inspect.signature(cls).bind_partial(**init_args)
+        args.apply_defaults()
+        return [str(args.arguments["output"])] if args.arguments["when"] in ("fit_end", "validate_end") else []
 
     # -- triggers ----------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -269,18 +243,11 @@ class RejectionSampling(Callback):
         else:
             rewards = [Reward("accuracy"), Reward("format")]
         names = {r.name for r in rewards}
-        wanted = []
-        if self.require_correct:
-            wanted.append((self.correct_reward, {}))
-        if self.require_format:
-            wanted.append((self.format_reward, {}))
-        if self.min_language_consistency is not None:
-            wanted.append((self.language_reward, {"language": self.language} if self.language else {}))
-        for name, kwargs in wanted:
+        for name, kwargs in self.filters.required_rewards():
             if name not in names:
                 rewards.append(Reward(name, weight=0.0, kwargs=kwargs))
                 names.add(name)
-        missing = sorted(set(self.min_scores) - names)
+        missing = sorted(set(self.filters.min_scores) - names)
         if missing:
             raise ValueError(f"RejectionSampling: min_scores names rewards {missing} that are not among {sorted(names)}")
         return RewardComposer(rewards)
@@ -290,7 +257,7 @@ class RejectionSampling(Callback):
         return {
             "prompt_files": files,
             "num_prompts": num_prompts,
-            "num_samples": self.num_samples,
+            "num_samples": self.sampling.num_samples,
             "sampling": self.sampling_info(),
             "rewards": composer.names,
             "system_prompt": system_prompt,
@@ -314,28 +281,28 @@ class RejectionSampling(Callback):
         write_json(path, manifest)
 
     def sampling_info(self) -> dict:
-        return {"num_samples": self.num_samples, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "max_new_tokens": self.max_new_tokens}  # fmt: skip
+        o = self.sampling
+        return {"num_samples": o.num_samples, "temperature": o.temperature, "top_p": o.top_p, "top_k": o.top_k,
+                "max_new_tokens": o.max_new_tokens}  # fmt: skip
 
     @torch.no_grad()
     def _generate_chunk(self, pl_module, rows: list[dict], chunk: list[int], system_prompt: str | None):
         """The chunk's k samples per prompt (under FSDP a collective: every rank calls it as often)."""
         from r1lightning.data.chat import encode_prompt, left_pad, row_messages
-        from r1lightning.rollout import SamplingParams
 
         tok = pl_module.tokenizer
-        k = self.num_samples
+        k = self.sampling.num_samples
         ids = [encode_prompt(tok, row_messages(_prompt_only(rows[i]), system_prompt)) for i in chunk]
         prompt_ids, mask = left_pad(ids, tok.pad_token_id)
         device = getattr(pl_module, "device", torch.device("cpu"))
         prompt_ids, mask = prompt_ids.to(device).repeat_interleave(k, 0), mask.to(device).repeat_interleave(k, 0)
-        params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+        params = self.sampling.params()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1_000_003 + chunk[0])  # per chunk: independent of ranks and resumes
             return pl_module.generate(prompt_ids, mask, params, sampler=self.sampler)
 
     def _sample_chunk(self, pl_module, composer, rows: list[dict], chunk: list[int], system_prompt: str | None) -> list[dict]:
-        k = self.num_samples
+        k = self.sampling.num_samples
         batch = [rows[i] for i in chunk]
         rollout = self._generate_chunk(pl_module, rows, chunk, system_prompt)
         columns = {key: [r.get(key) for r in batch for _ in range(k)] for key in batch[0] if key not in _RESERVED_COLUMNS}
@@ -360,23 +327,7 @@ class RejectionSampling(Callback):
 
     # -- filtering and the dataset -----------------------------------------------------------
     def passes(self, sample: dict) -> bool:
-        scores = sample["scores"]
-
-        def at_least(name: str, threshold: float) -> bool:
-            v = scores.get(name)
-            return v is not None and v >= threshold - _EPS
-
-        if self.drop_truncated and sample["truncated"]:
-            return False
-        if self.require_correct and not at_least(self.correct_reward, 1.0):
-            return False
-        if self.require_format and not at_least(self.format_reward, 1.0):
-            return False
-        if self.min_language_consistency is not None and not at_least(self.language_reward, self.min_language_consistency):
-            return False
-        if self.max_length is not None and sample["num_tokens"] > self.max_length:
-            return False
-        return all(at_least(name, v) for name, v in self.min_scores.items())
+        return self.filters.passes(sample)
 
     def merge(self, rows: list[dict], chunks: list[dict], manifest: dict) -> tuple[list[dict], dict]:
         """The kept rows (ordered by prompt, then sample) and the statistics."""
@@ -394,19 +345,9 @@ class RejectionSampling(Callback):
                 for name, v in s["scores"].items():
                     if v is not None:
                         score_sums.setdefault(name, []).append(v)
-            good = [s for s in samples if self.passes(s)]
-            passed += len(good)
-            if self.dedup:
-                seen, unique = set(), []
-                for s in good:
-                    key = s["completion"].strip()
-                    if key not in seen:
-                        seen.add(key)
-                        unique.append(s)
-                duplicates += len(good) - len(unique)
-                good = unique
-            if self.max_per_prompt is not None:
-                good = good[: self.max_per_prompt]
+            good, n_passed, n_duplicates = self.filters.select(samples)
+            passed += n_passed
+            duplicates += n_duplicates
             covered += bool(good)
             kept.extend(self._row(rows[i], s, manifest) for s in good)
         prompts = len(by_prompt)

@@ -142,11 +142,21 @@ def init_parameters(cls) -> set[str] | None:
     return None
 
 
-def unknown_key(config: dict, valid_top: set[str]) -> tuple[str, str | None] | None:
-    """The first key of a parsed YAML config that no class takes: (dotted key, closest valid key)."""
+def moved_arguments(cls) -> dict[str, str]:
+    """{argument `cls` no longer takes: its new place} (see `r1lightning.options.moved_arguments`)."""
+    if cls is None:
+        return {}
+    from r1lightning.options import moved_arguments as moved
+
+    return moved(cls)
+
+
+def unknown_key(config: dict, valid_top: set[str]) -> tuple[str, str | None] | tuple[str, str | None, str] | None:
+    """The first key of a parsed YAML config that no class takes: (dotted key, closest valid key), or
+    (dotted key, None, its new dotted place) for an argument that moved into an option group."""
     import lightning as L
 
-    def check(value, prefix: str, valid: set[str] | None):
+    def check(value, prefix: str, valid: set[str] | None, cls=None):
         if not isinstance(value, dict):
             if isinstance(value, list):
                 for i, item in enumerate(value):
@@ -162,8 +172,11 @@ def unknown_key(config: dict, valid_top: set[str]) -> tuple[str, str | None] | N
             cls = _import(str(value["class_path"]))
             args = value.get("init_args") or {}
             params = init_parameters(cls) if cls is not None else None
-            return check(args, f"{prefix}.init_args", params) if isinstance(args, dict) else None
+            return check(args, f"{prefix}.init_args", params, cls) if isinstance(args, dict) else None
+        moved = moved_arguments(cls)
         for key, sub in value.items():
+            if key in moved and (valid is None or key not in valid):
+                return f"{prefix}.{key}".lstrip("."), None, f"{prefix}.{moved[key]}".lstrip(".")
             if valid is not None and key not in valid:
                 return f"{prefix}.{key}".lstrip("."), _closest(key, valid)
             found = check(sub, f"{prefix}.{key}", None)
@@ -208,6 +221,9 @@ def _unknown_argument(argv: list[str], valid_top: set[str]) -> str | None:
             valid = init_parameters(L.Trainer)
             close = None if valid is None or parts[1] in valid else _closest(parts[1], valid) or "?"
         elif parts[0] in classes and len(parts) == 3 and parts[1] == "init_args" and classes[parts[0]] is not None:
+            moved = moved_arguments(classes[parts[0]])
+            if parts[2] in moved:
+                return "command line: " + _moved(key, f"{parts[0]}.init_args.{moved[parts[2]]}")
             valid = init_parameters(classes[parts[0]])
             close = None if valid is None or parts[2] in valid else _closest(parts[2], valid) or "?"
         else:
@@ -215,6 +231,12 @@ def _unknown_argument(argv: list[str], valid_top: set[str]) -> str | None:
         if close:
             return f"command line: unknown argument `--{key}`" + (f", did you mean `{close}`?" if close != "?" else "")
     return None
+
+
+def _moved(key: str, new: str) -> str:
+    from r1lightning.options import moved_error
+
+    return moved_error(key, new)
 
 
 def _closest(key: str, valid) -> str | None:
@@ -237,6 +259,8 @@ def explain_config_error(argv: list[str], valid_top: set[str], message: str) -> 
             return f"{name}: a config is a mapping of keys, got {type(config).__name__}"
         found = unknown_key(config, valid_top)
         if found:
+            if len(found) == 3:
+                return f"{name}: " + _moved(found[0], found[2])
             key, close = found
             return f"{name}: unknown key `{key}`" + (f", did you mean `{close}`?" if close else "")
     found = _unknown_argument(argv, valid_top)

@@ -24,8 +24,6 @@ import torch
 from r1lightning.errors import UserError
 from r1lightning.logprobs import LOGPROB_IMPLS, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches
 from r1lightning.losses import (
-    AGGREGATIONS,
-    IMPORTANCE_SAMPLING_LEVELS,
     global_count,
     global_nanmean,
     global_nanstd,
@@ -36,9 +34,10 @@ from r1lightning.losses import (
     zero_variance_groups,
 )
 from r1lightning.module import PolicyModule, checkpointing_on
+from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer, TrainerState
-from r1lightning.rollout import Rollout, Sampler, SamplingParams
+from r1lightning.rollout import Rollout, Sampler
 from r1lightning.rollout.base import replace_rows
 from lightning.pytorch.cli import OptimizerCallable
 
@@ -54,35 +53,29 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 class GRPOModule(PolicyModule):
+    # The flat arguments of earlier versions and where they went (a config naming one fails with
+    # "`model.init_args.temperature` moved: use `model.init_args.sampling.temperature`").
+    moved_arguments = {**moved_into(SamplingOptions, "sampling", renamed={"num_generations": "num_samples"}),
+                       **moved_into(GRPOLossOptions, "loss")}  # fmt: skip
+
     def __init__(
         self,
         policy: Policy,
         rewards: list[Reward],
         optimizer: OptimizerCallable | None = None,
         sampler: Sampler | None = None,
-        num_generations: int = 8,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        sampling: SamplingOptions = SamplingOptions(num_samples=8),
+        loss: GRPOLossOptions = GRPOLossOptions(),
         num_iterations: int = 1,
         micro_batch_tokens: int = 8192,
         micro_batch_size: int | None = None,
         packing: bool = True,
         logprob_impl: str = "chunked",
-        beta: float = 0.04,
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
-        delta: float | None = None,
-        aggregation: str = "grpo",
-        advantage_scale: str = "group",
-        mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         dynamic_sampling_rounds: int = 0,
         use_sampler_logprobs: bool = False,
         max_grad_norm: float | None = 1.0,
         log_completions_every: int = 25,
-        importance_sampling_level: str = "token",
         max_reward_failures: int = 2,
         **kwargs,
     ):
@@ -91,8 +84,11 @@ class GRPOModule(PolicyModule):
             rewards: reward functions with weights, e.g. `[{fn: accuracy, weight: 1.0}, {fn: format}]`
                 or an import path to a TRL-style function `(prompts, completions, **columns)`.
             sampler: rollout engine; defaults to transformers' `generate`.
-            num_generations: G, completions per prompt (the group).
-            max_new_tokens, temperature, top_p, top_k: sampling of the rollouts.
+            sampling: the rollouts (`r1lightning.options.SamplingOptions`): `num_samples` is G, the
+                completions per prompt (the group), plus `max_new_tokens`, `temperature`, `top_p`, `top_k`.
+            loss: the objective (`r1lightning.options.GRPOLossOptions`): `beta` (KL to the reference),
+                `epsilon_low`/`epsilon_high`/`delta` (clipping), `aggregation`, `advantage_scale`,
+                `importance_sampling_level`, `mask_truncated_completions`.
             num_iterations: mu, optimizer steps on each batch of rollouts (old log-probs kept fixed).
             micro_batch_tokens: tokens per forward/backward (prompt + completion, padding included);
                 the rest is gradient accumulation. Sequences are bucketed by length, longest first,
@@ -114,31 +110,22 @@ class GRPOModule(PolicyModule):
             logprob_impl: `chunked` (the LM head chunk by chunk over tokens, recomputed in backward;
                 pure PyTorch), `liger` (liger-kernel's fused linear kernels, CUDA), or `full`
                 (the [tokens, V] fp32 logits at once: the reference, memory-hungry).
-            beta: KL coefficient (k3 estimator) to the frozen reference; 0 loads no reference.
-            epsilon_low, epsilon_high: ratio clip range [1 - low, 1 + high] (DAPO's clip-higher).
-            delta: optional upper bound on the unclipped ratio (two-sided clipping).
-            aggregation: `grpo` | `bnpo` | `dr_grpo` | `dapo` (how token losses are averaged).
-            advantage_scale: `group` (GRPO), `batch`, or `none` (Dr. GRPO).
-            mask_truncated_completions: completions without EOS contribute no loss (DAPO).
             dynamic_sampling: drop groups whose rewards are all equal (zero advantage).
             dynamic_sampling_rounds: re-sample those groups' prompts up to this many times to
                 keep the batch full before dropping them.
             use_sampler_logprobs: with mu = 1 take "old" log-probs from the sampler instead of
-                the training forward; only right if the engine's numerics match training.
+                the training forward; only right if the engine's numerics match training. A sampler
+                that returns no log-probs is an error, not a silent fallback.
             max_grad_norm: gradient clipping (manual optimisation ignores `trainer.gradient_clip_val`).
             log_completions_every: write a sample of completions every N steps (0 = never).
-            importance_sampling_level: `token` (GRPO) or `sequence` (GSPO, arXiv:2507.18071: one ratio per
-                completion, exp of its mean token log-ratio, clipped per sequence; the paper clips at
-                epsilon_low 3e-4, epsilon_high 4e-4).
             max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
-                non-number) this many steps in a row stops the run with an error naming it.
+                non-number) this many steps in a row stop the run with an error naming it.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
+        reject_moved(type(self), kwargs)
+        sampling = coerce(SamplingOptions, sampling, "model.sampling")
+        loss = coerce(GRPOLossOptions, loss, "model.loss")
         super().__init__(policy, optimizer, **kwargs)
-        if aggregation not in AGGREGATIONS:
-            raise UserError(f"model.aggregation: {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
-        if advantage_scale not in ("group", "batch", "none"):
-            raise UserError(f"model.advantage_scale: {advantage_scale!r} is not one of group, batch, none")
         if micro_batch_tokens < 1:
             raise UserError(f"model.micro_batch_tokens: must be >= 1, got {micro_batch_tokens}")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -147,16 +134,16 @@ class GRPOModule(PolicyModule):
             raise UserError(f"model.logprob_impl: {logprob_impl!r} is not one of {', '.join(LOGPROB_IMPLS)}")
         if logprob_impl == "liger" and not liger_available():
             raise UserError("model.logprob_impl: liger needs liger-kernel and a CUDA GPU (pip install 'r1lightning[liger]')")
-        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise UserError(
-                f"model.importance_sampling_level: {importance_sampling_level!r} is not one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
-            )
-        if importance_sampling_level == "sequence" and aggregation != "grpo":
+        if loss.importance_sampling_level == "sequence" and loss.aggregation != "grpo":
             log.warning("importance_sampling_level=sequence with aggregation=%s weights each sequence's ratio by its "
-                        "token count; GSPO normalises per sequence (aggregation: grpo)", aggregation)
-        if num_generations < 2:
-            raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
+                        "token count; GSPO normalises per sequence (aggregation: grpo)", loss.aggregation)
+        if sampling.num_samples < 2:
+            raise UserError("model.sampling.num_samples: GRPO needs at least 2 completions per prompt (the group)")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
+        # hparams.yaml and checkpoints keep the groups as plain mappings (yaml.safe_load reads them).
+        self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict())
+        self.sampling = sampling
+        self.loss = loss
         self.automatic_optimization = False
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
@@ -164,14 +151,9 @@ class GRPOModule(PolicyModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.hparams.beta > 0 and self.ref_model is None:
+        if self.loss.beta > 0 and self.ref_model is None:
             # The reference is the policy as training starts (R1: refreshed by a callback).
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        h = self.hparams
-        return SamplingParams(h.max_new_tokens, h.temperature, h.top_p, h.top_k)
 
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
     def trainer_state(self) -> TrainerState:
@@ -185,23 +167,30 @@ class GRPOModule(PolicyModule):
         """Sample G completions per prompt and score them. Returns the rollout, the repeated
         columns, the total reward per completion [B*G] (NaN where every reward function returned
         None: TRL's unscorable rows) and the reward metrics."""
-        G = self.hparams.num_generations
+        G = self.sampling.num_samples
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [B*G, P]
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch["columns"].items()}
         # The prompts as TRL passes them to reward functions (strings or message lists).
         reward_prompts = [p for p in batch["prompts"] for _ in range(G)] if batch.get("prompts") is not None else None
-        rollout = self.generate(prompt_ids, prompt_mask, self.sampling, sampler=self.sampler)
+        rollout = self.generate(prompt_ids, prompt_mask, self.sampling.params(), sampler=self.sampler)
         scores = self.score(rollout, columns, self.rewards, reward_prompts=reward_prompts, trainer_state=self.trainer_state())
         total = scores.total.masked_fill(scores.unscorable, float("nan"))
         return rollout, columns, total.to(rollout.completion_ids.device), scores
 
     def resample_flat_groups(self, batch, rollout, total, scores):
         """Dynamic sampling: give groups with zero reward variance more tries, then drop them.
-        Returns the (possibly updated) rollout and the rows to keep [B*G]."""
-        G = self.hparams.num_generations
+
+        Returns new (rollout, total [B*G], scores, keep [B*G]): the retried groups' rows replaced by
+        their new samples where those vary, and the rows to keep. The arguments are left as they were."""
+        G = self.sampling.num_samples
         flat = zero_variance_groups(total, G)  # [B]
         offsets = torch.arange(G, device=total.device)
+        total = total.clone()
+        scores = copy.copy(scores)
+        scores.per_fn = {name: values.clone() for name, values in scores.per_fn.items()}
+        scores.unscorable = scores.unscorable.clone() if scores.unscorable is not None else None
+        scores.completions = list(scores.completions)
         for _ in range(self.hparams.dynamic_sampling_rounds):
             if not flat.any():
                 break
@@ -218,11 +207,12 @@ class GRPOModule(PolicyModule):
             total[dst] = new_total[src]
             for name in scores.per_fn:
                 scores.per_fn[name][dst] = new_scores.per_fn[name][src]
-            scores.unscorable[dst.cpu()] = new_scores.unscorable[src.cpu()]
+            if scores.unscorable is not None:
+                scores.unscorable[dst.cpu()] = new_scores.unscorable[src.cpu()]
             for d, s_ in zip(dst.tolist(), src.tolist()):
                 scores.completions[d] = new_scores.completions[s_]
             flat[idx[varied]] = False
-        return rollout, (~flat).repeat_interleave(G)
+        return rollout, total, scores, (~flat).repeat_interleave(G)
 
     # -- 4: log-probs ----------------------------------------------------------------------------
     def micro_batches(self, rollout: Rollout, mask: torch.Tensor | None = None) -> list[list[int]]:
@@ -273,7 +263,7 @@ class GRPOModule(PolicyModule):
         if isinstance(rows, slice):
             rows = list(range(rollout.completion_ids.shape[0]))[rows]
         layout = self.layout(rollout, rows)
-        return self.forward_logprobs(layout, model, self.hparams.temperature, with_entropy, self.hparams.logprob_impl)
+        return self.forward_logprobs(layout, model, self.sampling.temperature, with_entropy, self.hparams.logprob_impl)
 
     @torch.no_grad()
     def frozen_logprobs(self, rollout: Rollout, model, micro: list[list[int]] | None = None) -> torch.Tensor:
@@ -302,17 +292,17 @@ class GRPOModule(PolicyModule):
         rollout, columns, total, scores = self.rollout(batch)
         keep = torch.ones_like(total, dtype=torch.bool)
         if h.dynamic_sampling:
-            rollout, keep = self.resample_flat_groups(batch, rollout, total, scores)
+            rollout, total, scores, keep = self.resample_flat_groups(batch, rollout, total, scores)
         getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
         t_rollout = time.perf_counter() - t0
         self._memory_peak("rollout", peaks)
 
         # Unscorable rows (NaN) are left out of the group mean / std and get advantage 0 (as in TRL);
         # the `batch` std is over every process's rewards (TRL gathers them).
-        batch_std = global_nanstd(total) if h.advantage_scale == "batch" else None
-        advantages = group_advantages(total, h.num_generations, h.advantage_scale, batch_std=batch_std)  # [B*G]
+        batch_std = global_nanstd(total) if self.loss.advantage_scale == "batch" else None
+        advantages = group_advantages(total, self.sampling.num_samples, self.loss.advantage_scale, batch_std=batch_std)  # [B*G]
         mask = rollout.completion_mask.float()  # [B*G, C]
-        if h.mask_truncated_completions:
+        if self.loss.mask_truncated_completions:
             mask = mask_truncated(mask, rollout.truncated)
         mask = mask * keep.unsqueeze(1)
 
@@ -342,14 +332,13 @@ class GRPOModule(PolicyModule):
         self.log_step(rollout, total, scores, keep, stats, t_rollout, t_ref, t_train)
 
     def optimise(self, rollout, advantages, mask, old_logp, ref_logp, micro: list[list[int]] | None = None) -> dict:
-        h = self.hparams
         n = rollout.completion_ids.shape[0]
         micro = self.micro_batches(rollout, mask) if micro is None else micro
         # Normalisers over the whole generation batch, so the micro-batch losses add up to it.
         # `dapo` divides by the tokens of every process (/ world size: DDP averages the gradients), as TRL does.
         local_tokens = int(mask.sum().clamp(min=1))
-        norm = dict(num_sequences=n, num_tokens=global_count(mask) if h.aggregation == "dapo" else local_tokens,
-                    num_micro_batches=max(1, sum(map(bool, micro))), max_completion_length=h.max_new_tokens)
+        norm = dict(num_sequences=n, num_tokens=global_count(mask) if self.loss.aggregation == "dapo" else local_tokens,
+                    num_micro_batches=max(1, sum(map(bool, micro))), max_completion_length=self.sampling.max_new_tokens)
         # Every metric is logged even when no row has a loss (all groups dropped): then they are 0.
         names = ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
         sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
@@ -368,10 +357,11 @@ class GRPOModule(PolicyModule):
                 logp, entropy, aux = self.completion_logprobs(rollout, rows, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[rows]
                 ref = ref_logp[rows] if ref_logp is not None else None
+                o = self.loss
                 loss, metrics = grpo_loss(
-                    logp, old, advantages[rows], mask[rows], ref, beta=h.beta, epsilon_low=h.epsilon_low,
-                    epsilon_high=h.epsilon_high, delta=h.delta, aggregation=h.aggregation,
-                    importance_sampling_level=h.importance_sampling_level, **norm,
+                    logp, old, advantages[rows], mask[rows], ref, beta=o.beta, epsilon_low=o.epsilon_low,
+                    epsilon_high=o.epsilon_high, delta=o.delta, aggregation=o.aggregation,
+                    importance_sampling_level=o.importance_sampling_level, **norm,
                 )
                 if aux is not None:
                     loss = loss + self.aux_coef * aux / len(micro)
@@ -393,7 +383,7 @@ class GRPOModule(PolicyModule):
 
     # -- metrics (names as in TRL) ---------------------------------------------------------------
     def log_step(self, rollout, total, scores, keep, stats, t_rollout, t_ref, t_train):
-        G = self.hparams.num_generations
+        G = self.sampling.num_samples
         groups = total.view(-1, G)
         lengths = rollout.completion_lengths.float()
         # train/tokens_per_s (sampled completion tokens over the whole step) is logged by PolicyModule.

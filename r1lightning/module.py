@@ -144,7 +144,7 @@ class PolicyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        from r1lightning.strategies import ExactResume, InterruptCheckpoint, NonFiniteGuard
+        from r1lightning.callbacks import ExactResume, InterruptCheckpoint, NonFiniteGuard
 
         # Every run needs these; an instance listed in `trainer.callbacks` is kept as configured
         # (Lightning would otherwise replace it with the one returned here).

@@ -83,7 +83,7 @@ def meter_class():
             if "input_ids" in batch:
                 tokens = int(batch["attention_mask"].sum())
             else:  # GRPO: sampled completion tokens (mean length x completions)
-                tokens = float(m["train/completions/mean_length"]) * len(batch["prompt_ids"]) * pl_module.hparams.num_generations
+                tokens = float(m["train/completions/mean_length"]) * len(batch["prompt_ids"]) * pl_module.sampling.num_samples
             if batch_idx >= self.warmup:
                 self.times.append(dt)
                 self.tokens.append(tokens)
@@ -111,6 +111,7 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
 
     from r1lightning.data import PromptDataModule
     from r1lightning.grpo import GRPOModule
+    from r1lightning.options import GRPOLossOptions, SamplingOptions
     from r1lightning.rewards import Reward
     from r1lightning.sft import SFTModule
     from r1lightning.strategies import FSDP2Strategy
@@ -128,8 +129,9 @@ def run(kind: str, strategy_name: str, args, export_dir: str | None = None) -> d
                                            batch_size=args.batch)
         warmup = args.sft_warmup
     else:
-        module = GRPOModule(policy, rewards=[Reward("format")], optimizer=optimizer, num_generations=args.group,
-                            max_new_tokens=args.new_tokens, micro_batch_size=args.prompts * args.group, beta=0.04,
+        module = GRPOModule(policy, rewards=[Reward("format")], optimizer=optimizer,
+                            sampling=SamplingOptions(num_samples=args.group, max_new_tokens=args.new_tokens),
+                            micro_batch_size=args.prompts * args.group, loss=GRPOLossOptions(beta=0.04),
                             lr_schedule="constant", log_completions_every=0, export_dir=export_dir)
         steps = args.grpo_warmup + args.grpo_steps
         prompts = Path(tempfile.mkdtemp()) / "prompts.jsonl"

@@ -203,6 +203,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     import lightning as L
 
     from r1lightning.grpo import GRPOModule
+    from r1lightning.options import GRPOLossOptions, SamplingOptions
     from r1lightning.policy import Policy
     from r1lightning.rewards import Reward, register_reward
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
@@ -211,15 +212,15 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
-        sampler=sampler, num_generations=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P,
-        num_iterations=MU, beta=args.beta, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
+        sampler=sampler, sampling=SamplingOptions(num_samples=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P),
+        loss=GRPOLossOptions(beta=args.beta), num_iterations=MU, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
         log_completions_every=0, logprob_impl="liger" if liger else "chunked", **overrides,
     )
     module.model = model  # built once per framework (on the GPU, bf16), not by Policy.build
     module.is_moe, module.aux_coef = True, 0.0
-    h = module.hparams
-    got = {"prompts": args.prompts, "G": h.num_generations, "prompt_len": args.prompt_len, "max_completion_len": h.max_new_tokens,
-           "length_dist": dist, "beta": h.beta, "temperature": h.temperature, "top_p": h.top_p, "mu": h.num_iterations,
+    h, s = module.hparams, module.sampling
+    got = {"prompts": args.prompts, "G": s.num_samples, "prompt_len": args.prompt_len, "max_completion_len": s.max_new_tokens,
+           "length_dist": dist, "beta": module.loss.beta, "temperature": s.temperature, "top_p": s.top_p, "mu": h.num_iterations,
            "lr": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": h.max_grad_norm,
            "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
     assert got == settings(args, length, dist), (got, settings(args, length, dist))

@@ -10,8 +10,9 @@ import lightning as L
 import pytest
 import torch
 
-from r1lightning.callbacks import ReferenceModelRefresh, RejectionSampling, refresh_reference
+from r1lightning.callbacks import ReferenceModelRefresh, RejectionFilters, RejectionSampling, refresh_reference
 from r1lightning.callbacks import _common as files_module  # write_table: where the dataset is written
+from r1lightning.options import SamplingOptions
 from r1lightning.rollout import Rollout, Sampler
 from r1lightning.rollout.base import completion_mask_from_ids
 
@@ -176,7 +177,7 @@ def test_no_reference_warns_and_does_nothing():
 
 
 def make_rs(prompt_file, output, tokenizer, **kwargs):
-    args = dict(num_samples=5, batch_size=2, max_new_tokens=32)
+    args = dict(sampling=SamplingOptions(num_samples=5, max_new_tokens=32), batch_size=2)
     args.update(kwargs)
     rs = RejectionSampling(str(output), None if prompt_file is None else str(prompt_file), **args)
     rs.sampler = StubSampler(tokenizer, addition_sample)
@@ -208,14 +209,14 @@ def test_filters_can_be_relaxed_without_resampling(prompt_file, tmp_path, tiny_m
     make_rs(prompt_file, out, module.tokenizer).run(None, module)
     # Same samples (the manifest matches), other filters: no format requirement, keep duplicates
     # and truncated ones, but at most 3 per prompt -> samples 0, 1, 3.
-    rs = make_rs(prompt_file, out, module.tokenizer, require_format=False, dedup=False, drop_truncated=False, max_per_prompt=3)
+    rs = make_rs(prompt_file, out, module.tokenizer, filters=RejectionFilters(require_format=False, dedup=False, drop_truncated=False, max_per_prompt=3))
     stats = rs.run(None, module)
     assert rs.sampler.calls == 0
     assert [r["sample_index"] for r in read_jsonl(out)] == [0, 1, 3] * 5
     assert stats["passed"] == 4 * 5
     # max_length counts tokens with the EOS: the traces for 12+34 and 99+1 are 12 long, those for
     # 5+7, 40+2, 3+3 are 10, 11, 9; "the answer is \\boxed{N}" is 23 or more.
-    rs = make_rs(prompt_file, out, module.tokenizer, require_format=False, max_length=11)
+    rs = make_rs(prompt_file, out, module.tokenizer, filters=RejectionFilters(require_format=False, max_length=11))
     rs.run(None, module)
     assert [(r["prompt_index"], r["sample_index"]) for r in read_jsonl(out)] == [(1, 0), (2, 0), (4, 0)]
 
@@ -296,7 +297,7 @@ def test_a_crash_while_writing_leaves_no_partial_file(prompt_file, tmp_path, tin
     before = out.read_bytes()
     monkeypatch.setattr(files_module, "json", FlakyJson(fail_at=2))
     with pytest.raises(OSError):
-        make_rs(prompt_file, out, module.tokenizer, require_format=False).run(None, module)
+        make_rs(prompt_file, out, module.tokenizer, filters=RejectionFilters(require_format=False)).run(None, module)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
@@ -306,7 +307,7 @@ def test_parquet_output_loads_as_sft_data(prompt_file, tmp_path, tiny_moe_config
 
     module = tiny_sft(tiny_moe_config)
     out = tmp_path / "traces.parquet"
-    make_rs(prompt_file, out, module.tokenizer, max_per_prompt=1).run(None, module)
+    make_rs(prompt_file, out, module.tokenizer, filters=RejectionFilters(max_per_prompt=1)).run(None, module)
     dm = TraceDataModule(train_files=str(out), batch_size=5, max_length=64)
     dm.connect(module.tokenizer)
     dm.setup("fit")
@@ -327,7 +328,7 @@ def _two_rank_worker(rank, world, init_file, prompt_file, out, calls_dir, lockst
         tok = build_char_tokenizer()
         module = SimpleNamespace(tokenizer=tok, model=None, device=torch.device("cpu"), policy=None,
                                  decode=lambda ids: tok.batch_decode(ids, skip_special_tokens=True))  # fmt: skip
-        rs = RejectionSampling(out, prompt_file, num_samples=5, batch_size=2)
+        rs = RejectionSampling(out, prompt_file, sampling=SamplingOptions(num_samples=5), batch_size=2)
         rs.sampler = sampler = StubSampler(tok, addition_sample)
         module.generate = lambda ids, mask, params, sampler: sampler.generate(None, ids, mask, params, tok.eos_token_id, tok.pad_token_id)
         module.score = lambda rollout, columns, rewards, **context: PolicyModule.score(module, rollout, columns, rewards, **context)

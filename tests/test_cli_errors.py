@@ -62,7 +62,7 @@ def grpo_recipe(tmp_path, tiny_moe_config, prompts, **module_args) -> dict:
                                    "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}]},
         "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char", "moe_backend": "eager"}},
-            "rewards": [{"fn": "accuracy"}, {"fn": "format", "weight": 0.1}], "num_generations": 2, "max_new_tokens": 4,
+            "rewards": [{"fn": "accuracy"}, {"fn": "format", "weight": 0.1}], "sampling": {"num_samples": 2, "max_new_tokens": 4},
             "log_completions_every": 0, **module_args}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts), "batch_size": 2}},
     }
@@ -76,11 +76,11 @@ def write_prompts(path, rows):
 def test_misspelled_key_names_the_file_and_the_closest_key(tmp_path, capsys, monkeypatch, tiny_moe_config):
     prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
     recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
-    recipe["model"]["init_args"]["num_generatons"] = recipe["model"]["init_args"].pop("num_generations")
+    recipe["model"]["init_args"]["log_completions_evry"] = recipe["model"]["init_args"].pop("log_completions_every")
     code, err = fit(tmp_path, capsys, monkeypatch, recipe)
     assert code == 2
-    assert err == [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: unknown key `model.init_args.num_generatons`, "
-                   "did you mean `num_generations`?"]
+    assert err == [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: unknown key `model.init_args.log_completions_evry`, "
+                   "did you mean `log_completions_every`?"]
 
 
 def test_misspelled_trainer_key(tmp_path, capsys, monkeypatch, tiny_moe_config):

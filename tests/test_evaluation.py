@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from r1lightning.callbacks import BenchmarkEval
+from r1lightning.options import SamplingOptions
 from r1lightning.evaluation import Benchmark, ConsAtK, PassAt1, PassAtK, answer_key, load_benchmark_rows, majority_vote
 from tests.test_callbacks import StubSampler
 
@@ -50,7 +51,8 @@ def fake_trainer(tmp_path, rank=0, world=1, barrier=lambda name=None: None):
 
 def make_eval(bench_file, tmp_path, **kwargs):
     bench = Benchmark("toy", path=str(bench_file), prompt_field="problem", answer_field="solution")
-    cb = BenchmarkEval([bench], k=4, max_new_tokens=32, report_dir=str(tmp_path / "reports"), **kwargs)
+    cb = BenchmarkEval([bench], sampling=SamplingOptions(num_samples=4, temperature=0.6, top_p=0.95, max_new_tokens=32),
+                       report_dir=str(tmp_path / "reports"), **kwargs)
     cb.sampler = StubSampler(stub_module().tokenizer, fixed_sample)
     return cb
 
@@ -132,7 +134,7 @@ def test_code_benchmark_is_scored_by_the_code_reward(tmp_path):
     test = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(0, 0) == 0\n"
     path.write_text(json.dumps({"prompt": "def add(a, b):\n", "test": test, "entry_point": "add"}) + "\n")
     bodies = ["    return a + b\n", "    return a - b\n", "    return a + b\n", "    return 3\n"]
-    cb = BenchmarkEval([Benchmark("code", path=str(path))], k=4, greedy=False, report_dir=str(tmp_path / "r"))
+    cb = BenchmarkEval([Benchmark("code", path=str(path))], sampling=SamplingOptions(num_samples=4), greedy=False, report_dir=str(tmp_path / "r"))
     cb.sampler = StubSampler(stub_module().tokenizer, lambda p, j: (bodies[j], True))
     metrics = cb.evaluate(fake_trainer(tmp_path), stub_module())
     # samples 0 and 2 pass; the vote (2 identical programs) is the correct one
@@ -156,9 +158,9 @@ def test_throwaway_batches_keep_ranks_in_step(bench_file, tmp_path):
     bench = Benchmark("toy", path=str(bench_file), prompt_field="problem", answer_field="solution").load()
     sampler = StubSampler(stub_module().tokenizer, fixed_sample)
     # A rank with no problems left still makes the greedy and the sampled call of one batch.
-    records = evaluate_problems(stub_module(), bench, [], k=4, temperature=0.6, top_p=0.95, max_new_tokens=8,
+    records = evaluate_problems(stub_module(), bench, [], sampling=SamplingOptions(num_samples=4, temperature=0.6, top_p=0.95, max_new_tokens=8),
                                 batch_size=2, sampler=sampler, min_batches=1)  # fmt: skip
     assert records == [] and sampler.calls == 2
-    records = evaluate_problems(stub_module(), bench, [0, 1, 2], k=4, temperature=0.6, top_p=0.95, max_new_tokens=8,
+    records = evaluate_problems(stub_module(), bench, [0, 1, 2], sampling=SamplingOptions(num_samples=4, temperature=0.6, top_p=0.95, max_new_tokens=8),
                                 batch_size=2, sampler=sampler, min_batches=3)  # fmt: skip
     assert len(records) == 3 and sampler.calls == 2 + 6

@@ -12,14 +12,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from r1lightning.checkpointing import AtomicCheckpointIO
 from r1lightning.cli import main as cli
 from r1lightning.data import PromptDataModule, TraceDataModule
 from r1lightning.export import META_KEY
 from r1lightning.grpo import GRPOModule
+from r1lightning.options import SamplingOptions
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward
 from r1lightning.sft import SFTModule
-from r1lightning.strategies import AtomicCheckpointIO
 from tests.test_strategies import TINY, write_data
 
 TEXT = "<|user|>What is 3+4?<|end|><|assistant|><think>3+4=7</think><answer>7</answer><|end|>"
@@ -32,7 +33,7 @@ def train(kind: str, tmp_path, steps: int = 2):
     if kind == "sft":
         module, data = SFTModule(policy, lr_schedule="constant"), TraceDataModule(train_files=str(traces), batch_size=4)
     else:
-        module = GRPOModule(policy, rewards=[Reward("tests.test_strategies.toy_reward")], num_generations=4, max_new_tokens=4,
+        module = GRPOModule(policy, rewards=[Reward("tests.test_strategies.toy_reward")], sampling=SamplingOptions(num_samples=4, max_new_tokens=4),
                             lr_schedule="constant", log_completions_every=0)
         data = PromptDataModule(train_files=str(prompts), batch_size=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

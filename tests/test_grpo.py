@@ -7,6 +7,7 @@ import torch
 
 from r1lightning.cli import R1CLI
 from r1lightning.grpo import GRPOModule
+from r1lightning.options import GRPOLossOptions, SamplingOptions
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward
 from r1lightning.rollout import HFGenerateSampler, SamplingParams
@@ -22,9 +23,11 @@ def prompts_file(tmp_path):
     return path
 
 
-def tiny_module(tiny_moe_config, **kwargs):
+def tiny_module(tiny_moe_config, sampling: dict | None = None, loss: dict | None = None, **kwargs):
+    """A GRPO module on the tiny MoE: G 4, 6 new tokens, beta 0.04, unless `sampling` / `loss` say otherwise."""
     torch.manual_seed(0)
-    args = dict(num_generations=4, max_new_tokens=6, micro_batch_size=16, beta=0.04)
+    args = dict(micro_batch_size=16, sampling=SamplingOptions(**{"num_samples": 4, "max_new_tokens": 6, **(sampling or {})}),
+                loss=GRPOLossOptions(**{"beta": 0.04, **(loss or {})}))
     args.update(kwargs)
     module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], **args)
     module.configure_model()
@@ -40,7 +43,7 @@ def test_trl_reward_from_yaml_gets_the_dataset_columns(prompts_file, tmp_path, t
         "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
             "rewards": [{"fn": "tests.trl_style_reward.my_reward", "weight": 1.0}, {"fn": "format", "weight": 0.5}],
-            "num_generations": 4, "max_new_tokens": 6, "num_iterations": 2, "micro_batch_size": 3,
+            "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
             "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts_file), "batch_size": 2}},
     }
@@ -81,7 +84,7 @@ def test_micro_batching_gives_the_same_update_as_one_batch(tiny_moe_config, aggr
     """Gradient accumulation over uneven micro-batches must equal the full-batch gradient."""
     results = []
     for micro in (8, 3):
-        module = tiny_module(tiny_moe_config, micro_batch_size=micro, aggregation=aggregation, router_aux_loss_coef=0.0)
+        module = tiny_module(tiny_moe_config, micro_batch_size=micro, loss={"aggregation": aggregation}, router_aux_loss_coef=0.0)
         rollout = _fixed_rollout(module)
         advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
         module.trainer = None
@@ -109,7 +112,7 @@ def test_micro_batching_gives_the_same_update_as_one_batch(tiny_moe_config, aggr
 
 def test_training_logprobs_match_the_sampler_with_left_padding(tiny_moe_config):
     """Positions follow the attention mask, so the training forward reproduces generate's log-probs."""
-    module = tiny_module(tiny_moe_config, temperature=1.0)
+    module = tiny_module(tiny_moe_config, sampling={"temperature": 1.0})
     rollout = _fixed_rollout(module)
     module.model.eval()
     with torch.no_grad():
@@ -119,16 +122,21 @@ def test_training_logprobs_match_the_sampler_with_left_padding(tiny_moe_config):
 
 
 def test_beta_zero_loads_no_reference(tiny_moe_config):
-    assert tiny_module(tiny_moe_config, beta=0.0).ref_model is None
-    module = tiny_module(tiny_moe_config, beta=0.1)
+    assert tiny_module(tiny_moe_config, loss={"beta": 0.0}).ref_model is None
+    module = tiny_module(tiny_moe_config, loss={"beta": 0.1})
     assert module.ref_model is not None and not any(p.requires_grad for p in module.ref_model.parameters())
     names = {id(p) for g in module.configure_optimizers.__self__.model.parameters() for p in [g]}
     assert not names & {id(p) for p in module.ref_model.parameters()}
 
 
 def test_bad_options_are_rejected(tiny_moe_config):
-    with pytest.raises(ValueError, match="aggregation: 'mean'"):
-        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], aggregation="mean")
+    with pytest.raises(ValueError, match="loss.aggregation: 'mean' is not one of"):
+        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], loss=GRPOLossOptions(aggregation="mean"))
+    with pytest.raises(ValueError, match="GRPO needs at least 2 completions per prompt"):
+        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], sampling={"num_samples": 1})
+    # The flat arguments of earlier versions name their new place, from Python as from YAML.
+    with pytest.raises(ValueError, match="^`temperature` moved: use `sampling.temperature`$"):
+        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], temperature=0.7)
     with pytest.raises(ValueError, match="unknown|not registered|accuraccy"):
         Reward("accuraccy")
 

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from r1lightning.grpo import GRPOModule
 from r1lightning.logprobs import pack_rows, pack_sequences, padded_layout, plan_micro_batches, token_logprobs
 from r1lightning.losses import AGGREGATIONS, grpo_loss
+from r1lightning.options import GRPOLossOptions, SamplingOptions
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward
 from r1lightning.rollout import Rollout
@@ -153,8 +154,9 @@ def test_packed_layout_restarts_positions_and_predicts_each_completion_token():
 # -- the update -----------------------------------------------------------------------------------
 def _module(tiny_moe_config, attn="sdpa", **kwargs):
     torch.manual_seed(0)
-    args = dict(num_generations=3, max_new_tokens=7, beta=0.04, router_aux_loss_coef=0.0, temperature=0.8,
-                log_completions_every=0)
+    aggregation = kwargs.pop("aggregation", "grpo")
+    args = dict(sampling=SamplingOptions(num_samples=3, max_new_tokens=7, temperature=0.8),
+                loss=GRPOLossOptions(beta=0.04, aggregation=aggregation), router_aux_loss_coef=0.0, log_completions_every=0)
     args.update(kwargs)
     module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char", attn_implementation=attn), rewards=[Reward("accuracy")], **args)
     module.configure_model()

@@ -75,11 +75,11 @@ def test_gpu_difficulty_traces_run_1000_to_1103_tokens():
     assert 1040 < sum(lengths) / len(lengths) < 1090
     # The configs leave room for the longest trace and the longest prompt.
     grpo = yaml.safe_load((ROOT / "configs/gpu/long_grpo.yaml").read_text())["model"]["init_args"]
-    assert grpo["max_new_tokens"] >= task.max_completion_tokens()
+    assert grpo["sampling"]["max_new_tokens"] >= task.max_completion_tokens()
     assert cfg["model"]["init_args"]["val_max_new_tokens"] >= task.max_completion_tokens()
     grpo_cfg = yaml.safe_load((ROOT / "configs/gpu/long_grpo.yaml").read_text())
     bench = grpo_cfg["trainer"]["callbacks"][0]["init_args"]
-    assert bench["max_new_tokens"] >= task.max_completion_tokens()
+    assert bench["sampling"]["max_new_tokens"] >= task.max_completion_tokens()
     # The same task everywhere: SFT data, GRPO prompts and the held-out benchmark.
     sft_task = cfg["data"]["init_args"]["task"]["init_args"]
     assert grpo_cfg["data"]["init_args"]["task"]["init_args"] == sft_task

@@ -67,14 +67,14 @@ def test_compose_links_stages_and_moves_paths_under_the_stage(tmp_path):
     ]}  # fmt: skip
     pipe = pl.load_pipeline(_write(tmp_path / "p.yaml", spec))
     run = tmp_path / "run"
-    a = pl.compose(pipe, pipe.stages[0], 0, {})
+    a = pl.stage_config(pipe, pipe.stages[0], 0, {})
     assert a["trainer"]["default_root_dir"] == str(run / "a") and a["trainer"]["max_steps"] == 3
     assert a["trainer"]["logger"][0]["init_args"]["save_dir"] == str(run / "a")
     assert a["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(run / "a" / "ckpt")
     assert a["model"]["init_args"]["export_dir"] == str(run / "a" / "model")
     assert a["model"]["init_args"]["policy"]["init_args"] == {"config": {"model_type": "qwen2"}, "tokenizer": "char"}
     done = {"a": {"model": str(run / "a" / "model"), "datasets": [str(run / "a" / "traces.jsonl")]}}
-    b = pl.compose(pipe, pipe.stages[1], 1, done)
+    b = pl.stage_config(pipe, pipe.stages[1], 1, done)
     assert b["trainer"]["max_steps"] == 4
     assert b["model"]["init_args"]["policy"]["init_args"] == {"name_or_path": str(run / "a" / "model")}
     assert b["data"]["init_args"]["train_files"] == [str(run / "a" / "traces.jsonl"), "gold.jsonl"]
@@ -135,7 +135,7 @@ def tiny_configs(tmp_path):
             "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
                 "policy": {"class_path": "r1lightning.Policy", "init_args": {"name_or_path": "unused"}},
                 "rewards": [{"fn": "accuracy"}, {"fn": "format", "weight": 0.1}],
-                "num_generations": 2, "max_new_tokens": 8, "val_max_new_tokens": 8, "log_completions_every": 0}},
+                "sampling": {"num_samples": 2, "max_new_tokens": 8}, "val_max_new_tokens": 8, "log_completions_every": 0}},
             "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": data}}  # fmt: skip
     dense = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
@@ -145,8 +145,8 @@ def tiny_configs(tmp_path):
 
 
 # An untrained model passes nothing, so the smoke test keeps every (deduplicated) sample.
-KEEP_ALL = {"require_correct": False, "require_format": False, "drop_truncated": False, "num_samples": 2, "max_new_tokens": 8,
-            "batch_size": 8, "max_prompts": 6}  # fmt: skip
+KEEP_ALL = {"filters": {"require_correct": False, "require_format": False, "drop_truncated": False},
+            "sampling": {"num_samples": 2, "max_new_tokens": 8}, "batch_size": 8, "max_prompts": 6}  # fmt: skip
 
 
 def tiny_pipeline(tmp_path, launcher="inprocess"):

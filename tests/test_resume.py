@@ -72,7 +72,7 @@ def config(run: Path) -> dict:
             "rewards": [{"fn": "accuracy", "weight": 1.0}, {"fn": "format", "weight": 0.1},
                         {"fn": "tests.test_strategies.toy_reward", "weight": 1.0}],  # varied rewards: real updates
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.0}},
-            "num_generations": 4, "max_new_tokens": 8, "temperature": 1.0, "beta": 0.04, "epsilon_high": 0.28,
+            "sampling": {"num_samples": 4, "max_new_tokens": 8, "temperature": 1.0}, "loss": {"beta": 0.04, "epsilon_high": 0.28},
             "micro_batch_size": 64, "warmup_steps": 2, "lr_schedule": "cosine", "val_max_new_tokens": 8,
             "log_completions_every": 0}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {
@@ -203,7 +203,7 @@ def test_ctrl_c_before_the_first_checkpoint_saves_the_step_and_resumes_it(tmp_pa
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
-    from r1lightning.strategies import AtomicCheckpointIO
+    from r1lightning.checkpointing import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint({"global_step": 2, "w": torch.ones(3)}, path)

@@ -338,7 +338,7 @@ def _fsdp_run(rm_dir: str, workdir: str) -> None:
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": TINY, "tokenizer": "char", "moe_backend": "eager"}},
             "rewards": [{"fn": "accuracy", "kinds": ["reasoning"]},
                         {"fn": "tests.test_reward_model.RecordingRM", "name": "rm", "kinds": ["general"], "kwargs": {"model": rm_dir, "batch_size": 3, "device": "cpu"}}],
-            "num_generations": 2, "max_new_tokens": 8, "micro_batch_size": 64, "beta": 0.04, "log_completions_every": 0}},
+            "sampling": {"num_samples": 2, "max_new_tokens": 8}, "micro_batch_size": 64, "loss": {"beta": 0.04}, "log_completions_every": 0}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts), "batch_size": 2}},
     }  # fmt: skip
     path = work / "grpo-fsdp.json"

@@ -33,9 +33,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from r1lightning.callbacks import NonFiniteError
+from r1lightning.checkpointing import ResumableLoader
 from r1lightning.data import PromptDataModule, TraceDataModule
+from r1lightning.options import SamplingOptions
 from r1lightning.rollout.base import Rollout, Sampler, completion_mask_from_ids
-from r1lightning.strategies import NonFiniteError, ResumableLoader, decoder_layer_names, full_state_dict, is_sharded, step_seed
+from r1lightning.seeding import step_seed
+from r1lightning.strategies import decoder_layer_names, full_state_dict, is_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -152,7 +156,7 @@ def recipe(kind: str, data_file: Path, workdir: Path, name: str, per_rank_batch:
             **common,
             "rewards": [{"fn": "tests.test_strategies.toy_reward", "weight": 1.0}],
             "sampler": {"class_path": "tests.test_strategies.PromptSeededSampler", "init_args": {"group_size": 4}},
-            "num_generations": 4, "max_new_tokens": 6, "micro_batch_size": 64, "beta": 0.04, "log_completions_every": 0}}
+            "sampling": {"num_samples": 4, "max_new_tokens": 6}, "micro_batch_size": 64, "loss": {"beta": 0.04}, "log_completions_every": 0}}
         data = {"class_path": "tests.test_strategies.SameOrderPromptData", "init_args": {"train_files": str(data_file), "batch_size": per_rank_batch}}
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
 
@@ -336,7 +340,7 @@ def _fit(kind, tmp_path, poison, max_steps=4, **module_args):
     if kind == "sft":
         module, data = SFTModule(policy, lr_schedule="constant", **module_args), TraceDataModule(train_files=str(traces), batch_size=4)
     else:
-        module = GRPOModule(policy, rewards=[Reward("tests.test_strategies.toy_reward")], num_generations=4, max_new_tokens=4,
+        module = GRPOModule(policy, rewards=[Reward("tests.test_strategies.toy_reward")], sampling=SamplingOptions(num_samples=4, max_new_tokens=4),
                             lr_schedule="constant", log_completions_every=0, **module_args)
         data = PromptDataModule(train_files=str(prompts), batch_size=2)
     snaps = Snapshots()
@@ -366,7 +370,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(kind, tmp_path):
 
 
 def test_a_guard_listed_in_the_trainer_keeps_its_settings(tmp_path):
-    from r1lightning.strategies import ExactResume, NonFiniteGuard
+    from r1lightning.callbacks import ExactResume, NonFiniteGuard
 
     trainer, module, data, snaps = _fit("sft", tmp_path, poison=[1, 2], max_steps=6, max_nonfinite_in_a_row=2)
     mine = NonFiniteGuard(max_in_a_row=5)

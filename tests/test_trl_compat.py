@@ -322,8 +322,8 @@ def _openr1_config(tmp_path, tiny_moe_config, rewards, data_file, **model):
                     "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
         "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
             "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
-            "rewards": rewards, "num_generations": 4, "max_new_tokens": 8, "micro_batch_size": 8, "beta": 0.0,
-            "log_completions_every": 0, **model}},
+            "rewards": rewards, "sampling": {"num_samples": 4, "max_new_tokens": 8}, "micro_batch_size": 8,
+            "loss": {"beta": 0.0, **model.pop("loss", {})}, "log_completions_every": 0, **model}},
         "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {
             "train_files": str(data_file), "batch_size": 2, "prompt_column": "problem", "conversational": True,
             "system_prompt": "Reason in <think> tags, answer in <answer> tags."}},
@@ -350,7 +350,7 @@ def test_cli_fit_with_open_r1_style_rewards_on_a_conversational_dataset(openr1_f
                {"fn": "tests.openr1_style_rewards.solution_seen_reward"}, {"fn": "tests.openr1_style_rewards.recording_reward"}]
     cfg = tmp_path / "openr1.json"
     # With GSPO at the paper's clip range, two updates per rollout (the sequence ratios move off 1).
-    gspo = {"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4, "num_iterations": 2}
+    gspo = {"loss": {"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4}, "num_iterations": 2}
     conf = _openr1_config(tmp_path, tiny_moe_config, rewards, openr1_file, **gspo)
     conf["trainer"]["max_steps"] = 4
     cfg.write_text(json.dumps(conf))
@@ -385,13 +385,19 @@ def test_cli_stops_with_one_line_when_a_reward_always_raises(openr1_file, tmp_pa
 
 def test_grpo_module_options(tiny_moe_config):
     from r1lightning.grpo import GRPOModule
+    from r1lightning.options import GRPOLossOptions
     from r1lightning.policy import Policy
 
     policy = Policy(config=tiny_moe_config, tokenizer="char")
-    with pytest.raises(UserError, match="importance_sampling_level"):
-        GRPOModule(policy, rewards=[Reward("format")], importance_sampling_level="segment")
-    module = GRPOModule(policy, rewards=[Reward("format")], importance_sampling_level="sequence", max_reward_failures=5)
-    assert module.rewards.max_failed_steps == 5 and module.hparams.importance_sampling_level == "sequence"
+    with pytest.raises(UserError, match="loss.importance_sampling_level: 'segment' is not one of token, sequence"):
+        GRPOModule(policy, rewards=[Reward("format")], loss=GRPOLossOptions(importance_sampling_level="segment"))
+    module = GRPOModule(policy, rewards=[Reward("format")], loss=GRPOLossOptions(importance_sampling_level="sequence"),
+                        max_reward_failures=5)
+    assert module.rewards.max_failed_steps == 5 and module.loss.importance_sampling_level == "sequence"
+    # hparams (hparams.yaml, checkpoints) hold the groups as plain mappings, which rebuild the module
+    assert module.hparams.loss["importance_sampling_level"] == "sequence" and module.hparams.sampling["num_samples"] == 8
+    again = GRPOModule(policy, rewards=[Reward("format")], **{k: module.hparams[k] for k in ("sampling", "loss")})
+    assert again.loss == module.loss and again.sampling == module.sampling
 
 
 # -- global normalisers: two gloo processes equal one ------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -91,11 +92,15 @@ def pad_completions(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
 
 
 def replace_rows(dst: Rollout, dst_rows: torch.Tensor, src: Rollout, src_rows: torch.Tensor, pad_token_id: int) -> Rollout:
-    """`dst` with rows `dst_rows` taken from `src` rows `src_rows` (same prompts, new completions)."""
+    """A new rollout: `dst` with rows `dst_rows` taken from `src` rows `src_rows` (same prompts, new
+    completions). Neither argument is changed."""
     width = max(dst.completion_ids.shape[1], src.completion_ids.shape[1])
     dst, src = pad_completions(dst, width, pad_token_id), pad_completions(src, width, pad_token_id)
+    columns = {}
     for name in ("completion_ids", "completion_mask", "truncated", "logprobs"):
         a, b = getattr(dst, name), getattr(src, name)
         if a is not None and b is not None:
+            a = a.clone()
             a[dst_rows] = b[src_rows]
-    return dst
+        columns[name] = a
+    return dataclasses.replace(dst, **columns)
