@@ -223,7 +223,7 @@ def _unknown_argument(argv: list[str], valid_top: set[str]) -> str | None:
         elif parts[0] in classes and len(parts) == 3 and parts[1] == "init_args" and classes[parts[0]] is not None:
             moved = moved_arguments(classes[parts[0]])
             if parts[2] in moved:
-                return "command line: " + _moved(key, f"{parts[0]}.init_args.{moved[parts[2]]}")
+                return "command line: " + _moved(f"--{key}", f"--{parts[0]}.init_args.{moved[parts[2]]}")
             valid = init_parameters(classes[parts[0]])
             close = None if valid is None or parts[2] in valid else _closest(parts[2], valid) or "?"
         else:

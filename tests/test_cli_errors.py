@@ -129,3 +129,37 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "pipeline", "export"):
         assert sum(line.startswith(f"  {command} ") for line in out.splitlines()) == 1, command
+
+
+# -- options that moved into groups: one line naming the new place, exit status 2 ----------------------
+@pytest.mark.parametrize("key,value,new", [("temperature", 0.7, "sampling.temperature"), ("beta", 0.0, "loss.beta"),
+                                           ("num_generations", 4, "sampling.num_samples")])
+def test_a_flat_grpo_option_names_its_group(tmp_path, capsys, monkeypatch, tiny_moe_config, key, value, new):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
+    recipe["model"]["init_args"][key] = value
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert (code, err) == (2, [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: `model.init_args.{key}` moved: "
+                               f"use `model.init_args.{new}`"])
+
+
+def test_a_flat_callback_option_names_its_group(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    recipe = grpo_recipe(tmp_path, tiny_moe_config, prompts)
+    recipe["trainer"]["callbacks"].append({"class_path": "r1lightning.callbacks.RejectionSampling",
+                                           "init_args": {"output": "t.jsonl", "max_per_prompt": 2}})
+    recipe["trainer"]["callbacks"].append({"class_path": "r1lightning.callbacks.BenchmarkEval",
+                                           "init_args": {"benchmarks": [{"name": "heldout"}], "k": 4}})
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert (code, err) == (2, [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: `trainer.callbacks.1.init_args.max_per_prompt` "
+                               "moved: use `trainer.callbacks.1.init_args.filters.max_per_prompt`"])
+    recipe["trainer"]["callbacks"].pop(1)
+    code, err = fit(tmp_path, capsys, monkeypatch, recipe)
+    assert (code, err) == (2, [f"r1lightning: error: {tmp_path / 'recipe.yaml'}: `trainer.callbacks.1.init_args.k` moved: "
+                               "use `trainer.callbacks.1.init_args.sampling.num_samples`"])
+
+
+def test_a_flat_option_on_the_command_line_names_its_group(tmp_path, capsys, monkeypatch, tiny_moe_config):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+2?", "answer": "3"}])
+    code, err = fit(tmp_path, capsys, monkeypatch, grpo_recipe(tmp_path, tiny_moe_config, prompts), "--model.init_args.top_p", "0.9")
+    assert (code, err) == (2, ["r1lightning: error: command line: `--model.init_args.top_p` moved: use `--model.init_args.sampling.top_p`"])

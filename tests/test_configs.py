@@ -12,7 +12,9 @@ from r1lightning.cli import R1CLI
 ROOT = Path(__file__).resolve().parents[1]
 # Pipeline files (a top-level `stages:` list) are not LightningCLI configs: tests/test_pipeline.py
 # checks each with `r1lightning pipeline --dry-run`, which parses every stage.
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "stages" not in (yaml.safe_load(p.read_text()) or {}))
+ALL = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = [p for p in ALL if "stages" not in (yaml.safe_load(p.read_text()) or {})]
+PIPELINES = [p for p in ALL if p not in CONFIGS]
 RECIPES = [p for p in CONFIGS if "model" in (yaml.safe_load(p.read_text()) or {})]
 OVERLAYS = [p for p in CONFIGS if p not in RECIPES]
 
@@ -64,3 +66,41 @@ def test_unknown_key_is_one_clear_error(monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "r1lightning: error: command line: unknown argument `--model.init_args.warmup_step`, did you mean `warmup_steps`?")
+
+
+def test_every_yaml_under_configs_is_checked():
+    """Recipes and overlays here; pipeline files by tests/test_pipeline.py (their stages' composed configs,
+    inline callbacks and overrides included, go through the same CLI)."""
+    from tests.test_pipeline import PIPELINES as PIPELINES_CHECKED
+
+    assert ALL and set(RECIPES) | set(OVERLAYS) | set(PIPELINES_CHECKED) == set(ALL)
+    assert set(PIPELINES_CHECKED) == set(PIPELINES)
+
+
+def test_option_groups_are_typed_and_partial_groups_keep_the_component_defaults(monkeypatch, tmp_path):
+    from r1lightning.callbacks import BenchmarkEval, RejectionFilters, RejectionSampling
+    from r1lightning.options import GRPOLossOptions, SamplingOptions
+
+    monkeypatch.chdir(ROOT)
+    cli = parse(ROOT / "configs/quickstart/grpo.yaml", extra=["--model.init_args.policy.init_args.tokenizer", "char"])
+    assert cli.model.sampling == SamplingOptions(num_samples=8, max_new_tokens=48, temperature=1.0)
+    assert cli.model.loss == GRPOLossOptions(beta=0.04, epsilon_low=0.2, epsilon_high=0.28)
+    extra = tmp_path / "callbacks.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "r1lightning.callbacks.BenchmarkEval", "init_args": {"benchmarks": [{"name": "heldout"}], "sampling": {"max_new_tokens": 16}}},
+        {"class_path": "r1lightning.callbacks.RejectionSampling", "init_args": {"output": "t.jsonl", "sampling": {"temperature": 0.7},
+                                                                                "filters": {"max_per_prompt": 1}}}]}}))
+    cli = parse(ROOT / "configs/quickstart/sft.yaml", extra)
+    bench = next(cb for cb in cli.trainer.callbacks if isinstance(cb, BenchmarkEval))
+    rejection = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RejectionSampling))
+    # BenchmarkEval's defaults are R1's evaluation protocol; RejectionSampling's are k 4 at the policy's temperature.
+    assert bench.sampling == SamplingOptions(num_samples=4, temperature=0.6, top_p=0.95, max_new_tokens=16)
+    assert rejection.sampling == SamplingOptions(num_samples=4, temperature=0.7, max_new_tokens=64)
+    assert rejection.filters == RejectionFilters(max_per_prompt=1)
+
+
+def test_a_group_option_on_the_command_line(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = parse(ROOT / "configs/quickstart/grpo.yaml",
+                extra=["--model.init_args.policy.init_args.tokenizer", "char", "--model.init_args.sampling.temperature", "0.5"])
+    assert cli.model.sampling.temperature == 0.5 and cli.model.sampling.num_samples == 8

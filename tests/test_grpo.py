@@ -177,3 +177,43 @@ def test_sampler_logprobs_requested_but_missing_is_an_error(tiny_moe_config, mon
     monkeypatch.setattr(module, "log_step", lambda *a, **k: None)
     with pytest.raises(UserError, match="use_sampler_logprobs: the sampler \\(HFGenerateSampler\\) returned no log-probs"):
         module.training_step(batch, 0)
+
+
+def test_dynamic_sampling_returns_new_objects_and_leaves_its_arguments_alone(tiny_moe_config):
+    """resample_flat_groups replaces the flat groups' rows in new objects; the rollout, rewards and scores it
+    was given (the caller may still hold them, e.g. for logging) keep their values."""
+    from r1lightning.rewards import RewardComposer
+
+    module = tiny_module(tiny_moe_config, dynamic_sampling=True, dynamic_sampling_rounds=1)
+    module.rewards = RewardComposer([Reward("tests.test_grpo.row_reward")])
+    _ROW_REWARD_CALLS[0] = 0
+    ids = module.tokenizer(["1+2=", "3+4="], return_tensors="pt", padding=True)
+    batch = {"prompt_ids": ids["input_ids"], "prompt_mask": ids["attention_mask"], "columns": {"answer": ["3", "7"]}}
+    torch.manual_seed(0)
+    rollout, _, total, scores = module.rollout(batch)
+    # Group 0 flat (every reward 1.0), group 1 varied: only group 0 is re-sampled.
+    total = torch.tensor([1.0] * 4 + [0.0, 1.0, 0.0, 1.0])
+    before = (copy.deepcopy(rollout), total.clone(), copy.deepcopy(scores))
+    new_rollout, new_total, new_scores, keep = module.resample_flat_groups(batch, rollout, total, scores)
+    old_rollout, old_total, old_scores = before
+    for name in ("completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(rollout, name), getattr(old_rollout, name)), name
+    assert torch.equal(total, old_total)
+    assert scores.completions == old_scores.completions and torch.equal(scores.unscorable, old_scores.unscorable)
+    for name, values in scores.per_fn.items():
+        torch.testing.assert_close(values, old_scores.per_fn[name], rtol=0, atol=0, equal_nan=True)
+    assert new_rollout is not rollout and new_total is not total and new_scores is not scores
+    assert keep.shape == (8,) and keep[4:].all()  # the varied group is kept as it was
+    assert torch.equal(new_total[4:], total[4:]) and new_scores.completions[4:] == scores.completions[4:]
+    # The retry varied, so group 0 was replaced in the new objects only.
+    assert new_total[:4].tolist() == [0.0, 1.0, 0.0, 1.0] and keep[:4].all()
+    assert new_scores.per_fn["row_reward"][:4].tolist() == [0.0, 1.0, 0.0, 1.0] and scores.per_fn["row_reward"][:4].tolist() == [1.0] * 4
+
+
+_ROW_REWARD_CALLS = [0]
+
+
+def row_reward(prompts, completions, **kwargs):
+    """Varies within a group on every call after the first (the retry gives the flat group variance)."""
+    _ROW_REWARD_CALLS[0] += 1
+    return [float(i % 2) if _ROW_REWARD_CALLS[0] > 1 else 1.0 for i in range(len(completions))]

@@ -81,6 +81,33 @@ def test_compose_links_stages_and_moves_paths_under_the_stage(tmp_path):
     assert b["trainer"]["callbacks"][1]["init_args"] == {"path": str(run / "b" / "m.json"), "note": str(run / "a" / "model")}
 
 
+def test_compose_is_a_function_of_dicts():
+    """compose.compose reads no file: the same dicts give the same config, and its inputs are not changed."""
+    from r1lightning.pipeline.compose import compose
+
+    recipe = {"trainer": {"default_root_dir": "runs/x", "callbacks": [{"class_path": "a.B", "init_args": {"dir": "runs/x/ck"}}]},
+              "model": {"class_path": "m.M", "init_args": {"policy": {"class_path": "p.P", "init_args": {"config": {}, "tokenizer": "char"}}}}}
+    frozen = json.dumps(recipe, sort_keys=True)
+    kw = dict(name="s", overrides=[("trainer.max_steps", 3)], model="/m", train_files=["a.jsonl"], placeholders={"stage_dir": "/r/s"})
+    out = compose([recipe], Path("/r/s"), **kw)
+    assert out == compose([recipe], Path("/r/s"), **kw) and json.dumps(recipe, sort_keys=True) == frozen
+    assert out["trainer"]["callbacks"][0]["init_args"]["dir"] == "/r/s/ck" and out["trainer"]["max_steps"] == 3
+    assert out["model"]["init_args"]["policy"]["init_args"] == {"name_or_path": "/m"}
+    assert out["data"]["init_args"]["train_files"] == ["a.jsonl"]
+    assert out["trainer"]["callbacks"][-1]["class_path"] == "r1lightning.callbacks.StageReport"
+
+
+def test_the_datasets_a_stage_produces_are_what_its_callbacks_declare():
+    """No class-name match: any callback with `stage_outputs` (RejectionSampling, a subclass, your own) declares them."""
+    config = {"trainer": {"callbacks": [
+        {"class_path": "r1lightning.callbacks.RejectionSampling", "init_args": {"output": "a.jsonl"}},
+        {"class_path": "r1lightning.callbacks.RejectionSampling", "init_args": {"output": "b.jsonl", "when": "never", "every_n_steps": 5}},
+        {"class_path": "r1lightning.callbacks.RejectionSampling", "init_args": {"output": "c.parquet", "when": "validate_end"}},
+        {"class_path": "tests.test_pipeline.StageMarker", "init_args": {"path": "m.json"}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {}}]}}  # fmt: skip
+    assert pl.produced_datasets(config) == ["a.jsonl", "c.parquet"]
+
+
 def test_pipeline_file_errors_are_one_line(tmp_path):
     cfg = _write(tmp_path / "c.yaml", {"trainer": {}})
     with pytest.raises(pl.PipelineError, match="not an earlier stage"):

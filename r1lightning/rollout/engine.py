@@ -1,3 +1,4 @@
+# Over 500 lines on purpose: the static KV cache, the CUDA-graph capture and the decode loop share buffers and invariants that one reader must see together.
 """The rollout engine: batched sampling on the live policy with a static KV cache and CUDA-graph decode.
 
 One `generate` call:

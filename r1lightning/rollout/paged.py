@@ -1,3 +1,4 @@
+# Over 500 lines on purpose: the block pool, the slot scheduler (admit, preempt, compact) and the graph-captured decode step share the block tables; split, each would be unreadable alone.
 """The paged rollout engine: continuous batching over a fixed number of slots, KV in a pool of blocks.
 
 All N samples of a call are known up front. They run through S = min(N, `max_slots`) slots; a
