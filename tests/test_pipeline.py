@@ -237,9 +237,30 @@ def test_failed_stage_writes_no_done_and_the_error_is_one_line(tmp_path, monkeyp
         {"name": "broken", "config": sft, "overrides": {"model.init_args.no_such_option": 1}}]}  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         pl.main(["-c", _write(tmp_path / "p.yaml", spec)])
-    assert exc.value.code == 1
+    assert exc.value.code == 2  # the stage's config was rejected, as `r1lightning fit` exits
     assert (tmp_path / "run" / "ok" / "DONE").exists() and not (tmp_path / "run" / "broken" / "DONE").exists()
     assert "pipeline: error: stage broken" in capsys.readouterr().err
+
+
+def test_a_moved_key_in_a_pipeline_stage_is_one_line(tmp_path, monkeypatch, capsys):
+    """An option of an earlier version in a stage's overrides or inline callbacks: the stage, the key, its
+    new place; checked by --dry-run and by a run (the stage's command exits 2, and so does the pipeline)."""
+    monkeypatch.chdir(ROOT)
+    sft, grpo, _ = tiny_configs(tmp_path)
+    spec = {"run_dir": str(tmp_path / "run"), "launcher": "subprocess", "stages": [
+        {"name": "rl", "config": grpo, "model_from": None, "overrides": {
+            "model.init_args.policy.init_args": {"config": dict(TINY_MOE), "tokenizer": "char"},
+            "model.init_args.temperature": 0.7}}]}  # fmt: skip
+    path = _write(tmp_path / "p.yaml", spec)
+    for dry in (True, False):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            pl.main(["-c", path, *(["--dry-run"] if dry else [])])
+        assert exc.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        config = tmp_path / "run" / "rl" / ("config.dry-run.yaml" if dry else "config.yaml")
+        assert line.startswith(f"pipeline: error: stage rl: {config}: `model.init_args.temperature` moved: "
+                               "use `model.init_args.sampling.temperature`"), line
 
 
 def test_custom_callback_from_yaml_through_the_cli_subprocess(tmp_path, monkeypatch):

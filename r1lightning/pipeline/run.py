@@ -125,7 +125,8 @@ def run_stage(pipeline: Pipeline, stage: Stage, config: dict, config_path: Path,
             cli_main(args)
         except SystemExit as e:
             if e.code not in (None, 0):
-                raise PipelineError(f"stage {stage.name}: r1lightning {' '.join(args)} exited with {e.code}") from None
+                raise PipelineError(f"stage {stage.name}: r1lightning {' '.join(args)} exited with {e.code}",
+                                    exit_code=2 if e.code == 2 else 1) from None
         return
     log_path = here / "stage.log"
     cmd = [sys.executable, "-m", "r1lightning", *args]
@@ -136,6 +137,9 @@ def run_stage(pipeline: Pipeline, stage: Stage, config: dict, config_path: Path,
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        if code == 2 and tail and tail[-1].startswith("r1lightning: error: "):
+            # The command rejected the stage's config or data: its one line says what and where.
+            raise PipelineError(f"stage {stage.name}: {tail[-1][len('r1lightning: error: '):]} (log: {log_path})", exit_code=2)
         sys.stderr.write("\n".join(tail) + "\n")
         raise PipelineError(f"stage {stage.name} failed (exit {code}); log: {log_path}")
 
@@ -250,7 +254,7 @@ def check_configs(pipeline: Pipeline, done: dict[str, dict]) -> None:
             try:
                 R1CLI(args=["-c", path, *extra], run=False)
             except UserError as err:
-                raise PipelineError(f"stage {stage.name}: {err}") from None
+                raise PipelineError(f"stage {stage.name}: {err}", exit_code=2) from None
         log.info("%s: %s parses", stage.name, path)
 
 
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except PipelineError as err:
         print(f"pipeline: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":

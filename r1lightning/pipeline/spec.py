@@ -40,7 +40,12 @@ COMMANDS = ("fit", "validate", "test")
 
 
 class PipelineError(RuntimeError):
-    """A problem with the pipeline file or a stage that failed; the message is one line."""
+    """A problem with the pipeline file or a stage that failed; the message is one line. `exit_code`:
+    what `r1lightning pipeline` exits with (2 where a stage's config was rejected, as `r1lightning fit` does)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
