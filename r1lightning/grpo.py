@@ -119,7 +119,7 @@ class GRPOModule(PolicyModule):
             max_grad_norm: gradient clipping (manual optimisation ignores `trainer.gradient_clip_val`).
             log_completions_every: write a sample of completions every N steps (0 = never).
             max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
-                non-number) this many steps in a row stop the run with an error naming it.
+                non-number) this many steps in a row stops the run with an error naming it.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         reject_moved(type(self), kwargs)
