@@ -49,6 +49,7 @@ class PolicyModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
+        lr_schedule_steps: int | None = None,
         router_aux_loss_coef: float | None = None,
         val_sampler: Sampler | None = None,
         val_max_new_tokens: int = 64,
@@ -61,6 +62,8 @@ class PolicyModule(L.LightningModule):
             optimizer: e.g. `class_path: torch.optim.AdamW` with `init_args: {lr: 1e-4}` (the default).
             warmup_steps: linear warmup from 0 to the optimizer's lr.
             lr_schedule: `cosine` (decay to `min_lr_ratio`·lr over the run) or `constant` (after warmup).
+            lr_schedule_steps: the optimizer steps the cosine spans; None: the run's (`max_steps`). Set it
+                to stop a run early on the schedule of a longer one (e.g. a checkpoint mid-way).
             router_aux_loss_coef: weight of the MoE load-balancing loss; None uses the model config's
                 `router_aux_loss_coef`; 0 disables it. Ignored for dense models.
             val_sampler: how validation generates (greedy); defaults to transformers' `generate`.
@@ -72,6 +75,8 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
             raise UserError(f"model.lr_schedule: {lr_schedule!r} is not one of cosine, constant")
+        if lr_schedule_steps is not None and lr_schedule_steps < 1:
+            raise UserError(f"model.lr_schedule_steps: must be >= 1 (or null for the run's steps), got {lr_schedule_steps}")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler"])
         self.policy = policy
         self.optimizer_factory = optimizer
@@ -129,7 +134,7 @@ class PolicyModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
         else:
             optimizer = self.optimizer_factory(params)
-        total = max(1, self.trainer.estimated_stepping_batches if self.trainer else 1)
+        total = self.hparams.lr_schedule_steps or max(1, self.trainer.estimated_stepping_batches if self.trainer else 1)
         warmup, floor, cosine = self.hparams.warmup_steps, self.hparams.min_lr_ratio, self.hparams.lr_schedule == "cosine"
 
         def factor(step: int) -> float:

@@ -246,7 +246,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
                         "completion_tokens": float(m["train/completions/mean_length"]) * args.prompts * args.G,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
-                        "rollout_decode_s": engine.last_stats.get("decode_s"),
+                        **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
+                           for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
                         # GRPOModule resets the peak at each phase and logs each phase's peak
                         **{k[len("train/memory/"):]: float(v) for k, v in m.items() if k.startswith("train/memory/")}})
             rec[-1]["peak_GiB"] = max([peak_gib(device)] + [v for k, v in rec[-1].items() if k.endswith("_GiB")])
@@ -434,6 +435,8 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
 def summarize(length, dist, rec, warmup, setting, extra) -> dict:
     timed = rec[warmup:] or rec  # a warm-up step runs at the full length
     med = {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
+    med.update({k: statistics.median(s[k] for s in timed) for k in ("rollout_decode_s", "rollout_prefill_s", "rollout_capture_s")
+                if all(isinstance(s.get(k), (int, float)) for s in timed)})
     tokens = [s.get("completion_tokens") for s in timed]
     tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
     pads = [s["padding"] for s in timed if s.get("padding") is not None]
