@@ -57,7 +57,7 @@ class GRPOModule(PolicyModule):
     def __init__(
         self,
         policy: Policy,
-        rewards: list[Reward],
+        rewards: list[Reward | str],
         optimizer: OptimizerCallable | None = None,
         sampler: Sampler | None = None,
         num_generations: int = 8,
@@ -158,6 +158,8 @@ class GRPOModule(PolicyModule):
             raise UserError("model.num_generations: GRPO needs at least 2 completions per prompt")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         self.automatic_optimization = False
+        # TRL's form too: a bare name, import path or reward-model id is that function with weight 1
+        rewards = [Reward(fn=r) if isinstance(r, str) else r for r in rewards]
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
