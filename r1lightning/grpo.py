@@ -61,7 +61,7 @@ class GRPOModule(PolicyModule):
     def __init__(
         self,
         policy: Policy,
-        rewards: list[Reward],
+        rewards: list[Reward | str],
         optimizer: OptimizerCallable | None = None,
         sampler: Sampler | None = None,
         sampling: SamplingOptions = SamplingOptions(num_samples=8),
@@ -145,6 +145,8 @@ class GRPOModule(PolicyModule):
         self.sampling = sampling
         self.loss = loss
         self.automatic_optimization = False
+        # TRL's form too: a bare name, import path or reward-model id is that function with weight 1
+        rewards = [Reward(fn=r) if isinstance(r, str) else r for r in rewards]
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None

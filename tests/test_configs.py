@@ -104,3 +104,15 @@ def test_a_group_option_on_the_command_line(monkeypatch):
     cli = parse(ROOT / "configs/quickstart/grpo.yaml",
                 extra=["--model.init_args.policy.init_args.tokenizer", "char", "--model.init_args.sampling.temperature", "0.5"])
     assert cli.model.sampling.temperature == 0.5 and cli.model.sampling.num_samples == 8
+
+
+def test_rewards_take_trl_s_bare_strings(monkeypatch):
+    """TRL's `reward_funcs` form: a bare registered name or reward-model id in `rewards:` is that
+    function with weight 1, next to the `{fn, weight}` form."""
+    monkeypatch.chdir(ROOT)
+    rewards = '["accuracy", {"fn": "format", "weight": 0.1}, "Skywork/Skywork-Reward-V2-Qwen3-0.6B"]'
+    cli = parse(ROOT / "configs/quickstart/grpo.yaml", extra=["--model.init_args.rewards", rewards,
+                                                              "--model.init_args.policy.init_args.tokenizer", "char"])
+    got = [(r.fn, r.weight, type(r._callable).__name__) for r in cli.model.rewards.rewards]
+    assert [g[:2] for g in got] == [("accuracy", 1.0), ("format", 0.1), ("Skywork/Skywork-Reward-V2-Qwen3-0.6B", 1.0)]
+    assert got[2][2] == "RewardModelReward" and cli.model.rewards.rewards[2]._callable.model is None  # not loaded yet
