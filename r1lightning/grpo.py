@@ -77,6 +77,7 @@ class GRPOModule(PolicyModule):
         max_grad_norm: float | None = 1.0,
         log_completions_every: int = 25,
         max_reward_failures: int = 2,
+        max_flat_steps: int | None = 50,
         **kwargs,
     ):
         """
@@ -118,6 +119,8 @@ class GRPOModule(PolicyModule):
                 that returns no log-probs is an error, not a silent fallback.
             max_grad_norm: gradient clipping (manual optimisation ignores `trainer.gradient_clip_val`).
             log_completions_every: write a sample of completions every N steps (0 = never).
+            max_flat_steps: stop the run (one line, exit 2) when over this many batches >= 99 % of the groups
+                had all-equal rewards on average: no advantage, nothing to learn (None: never stop).
             max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
                 non-number) this many steps in a row stops the run with an error naming it.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
@@ -150,6 +153,15 @@ class GRPOModule(PolicyModule):
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
+
+    def configure_callbacks(self):
+        from r1lightning.callbacks import NoLearningSignal
+
+        callbacks = super().configure_callbacks()
+        listed = self.trainer.callbacks if self._trainer is not None else []
+        if self.hparams.max_flat_steps is not None and not any(isinstance(c, NoLearningSignal) for c in listed):
+            callbacks.append(NoLearningSignal(self.hparams.max_flat_steps))
+        return callbacks
 
     def configure_model(self) -> None:
         super().configure_model()
