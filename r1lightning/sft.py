@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from r1lightning.losses import completion_cross_entropy
-from r1lightning.module import PolicyModule
+from r1lightning.module import PolicyModule, checkpointing_on
 
 
 class SFTModule(PolicyModule):
@@ -11,7 +11,10 @@ class SFTModule(PolicyModule):
     load-balancing loss."""
 
     def training_step(self, batch, batch_idx):
-        logits, aux = self.forward_logits(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        # A policy loaded with from_pretrained is in eval mode, and Lightning keeps modes as they are:
+        # without this, gradient checkpointing would silently store every layer's activations.
+        with checkpointing_on(self.model):
+            logits, aux = self.forward_logits(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         ce, count = completion_cross_entropy(logits, batch["labels"])
         loss = ce
         if aux is not None:

@@ -217,3 +217,23 @@ def row_reward(prompts, completions, **kwargs):
     """Varies within a group on every call after the first (the retry gives the flat group variance)."""
     _ROW_REWARD_CALLS[0] += 1
     return [float(i % 2) if _ROW_REWARD_CALLS[0] > 1 else 1.0 for i in range(len(completions))]
+
+
+def test_sft_recomputes_checkpointed_layers_of_a_policy_in_eval_mode(tiny_moe_config):
+    """SFT from a from_pretrained checkpoint (eval mode, which Lightning keeps): the step's forward still
+    recomputes each checkpointed layer in backward."""
+    from r1lightning import Policy
+    from r1lightning.sft import SFTModule
+
+    module = SFTModule(Policy(config=tiny_moe_config, tokenizer="char"))
+    module.configure_model()
+    model = module.model.eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append(1))
+    module.log = lambda *a, **k: None
+    ids = torch.randint(0, 20, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, 0).backward()
+    assert len(calls) == 2 and not model.model.layers[0].training
