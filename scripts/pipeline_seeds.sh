@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's quickstart table: the whole pipeline for seeds 0 1 2 (training seed only; the task's
+# The README's quickstart tables: the whole pipeline for seeds 0 1 2, and stage 4 without general prompts (training seed only; the task's
 # problems stay those of seed 0), then per stage the mean and the range of held-out accuracy and wall
 # time, and the library versions they were measured with. About 15 min per seed on a quiet 2-core CPU.
 #
@@ -15,9 +15,15 @@ ROOT=${ROOT:-runs/quickstart/seeds}
 mkdir -p "$ROOT"
 for seed in $SEEDS; do
     echo "== seed $seed" >&2
-    r1lightning pipeline -c configs/quickstart/pipeline.yaml --run-dir "$ROOT/seed$seed" \
-        --override "seed_everything=$seed" > "$ROOT/seed$seed.log" 2>&1 || { tail -20 "$ROOT/seed$seed.log" >&2; exit 1; }
+    # the pipeline, stage 4 without general prompts next to it, then the pipeline again (all stages
+    # skipped) so that summary.{json,md} are the pipeline's
+    for config in pipeline ablation_no_general pipeline; do
+        r1lightning pipeline -c configs/quickstart/$config.yaml --run-dir "$ROOT/seed$seed" \
+            --override "seed_everything=$seed" >> "$ROOT/seed$seed.log" 2>&1 || { tail -20 "$ROOT/seed$seed.log" >&2; exit 1; }
+    done
 done
+runs=(); for seed in $SEEDS; do runs+=("$ROOT/seed$seed"); done
+python scripts/stage4_compare.py "${runs[@]}" -o "$ROOT/stage4.png"
 python - "$ROOT" $SEEDS <<'PY'
 import json, platform, sys
 from importlib.metadata import version
