@@ -202,6 +202,24 @@ def test_ctrl_c_before_the_first_checkpoint_saves_the_step_and_resumes_it(tmp_pa
     assert_same_metrics(metrics(run), metrics(straight))
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_kill_and_slurm_warning_save_the_step_like_ctrl_c(tmp_path, name):
+    """`kill` (SIGTERM) and SLURM's pre-emption warning (SIGUSR1) take Ctrl-C's path: the step finishes,
+    `last.ckpt` holds it, the run exits with status 1 (the resume from there is the test above)."""
+    run = tmp_path / name
+    run.mkdir()
+    go = run / "go"
+    proc = start(run, pause_at=0, go_file=go)
+    wait_paused(proc, run)
+    proc.send_signal(getattr(signal, name))
+    time.sleep(0.5)
+    go.write_text("")
+    assert proc.wait(timeout=300) == 1
+    log = sorted(run.glob("log-*"))[-1].read_text()
+    assert f"{name}: step 1 saved to" in log, log[-3000:]
+    assert checkpoint_step(run / "checkpoints/last.ckpt") == 1
+
+
 def test_checkpoint_writes_are_atomic(tmp_path):
     from r1lightning.checkpointing import AtomicCheckpointIO
 
