@@ -154,14 +154,11 @@ class GRPOModule(PolicyModule):
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
 
-    def configure_callbacks(self):
+    def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal
 
-        callbacks = super().configure_callbacks()
-        listed = self.trainer.callbacks if self._trainer is not None else []
-        if self.hparams.max_flat_steps is not None and not any(isinstance(c, NoLearningSignal) for c in listed):
-            callbacks.append(NoLearningSignal(self.hparams.max_flat_steps))
-        return callbacks
+        flat = [NoLearningSignal(self.hparams.max_flat_steps)] if self.hparams.max_flat_steps is not None else []
+        return super().default_callbacks() + flat
 
     def configure_model(self) -> None:
         super().configure_model()

@@ -149,13 +149,16 @@ class PolicyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        from r1lightning.callbacks import ExactResume, InterruptCheckpoint, NonFiniteGuard
-
         # Every run needs these; an instance listed in `trainer.callbacks` is kept as configured
         # (Lightning would otherwise replace it with the one returned here).
         listed = self.trainer.callbacks if self._trainer is not None else []
-        defaults = [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row), InterruptCheckpoint()]
-        return [cb for cb in defaults if not any(isinstance(c, type(cb)) for c in listed)]
+        return [cb for cb in self.default_callbacks() if not any(isinstance(c, type(cb)) for c in listed)]
+
+    def default_callbacks(self) -> list:
+        """What every run of this module gets (subclasses add theirs)."""
+        from r1lightning.callbacks import ExactResume, InterruptCheckpoint, NonFiniteGuard
+
+        return [ExactResume(), NonFiniteGuard(self.hparams.max_nonfinite_in_a_row), InterruptCheckpoint()]
 
     def on_save_checkpoint(self, checkpoint):
         from r1lightning.export import META_KEY, checkpoint_metadata
