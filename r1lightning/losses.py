@@ -127,6 +127,13 @@ def group_advantages(
     TRL), so values match TRL's for the same rewards; a single-element group or
     batch has std 0 rather than NaN.
 
+    A group whose rewards are all equal (`zero_variance_groups`: equal up to float
+    rounding) gets advantage exactly 0. Its float mean need not equal its members
+    (eight 0.1 average to 0.1 + 1 ulp on the CPU), and ``1 ulp / (0 + eps)`` gave
+    every completion of the group the same advantage (-7.45e-5 for a format-only
+    group): a gradient with no signal in it, which Adam scales to full
+    learning-rate steps on a batch where every group is flat.
+
     NaN rewards (rows every reward function returned ``None`` for) are left out of
     the group mean and std and get advantage 0, as in TRL. ``batch_std``: the
     ``batch``-scale std computed elsewhere (`global_nanstd` over all processes);
@@ -135,6 +142,7 @@ def group_advantages(
     grouped = _grouped(rewards, group_size)  # [B, G]
     nan_rows = torch.isnan(grouped)  # [B, G]
     centered = grouped - torch.nanmean(grouped, dim=1, keepdim=True)  # [B, G]; NaN where the reward is NaN
+    centered = torch.where(_flat(grouped)[:, None], 0.0, centered)  # [B, G]; no spread, no signal
     if scale == "none":
         return torch.nan_to_num(centered, nan=0.0).reshape(-1)
     if scale == "group":
@@ -154,14 +162,26 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """[B] bool, True where every reward in the group is equal (no learning signal; DAPO drops these).
-    NaN rewards (unscorable rows) are ignored; a group with fewer than two scored rows is flat."""
-    grouped = _grouped(rewards, group_size)  # [B, G]
+# Rewards closer than this, relative to their size (at least 1), are equal: a weighted sum of rewards
+# rounds differently for different values or orders, and a rounding difference is not a signal.
+REWARD_RTOL = 1e-6
+
+
+def _flat(grouped: Tensor) -> Tensor:
+    """[B, G] -> [B] bool: every scored reward of the group equal up to `REWARD_RTOL`; fewer than two
+    scored rewards is flat too."""
     valid = ~torch.isnan(grouped)  # [B, G]
     hi = torch.where(valid, grouped, float("-inf")).amax(dim=1)  # [B]
     lo = torch.where(valid, grouped, float("inf")).amin(dim=1)  # [B]
-    return hi <= lo  # [B]
+    size = torch.maximum(hi.abs(), lo.abs()).clamp(min=1.0)  # [B]; inf where nothing was scored
+    return ~(hi - lo > REWARD_RTOL * size)  # [B]; -inf > inf is False: an empty group is flat
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool, True where every reward in the group is equal (no learning signal; DAPO drops these),
+    up to float rounding (`REWARD_RTOL`). NaN rewards (unscorable rows) are ignored; a group with
+    fewer than two scored rows is flat."""
+    return _flat(_grouped(rewards, group_size))  # [B]
 
 
 def mask_truncated(completion_mask: Tensor, truncated: Tensor) -> Tensor:

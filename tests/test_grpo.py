@@ -237,3 +237,43 @@ def test_sft_recomputes_checkpointed_layers_of_a_policy_in_eval_mode(tiny_moe_co
     labels[:, :3] = -100
     module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, 0).backward()
     assert len(calls) == 2 and not model.model.layers[0].training
+
+
+def test_a_batch_whose_groups_all_score_alike_leaves_the_policy_unchanged(tiny_moe_config, monkeypatch):
+    """Every completion has the R1 format and a wrong answer: 1.0 x 0 + 0.1 x 1 = 0.1 each, every group flat
+    (frac_reward_zero_std 1), nothing to learn. The float mean of a group of 0.1 is 0.1 + 1 ulp, and the
+    advantages were -7.45e-5 instead of 0; Adam (fp32 master weights, bf16 policy as on the GPU) scaled that
+    gradient to learning-rate-sized steps on every weight, twice per batch (mu = 2)."""
+    from r1lightning.optim import MasterWeightAdamW
+    from r1lightning.rewards import RewardComposer
+    from r1lightning.rollout import Rollout
+
+    module = tiny_module(tiny_moe_config, sampling={"num_samples": 8, "max_new_tokens": 40}, loss={"beta": 0.0},
+                         num_iterations=2, router_aux_loss_coef=0.0, micro_batch_size=None, micro_batch_tokens=256)
+    module.model.to(torch.bfloat16)
+    module.rewards = RewardComposer([Reward("accuracy", weight=1.0), Reward("format", weight=0.1)])
+    tok = module.tokenizer
+    texts = [f"<think>{a}+{b}={a + b + 1}</think><answer>{a + b + 1}</answer>" for a, b in [(1, 2), (3, 4)] for _ in range(8)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    completion_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+    completion_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+
+    def generate(prompt_ids, prompt_mask, params, sampler=None):
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.zeros(len(ids), dtype=torch.bool))
+
+    monkeypatch.setattr(module, "generate", generate)
+    opt = MasterWeightAdamW(module.model.parameters(), lr=5e-5, weight_decay=0.0, betas=(0.9, 0.99))
+    module.optimizers = lambda: opt
+    module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
+    module.manual_backward = lambda loss: loss.backward()
+    logged = {}
+    monkeypatch.setattr(module, "log_step", lambda rollout, total, scores, keep, stats, *a: logged.update(stats, total=total))
+    prompts = tok(["1+2=", "3+4="], return_tensors="pt", padding=True, padding_side="left")
+    batch = {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"], "columns": {"answer": ["3", "7"]}}
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    module.training_step(batch, 0)
+    assert torch.allclose(logged["total"], torch.full((16,), 0.1)) and opt.state  # scored as meant; the optimizer stepped
+    moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
+    assert not moved, moved
+    assert logged["loss"] == 0.0 and logged["grad_norm"] == 0.0

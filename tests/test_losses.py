@@ -172,6 +172,25 @@ def test_group_advantages_group_batch_none():
         group_advantages(rewards, 4, scale="rank")
 
 
+def test_groups_equal_up_to_rounding_get_exactly_zero_advantage():
+    """Eight format-only completions score 0.1 each; their float mean is 0.1 + 1 ulp on the CPU, and
+    1 ulp / (std 0 + eps) gave every one of them advantage -7.45e-5: a gradient in a batch with no signal."""
+    fmt_only = torch.zeros(8) * 1.0 + torch.ones(8) * 0.1  # accuracy 0 (weight 1) + format 1 (weight 0.1)
+    assert torch.nanmean(fmt_only) != fmt_only[0]  # the rounding this guards against
+    # A group whose sums differ only by rounding (0.6 + 0.1 vs 0.7), and one with a real difference.
+    rounding = torch.full((8,), 0.7)
+    rounding[:2] = torch.tensor(0.6) + torch.tensor(0.1)
+    assert rounding[0] != rounding[2]
+    real = torch.tensor([1.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    rewards = torch.cat([fmt_only, rounding, real])
+    assert zero_variance_groups(rewards, 8).tolist() == [True, True, False]
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(rewards, 8, scale=scale)
+        assert (adv[:16] == 0).all(), (scale, adv[:16])
+        assert adv[16] > 0 and (adv[17:] < 0).all()
+    torch.testing.assert_close(group_advantages(real, 8), (real - real.mean()) / (real.std() + 1e-4))
+
+
 def test_zero_variance_groups_and_truncation_mask():
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
     assert zero_variance_groups(rewards, 2).tolist() == [True, False, True]
