@@ -277,3 +277,75 @@ def test_a_batch_whose_groups_all_score_alike_leaves_the_policy_unchanged(tiny_m
     moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
     assert not moved, moved
     assert logged["loss"] == 0.0 and logged["grad_norm"] == 0.0
+
+
+def _ragged_rollout():
+    """8 sequences of 9 to 39 tokens (left-padded prompts of 3-12, completions of 2-30): under a budget of 160
+    tokens the packed update runs 2 micro-batches, one row holding two sequences."""
+    from r1lightning.rollout import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    prompt_len, completion_len = torch.tensor([9, 4, 12, 3, 9, 7, 5, 12]), torch.tensor([30, 5, 20, 9, 3, 25, 14, 2])
+    prompt_mask = (torch.arange(12)[None] >= 12 - prompt_len[:, None]).long()
+    mask = (torch.arange(30)[None] < completion_len[:, None]).long()
+    return Rollout(torch.randint(5, 60, (8, 12), generator=g) * prompt_mask, prompt_mask,
+                   torch.randint(5, 60, (8, 30), generator=g) * mask, mask, torch.zeros(8, dtype=torch.bool))
+
+
+def test_first_iteration_ratio_is_exactly_one_in_bf16_packed_with_checkpointing(tiny_moe_config):
+    """With mu > 1 the old log-probs come from a no-grad forward outside the update and the first iteration's
+    from the update's own forward (grad, checkpointed layers in training mode): they must be the same numbers,
+    or the first step already clips. bf16 weights, packed rows of two sequences, as on the GPU."""
+    from r1lightning.module import checkpointing_on
+
+    module = tiny_module(tiny_moe_config, loss={"beta": 0.0}, num_iterations=2, micro_batch_size=None, micro_batch_tokens=160)
+    model = module.model.to(torch.bfloat16).eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rollout = _ragged_rollout()
+    micro = module.micro_batches(rollout, rollout.completion_mask.float())
+    old = module.frozen_logprobs(rollout, model, micro)
+    with checkpointing_on(model):
+        for rows in micro:
+            logp, _, _ = module.completion_logprobs(rollout, rows, with_entropy=True)
+            assert logp.requires_grad
+            on = rollout.completion_mask[rows].bool()
+            assert torch.equal(logp.detach()[on], old[rows][on])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_logged_loss_and_clip_fractions_are_the_whole_batch_values_over_micro_batches_and_iterations(tiny_moe_config, packing):
+    """The logged `loss` is the batch's loss and `clip_ratio/*` the batch's token fractions (<= 1), averaged over
+    the mu iterations, whatever the micro-batches and layout. Old log-probs 0.5 away from the policy's make
+    most tokens clip; an optimizer that does not move keeps every iteration the same."""
+    from r1lightning.losses import grpo_loss
+
+    kw = dict(micro_batch_size=None, micro_batch_tokens=160) if packing else dict(micro_batch_size=3)
+    module = tiny_module(tiny_moe_config, loss={"beta": 0.0}, num_iterations=2, packing=packing, router_aux_loss_coef=0.0, **kw)
+    rollout = _ragged_rollout()
+    mask = rollout.completion_mask.float()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
+    micro = module.micro_batches(rollout, mask)
+    assert len(micro) > 1
+    if packing:
+        assert any(len(module.layout(rollout, rows).input_ids) < len(rows) for rows in micro)  # rows hold 2+ sequences
+    logp = module.frozen_logprobs(rollout, module.model, micro)
+    old = logp + torch.tensor([-0.5, 0.5, -0.5, 0.5, 0.0, 0.5, 0.5, -0.5])[:, None]  # ratio e^0.5 or e^-0.5 (or 1)
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            module.model.zero_grad()
+
+    module.optimizers = lambda: Opt()
+    module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
+    module.manual_backward = lambda loss: loss.backward()
+    stats = module.optimise(rollout, advantages, mask, old, None, micro)
+    want_loss, want = grpo_loss(logp, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2)
+    assert 0.3 < float(want["clip_ratio/region_mean"]) <= 1.0
+    torch.testing.assert_close(torch.tensor(stats["loss"]), want_loss, rtol=1e-5, atol=1e-6)
+    for k, v in want.items():
+        torch.testing.assert_close(torch.tensor(stats[k]), v, rtol=1e-5, atol=1e-6)
