@@ -5,7 +5,7 @@
 # Writes to OUTDIR: long_sft_metrics.csv, long_grpo_metrics.csv (Lightning CSV logs), the GRPO
 # evaluation reports (bench/), sampled completions, both logs, long_reasoning.png (reward, held-out
 # accuracy, mean completion length), pick_checkpoint.json (the SFT checkpoint GRPO starts from) and summary.txt.
-# Budget (configs/gpu/*.yaml): SFT <= 3 min 10 s of training, then the checkpoint pick (~2 min); GRPO <= 8 min
+# Budget (configs/gpu/*.yaml): SFT <= 3 min 10 s of training, then the checkpoint pick (~2 min); GRPO <= 6.5 min
 # of training. Extra CLI arguments per stage: SFT_ARGS="...", PICK_ARGS="...", GRPO_ARGS="...".
 # The data and the exported models stay in WORK (default: runs/long_reasoning in the repository, git-
 # ignored), not in OUTDIR. STAGES="sft" or STAGES="grpo" runs one stage (e.g. two calls of at most
