@@ -421,7 +421,7 @@ class StaticCacheSampler(Sampler):
         snapshot = [t.clone() for t in (st.tok, st.positions, st.slot, st.step, st.done)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, cuBLAS workspaces
+        with torch.cuda.stream(side), rng_untouched():  # warm-up outside the graph: lazy inits, cuBLAS workspaces
             for _ in range(2):
                 for t, s in zip((st.tok, st.positions, st.slot, st.step, st.done), snapshot):
                     t.copy_(s)
@@ -437,6 +437,18 @@ class StaticCacheSampler(Sampler):
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """The CUDA generator's state as it was when the block began. A capture's eager warm-up steps draw
+    random numbers; graphs are kept across calls, so only the call that captures would draw them and
+    two calls with the same seed would sample differently."""
+    state = torch.cuda.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.cuda.set_rng_state(state)
 
 
 def sampling_mode(params: SamplingParams, forced: bool) -> tuple:

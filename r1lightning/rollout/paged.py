@@ -54,6 +54,7 @@ from r1lightning.rollout.engine import (
     _has_experts,
     _round_up,
     draw,
+    rng_untouched,
     sampling_mode,
 )
 
@@ -576,7 +577,7 @@ class PagedSampler(StaticCacheSampler):
         # the warm-up must not write real KV: every slot idle while it runs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), rng_untouched():
             for _ in range(2):
                 for t, s in zip(bufs, snapshot):
                     t.copy_(s)
