@@ -304,3 +304,36 @@ def test_static_engine_greedy_holds_over_recipe_length_with_ragged_prompts():
         with torch.no_grad():
             logits = model(torch.cat([prompt, out.completion_ids[i]])[None]).logits[0]
         assert torch.equal(logits[len(prompt) - 1 : -1].argmax(-1), out.completion_ids[i])
+
+
+def _pick_checkpoint_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pick_checkpoint", ROOT / "scripts/pick_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pick_checkpoint_bisects_the_jump_for_a_start_inside_the_band(tmp_path):
+    pick = _pick_checkpoint_script()
+    for step in (5, 10, 100, 50):
+        (tmp_path / f"step={step}.ckpt").touch()
+    (tmp_path / "last.ckpt").touch()
+    assert [s for s, _ in pick.checkpoint_steps(tmp_path)] == [5, 10, 50, 100]
+    # session 5's measured jump: 0 % to 360, 16 % at 365, 68 % at 370, 93.5 % at 380
+    accuracy = {275: 0.0, 345: 0.0, 360: 0.0, 365: 0.16, 370: 0.68, 380: 0.935, 415: 0.98}
+    steps = list(range(5, 565, 5))
+    asked = []
+
+    def accuracy_of(step):
+        asked.append(step)
+        below = [s for s in accuracy if s <= step]
+        return accuracy[max(below)] if below else 0.0
+
+    index, seen = pick.bisect_band(steps, accuracy_of, 0.15, 0.6)
+    assert steps[index] in (365,) and seen[365] == 0.16
+    assert len(asked) <= 8 and asked == list(seen)
+    # a jump too sharp for the checkpoints: no start in the band, every evaluated step reported
+    index, seen = pick.bisect_band([360, 370], lambda s: {360: 0.0, 370: 0.9}[s], 0.15, 0.6)
+    assert index is None and seen == {360: 0.0, 370: 0.9}
