@@ -329,12 +329,13 @@ class GRPOModule(PolicyModule):
         ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None
         t_ref = time.perf_counter() - t1
         self._memory_peak("reference", peaks)
-        self.log_kinds(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
+        kinds = self.kind_metrics(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
 
         t2 = time.perf_counter()
         stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp, micro)
         t_train = time.perf_counter() - t2
         stats["update/padding"] = self.padding_fraction(rollout, micro)
+        stats.update(kinds)  # logged with the rest after the update: Lightning dropped keys first logged before it
         stats["update/micro_batches"] = float(len(micro))
         self._memory_peak("update", peaks)
         peaks.pop("memory/before_GiB", None)
@@ -429,17 +430,16 @@ class GRPOModule(PolicyModule):
         if every and self.global_step % every < self.hparams.num_iterations:
             self.log_completions(rollout, total, scores)
 
-    def log_kinds(self, rollout, columns, scores, logp, ref_logp):
-        """Per prompt kind and per reward model (see `r1lightning.rewards.monitor`); only when the data
-        has a `kind` column or a reward is a reward model. KL needs the sampling log-probs."""
+    def kind_metrics(self, rollout, columns, scores, logp, ref_logp) -> dict[str, float]:
+        """Per prompt kind and per reward model (see `r1lightning.rewards.monitor`); empty unless the
+        data has a `kind` column or a reward is a reward model. KL needs the sampling log-probs."""
         from r1lightning.rewards.monitor import kind_metrics, row_kl
 
         models = {r.name for r in self.rewards.rewards if getattr(r._callable, "is_reward_model", False)}
         if "kind" not in columns and not models:
-            return
+            return {}
         kl = row_kl(logp, ref_logp, rollout.completion_mask) if logp is not None and ref_logp is not None else None
-        metrics = kind_metrics(columns.get("kind"), scores.per_fn, rollout.completion_lengths.cpu(), kl, models)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, prog_bar=False)
+        return kind_metrics(columns.get("kind"), scores.per_fn, rollout.completion_lengths.cpu(), kl, models)
 
     def log_completions(self, rollout, total, scores, n: int = 8):
         if not self.trainer.is_global_zero or self.logger is None:

@@ -261,6 +261,40 @@ def test_kind_metrics_by_hand():
     assert row_kl(logp, ref, torch.tensor([[1, 1, 0]])).item() == pytest.approx((math.exp(d) - d - 1) / 2)
 
 
+def test_first_grpo_step_logs_the_per_kind_metrics(tmp_path):
+    """Every step's CSV row holds the per-kind metrics, the first included (they were computed before the
+    update and Lightning dropped keys first logged then: the first `train/kinds/*` row was step 1)."""
+    import csv
+
+    from r1lightning.cli import R1CLI
+    from tests.test_strategies import TINY
+
+    rows = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b), "kind": "reasoning"} for a, b in [(1, 2), (3, 4)]]
+    rows += [{"prompt": f"Say {w}.", "answer": None, "kind": "general"} for w in ("yes", "no")]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": TINY, "tokenizer": "char", "moe_backend": "eager"}},
+            "rewards": [{"fn": "accuracy", "kinds": ["reasoning"]},
+                        {"fn": "tests.test_reward_model.count_calls", "name": "length", "kinds": ["general"]}],
+            "sampling": {"num_samples": 2, "max_new_tokens": 6}, "micro_batch_size": 64, "log_completions_every": 0}},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts), "batch_size": 4}},
+    }  # fmt: skip
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps(cfg))
+    R1CLI(args=["fit", "-c", str(path)])
+    logged = [r for r in csv.DictReader(open(next(tmp_path.glob("logs/version_*/metrics.csv")))) if r.get("train/reward")]
+    assert [int(r["step"]) for r in logged] == [0, 1]
+    for r in logged:  # the batch is every prompt: half of each kind, every general completion scored by length
+        assert float(r["train/kinds/general/fraction"]) == pytest.approx(0.5)
+        assert float(r["train/kinds/general/length/mean"]) == pytest.approx(float(r["train/kinds/general/completion_length"]), abs=7)
+
+
 # -- under FSDP ------------------------------------------------------------------------------------
 def test_reward_model_reward_runs_under_fsdp_with_two_processes(trained, tmp_path):
     """GRPO with the trained reward model (routed to general prompts) next to a rule reward on
