@@ -84,9 +84,10 @@ def test_gpu_difficulty_traces_run_1000_to_1103_tokens():
     sft_task = cfg["data"]["init_args"]["task"]["init_args"]
     assert grpo_cfg["data"]["init_args"]["task"]["init_args"] == sft_task
     assert bench["benchmarks"][0]["init_args"]["task"]["init_args"] == sft_task
-    # Training caps leave room in one 10-minute device call for start-up, evaluations and export (~2 min).
-    seconds = [sum(int(x) * m for x, m in zip(c["trainer"]["max_time"].split(":")[1:], (3600, 60, 1))) for c in (cfg, grpo_cfg)]
-    assert sum(seconds) <= 7 * 60
+    # Training caps leave room for start-up, evaluations and export: SFT and the checkpoint pick (~2 min) in one
+    # 10-minute device call, GRPO within the issue's 10 minutes.
+    sft_s, grpo_s = [sum(int(x) * m for x, m in zip(c["trainer"]["max_time"].split(":")[1:], (3600, 60, 1))) for c in (cfg, grpo_cfg)]
+    assert sft_s <= 4 * 60 and grpo_s <= 8 * 60
     prompt = max(len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True))
                  for r in rows)  # fmt: skip
     assert prompt + task.max_completion_tokens() <= cfg["data"]["init_args"]["max_length"]
@@ -153,14 +154,14 @@ def test_master_weight_adamw_equals_adamw_in_fp32_and_keeps_small_bf16_steps():
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_long_sft_smoke_through_the_cli(tmp_path, monkeypatch):
-    """The GPU recipe's SFT on CPU, shrunk: a tiny model, 3-term sums, a few steps and one validation."""
+    """The GPU recipe's SFT on CPU, shrunk (a tiny model, 3-term sums, 10 steps), then the checkpoint pick
+    over its saved steps: it validates them, exports one and reports what it evaluated."""
     from r1lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
     overlay = tmp_path / "tiny.yaml"
     overlay.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": 4, "val_check_interval": 4,
-                    "max_time": None, "log_every_n_steps": 1},
+        "trainer": {"accelerator": "cpu", "precision": "32-true", "max_steps": 10, "max_time": None, "log_every_n_steps": 1},
         "model": {"init_args": {
             "policy": {"init_args": {"dtype": "float32", "config": {
                 "model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32,
@@ -175,9 +176,16 @@ def test_long_sft_smoke_through_the_cli(tmp_path, monkeypatch):
     main(["fit", "-c", str(ROOT / "configs/gpu/long_sft.yaml"), "-c", str(overlay)])
     metrics = list((tmp_path / "runs/gpu/long_sft/logs").glob("version_*/metrics.csv"))
     assert len(metrics) == 1
-    text = metrics[0].read_text()
-    assert "train/loss" in text and "val/accuracy" in text
+    assert "train/loss" in metrics[0].read_text()
     assert (tmp_path / "runs/gpu/long_sft/model/config.json").exists()
+    ckpts = tmp_path / "runs/gpu/long_sft/checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step=*.ckpt")) == ["step=10.ckpt", "step=5.ckpt"]
+    pick = _pick_checkpoint_script()
+    pick.main(["-c", str(ROOT / "configs/gpu/long_sft.yaml"), "-c", str(overlay), "--checkpoints", str(ckpts), "--low", "0",
+               "--high", "1", "--max-val-samples", "6", "--export", str(tmp_path / "picked"), "--report", str(tmp_path / "pick.json")])  # fmt: skip
+    report = json.loads((tmp_path / "pick.json").read_text())
+    assert report["picked"]["step"] == 5 and list(report["evaluated"]) == ["5"] and 0.0 <= report["evaluated"]["5"] <= 1.0
+    assert (tmp_path / "picked/config.json").exists()
     assert (tmp_path / "data/generated/longsum2x2-3-seed0-train40-test6/train.jsonl").exists()
 
 
