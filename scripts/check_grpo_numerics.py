@@ -29,12 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
-SHAPE = dict(model_type="qwen3_moe", hidden_size=768, intermediate_size=2048, moe_intermediate_size=768, num_hidden_layers=8,
-             num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=8, num_experts_per_tok=2,
-             norm_topk_prob=True, router_aux_loss_coef=0.01, max_position_embeddings=2048, tie_word_embeddings=True)
+RECIPE = Path(__file__).resolve().parents[1] / "configs/gpu/long_sft.yaml"  # the model shape and the task
+
+
+def recipe() -> tuple[dict, dict]:
+    """(model config, LongSumTask arguments) of the long-reasoning SFT recipe."""
+    import yaml
+
+    cfg = yaml.safe_load(RECIPE.read_text())
+    return cfg["model"]["init_args"]["policy"]["init_args"]["config"], cfg["data"]["init_args"]["task"]["init_args"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     device, G = torch.device(args.device), 8
     torch.manual_seed(0)
+    shape, task_args = recipe()
     policy = (Policy(name_or_path=args.model, dtype="bfloat16") if args.model
-              else Policy(config=SHAPE, tokenizer="char", dtype="bfloat16"))
+              else Policy(config=shape, tokenizer="char", dtype="bfloat16"))
     module = GRPOModule(policy, rewards=[Reward("accuracy")], sampler=StaticCacheSampler(cuda_graphs=device.type == "cuda"),
                         sampling=SamplingOptions(num_samples=G, max_new_tokens=args.tokens, temperature=1.0, top_p=0.9),
                         loss=GRPOLossOptions(beta=0.0, epsilon_low=0.2, epsilon_high=0.28), num_iterations=2,
@@ -88,15 +96,13 @@ def main(argv: list[str] | None = None) -> None:
         g = torch.Generator().manual_seed(0)
         params = SamplingParams(args.tokens, temperature=1.0, top_p=0.9, seed=0)
         if args.model:
-            from r1lightning.data.chat import encode_prompt, row_messages
+            from r1lightning.data.chat import left_pad
+            from r1lightning.evaluation import encode_problems
             from r1lightning.rewards import RewardComposer
             from r1lightning.tasks import LongSumTask
 
-            rows = LongSumTask(digits=4, min_terms=13, max_terms=14, seed=0, num_train=1, num_test=args.prompts).splits()["test"]
-            ids = [encode_prompt(tok, row_messages(r, None)) for r in rows]
-            width = max(map(len, ids))
-            prompt_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]).repeat_interleave(G, 0)
-            prompt_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]).repeat_interleave(G, 0)
+            rows = LongSumTask(**{**task_args, "num_train": 1, "num_test": args.prompts}).splits()["test"]
+            prompt_ids, prompt_mask = (t.repeat_interleave(G, 0) for t in left_pad(encode_problems(tok, rows), tok.pad_token_id))
             columns = {"answer": [r["answer"] for r in rows for _ in range(G)]}
             rewards = RewardComposer([Reward("accuracy", weight=1.0), Reward("format", weight=0.1)])
 
