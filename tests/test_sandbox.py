@@ -468,10 +468,6 @@ def test_runs_as_an_unprivileged_user():
     """As uid 65534 (nobody): user-namespace isolation, the same attacks fail, honest code passes."""
     # The checkout may sit under a directory other users cannot enter (mktemp -d is 0700): uid 65534
     # imports a copy of the self-contained sandbox package from a directory it can read.
-    shared = Path(tempfile.mkdtemp())
-    shutil.copytree(REPO / "r1lightning" / "sandbox", shared / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
-    for d in [shared, *shared.rglob("*")]:
-        d.chmod(0o755 if d.is_dir() else 0o644)
     script = (
         "import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom sandbox import host\n"
         "caps = host.sandbox_capabilities()\nif caps['isolation'] is None:\n    print(json.dumps({'caps': caps}))\n"
@@ -486,9 +482,14 @@ def test_runs_as_an_unprivileged_user():
              [ATTACKS["memory over processes"][1], _tests("x")["limits"][0], "solve"],
              [ATTACKS["walk the filesystem"][1], _tests("x")["secret"][0], "solve"],
              [WRONG + "import os\nos._exit(0)\n", ADD_TEST, "add"]]  # fmt: skip
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _unprivileged_python(), "-I",
-                           "-", str(shared), json.dumps(cases)],
-                          input=script, capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = Path(tmp)
+        shutil.copytree(REPO / "r1lightning" / "sandbox", shared / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
+        for d in [shared, *shared.rglob("*")]:
+            d.chmod(0o755 if d.is_dir() else 0o644)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _unprivileged_python(), "-I",
+                               "-", str(shared), json.dumps(cases)],
+                              input=script, capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     if out["caps"]["isolation"] is None:
