@@ -190,6 +190,21 @@ def tiny_pipeline(tmp_path, launcher="inprocess"):
     return _write(tmp_path / "pipeline.yaml", spec)
 
 
+def test_stage4_ablation_shares_the_pipelines_first_stages():
+    """configs/quickstart/ablation_no_general.yaml repeats stages 1-4 of the quickstart pipeline (the file format
+    has no include): run in the same directory they are skipped only while they stay identical."""
+    main = yaml.safe_load((ROOT / "configs/quickstart/pipeline.yaml").read_text())
+    ablation = yaml.safe_load((ROOT / "configs/quickstart/ablation_no_general.yaml").read_text())
+    shared = [s for s in main["stages"] if s["name"] not in ("grpo_all", "distill")]
+    assert ablation["stages"][: len(shared)] == shared and len(shared) == 4
+    assert {k: v for k, v in ablation.items() if k != "stages"} == {k: v for k, v in main.items() if k != "stages"}
+    mixed = next(s for s in main["stages"] if s["name"] == "grpo_all")
+    only = ablation["stages"][len(shared)]
+    assert only["config"] == mixed["config"] and only["model_from"] == mixed["model_from"]
+    assert only["overrides"] == {**mixed["overrides"], "data.init_args.task.init_args.general_fraction": 0.0,
+                                 "data.init_args.batch_size": 16}
+
+
 def test_tiny_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     path = tiny_pipeline(tmp_path)
