@@ -222,18 +222,22 @@ def one_length_dist(model, args, device, results, gen, dist):
     section = results.setdefault("length_dist", {}).setdefault(dist, {"lengths": info, "rows": []})
     model.set_experts_implementation(args.prefill[0] if args.prefill[0] != "megablocks" or megablocks_ok() else "grouped_mm")
     engines = [(f"static, batches of {B}", "static", B)]
+    if args.no_static:
+        engines = []
     for slots in args.slots:
         for gib in args.kv_gib:
-            S = slots or B
-            engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else ""), "paged", (S, gib or None)))
+            for attention in args.attention:
+                S = slots or B
+                engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else "") + f", attention {attention}", "paged",
+                                (S, gib or None, attention)))  # fmt: skip
     params = SamplingParams(C, temperature=1.0)
     for name, kind, S in engines:
-        S, gib = S if kind == "paged" else (S, None)
+        S, gib, attention = S if kind == "paged" else (S, None, None)
         if kind == "static":
             sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=C, timing=True)
             chunks = [slice(i, min(i + B, n)) for i in range(0, n, B)]
         else:
-            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True)
+            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True, attention=attention)
             chunks = [slice(0, n)]
         try:
             # warm at full length: the first call's rows run every token (every graph captured, buffers sized)
@@ -260,7 +264,7 @@ def one_length_dist(model, args, device, results, gen, dist):
                     else:
                         waste_steps += st["slot_steps"]
                         extra = {k: st[k] for k in ("preempted", "max_live", "admitted", "idle_slot_fraction", "kv_blocks",
-                                                    "compactions", "graphs")}
+                                                    "compactions", "graphs", "attention", "decode_s", "capture_s", "prefill_s")}
                 sync()
                 seconds = time.perf_counter() - t0
                 if not timed:
@@ -330,6 +334,9 @@ def main(argv=None):
                     help="lognormal: draw more rows until they hold --dist-batch x --new-tokens tokens (the static "
                          "engine runs them in batches of --dist-batch, the paged one through its slots)")
     ap.add_argument("--only-dist", action="store_true", help="run only the --length-dist section")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "pool", "gather"],
+                    help="paged engines' decode attention (--length-dist section): one engine per value")
+    ap.add_argument("--no-static", action="store_true", help="--length-dist section: paged engines only")
     ap.add_argument("--dist-batch", type=int, default=128, help="rows for the --length-dist section")
     ap.add_argument("--median-frac", type=float, default=0.25, help="lognormal median as a fraction of --new-tokens")
     ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma")

@@ -266,9 +266,10 @@ from r1lightning.rollout import PagedSampler  # noqa: E402
 RAGGED = ["12+34=", "5+6=", "999+1=", "7=", "abc", "x+y*z=", "3*3=", "100-1=", "q"]
 
 
+@pytest.mark.parametrize("attention", ["gather", "pool"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, tiny_moe_config):
+def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, attention, tiny_moe_config):
     # 9 ragged prompts through 3 slots: rows finish at different steps and free slots get new samples
     config = tiny_moe_config if arch == "qwen3_moe" else OLMOE
     model, tok = build(config, attn_implementation=attn)
@@ -277,8 +278,9 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, tiny_moe_co
     eos = pick_mid_batch_eos(model, tok, ids, mask, n)
     params = SamplingParams(n, temperature=0)
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
-    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2)
+    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2, attention=attention)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert model.config._attn_implementation == attn  # the pool mode's attention function is gone again
     assert ref.truncated.any() and (~ref.truncated).any()
     assert engine.last_stats["slots"] == 3 and engine.last_stats["admitted"] == len(RAGGED)
     assert engine.last_stats["preempted"] == 0
@@ -290,11 +292,12 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, tiny_moe_co
     assert model.config._experts_implementation == "grouped_mm"
 
 
-def test_paged_reused_slot_never_reads_its_previous_occupant(tiny_moe_config):
+@pytest.mark.parametrize("attention", ["gather", "pool"])
+def test_paged_reused_slot_never_reads_its_previous_occupant(attention, tiny_moe_config):
     model, tok = build(tiny_moe_config)
     params = SamplingParams(12, temperature=0)
     eos = len(tok) + 1  # never sampled: every row runs 12 tokens
-    engine = PagedSampler(max_slots=2, block_size=4, sync_every=3)
+    engine = PagedSampler(max_slots=2, block_size=4, sync_every=3, attention=attention)
     ids, mask = encode(tok, RAGGED)
     batched = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     # the pool now holds other sequences' K/V; overwrite it with large garbage, then run each prompt
@@ -311,13 +314,14 @@ def test_paged_reused_slot_never_reads_its_previous_occupant(tiny_moe_config):
     assert torch.equal(fewer.completion_ids, batched.completion_ids[3:5])
     for i in (0, 3, 8):
         one_ids, one_mask = encode(tok, [RAGGED[i]])
-        alone = PagedSampler(max_slots=1, block_size=4).generate(model, one_ids, one_mask, params, eos, tok.pad_token_id)
+        alone = PagedSampler(max_slots=1, block_size=4, attention=attention).generate(model, one_ids, one_mask, params, eos, tok.pad_token_id)
         assert torch.equal(alone.completion_ids[0], batched.completion_ids[i])
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert torch.equal(batched.completion_ids, ref.completion_ids)
 
 
-def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(tiny_moe_config):
+@pytest.mark.parametrize("attention", ["gather", "pool"])
+def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, tiny_moe_config):
     model, tok = build(tiny_moe_config)
     ids, mask = encode(tok, RAGGED)
     params = SamplingParams(24, temperature=0)
@@ -326,7 +330,7 @@ def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(tiny_moe_config
     # so 4 slots that start together must preempt as they grow
     probe = PagedSampler(max_slots=4, block_size=4)
     per_block = probe._pool_blocks(model, ids.device, 1, 8, 0)[1]
-    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30)
+    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30, attention=attention)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["kv_blocks"] == 13
     assert engine.last_stats["preempted"] > 0
@@ -343,6 +347,8 @@ def test_paged_budget_too_small_for_one_sequence_is_a_user_error(tiny_moe_config
         engine.generate(model, ids, mask, SamplingParams(64, 0), tok.eos_token_id, tok.pad_token_id)
     with pytest.raises(UserError, match="max_slots"):
         PagedSampler(max_slots=0)
+    with pytest.raises(UserError, match="attention: must be auto, pool or gather"):
+        PagedSampler(attention="flash")
 
 
 def test_paged_sampled_logprobs_equal_training_forward(tiny_moe_config):

@@ -366,7 +366,7 @@ class StaticCacheSampler(Sampler):
     @staticmethod
     def _mask_dtype(model):
         # SDPA takes a boolean mask (True = attend); eager attention adds the mask to its scores.
-        if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        if getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "r1_paged_decode"):  # the paged kernel's SDPA fallback
             return torch.bool
         return model.dtype
 
@@ -376,8 +376,8 @@ class StaticCacheSampler(Sampler):
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def _forward(self, model, ids, mask4d, positions, cache, keep_last=False):
-        kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+    def _forward(self, model, ids, mask4d, positions, cache, keep_last=False, **extra):
+        kwargs = {_cache_kwarg(model): cache, "use_cache": True, **extra}
         if hasattr(model.config, "output_router_logits"):
             kwargs["output_router_logits"] = False
         if keep_last and _accepts(model, "logits_to_keep"):

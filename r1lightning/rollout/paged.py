@@ -45,6 +45,7 @@ from transformers.cache_utils import Cache
 
 from r1lightning.errors import UserError
 from r1lightning.moe import decode_experts
+from r1lightning.rollout import paged_attention
 from r1lightning.rollout.base import Rollout, completion_mask_from_ids
 from r1lightning.rollout.engine import (
     StaticCacheSampler,
@@ -73,11 +74,15 @@ class PagedKV(Cache):
 
     is_compileable = True
 
-    def __init__(self, num_layers: int, rows: int, heads: int, head_dim: int, dtype, device):
-        self.num_layers, self.rows = num_layers, rows
+    def __init__(self, num_layers: int, rows: int, heads: int, head_dim: int, dtype, device, block_size: int = 1):
+        self.num_layers, self.rows, self.block_size = num_layers, rows, block_size
         self.keys = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sel = self.dest = self.write = self.read = None
+        # pool mode (`attention: pool`): decode returns the pools themselves and attention reads each
+        # slot's blocks through `table` up to `lengths` (rollout/paged_attention.py), no gather
+        self.kernel_mode, self.use_kernel = False, None
+        self.table = self.lengths = None
         self.prefill = True
         self.kv_len = 0
         self.layers = []
@@ -95,6 +100,8 @@ class PagedKV(Cache):
             return key_states, value_states
         K.index_copy_(0, self.write, k.to(K.dtype))
         V.index_copy_(0, self.write, v.to(V.dtype))
+        if self.kernel_mode:
+            return K, V
         S, T = self.read.shape
         dtype = key_states.dtype  # a pool kept in another dtype (e.g. fp32 parameters, bf16 compute) is read as computed
         return (K[self.read].view(S, T, h, d).transpose(1, 2).to(dtype),
@@ -146,13 +153,18 @@ class PagedSampler(StaticCacheSampler):
             nothing); False frees them there and the next rollout captures again.
         compact_tail: once no sample waits, move the live sequences to the first slots and decode
             only a power-of-two number of slots (a graph per width reached; not with `compile`).
+        attention: how decode attention reads the KV. `gather`: each slot's first `kv_len` pool rows
+            copied into a dense tensor, then SDPA. `pool`: straight from the pool through the block
+            tables, each slot up to its own length (`rollout/paged_attention.py`: a Triton kernel on
+            CUDA, its PyTorch reference elsewhere). `auto`: `pool` on CUDA where Triton imports, the
+            head shape suits the kernel and `compile` is off; else `gather`.
     """
 
     release_after_call = False
 
     def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
                  block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
-                 **kwargs):
+                 attention: str = "auto", **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
         if int(max_slots) < 1:
             raise UserError(f"max_slots: must be >= 1, got {max_slots}")
@@ -164,6 +176,9 @@ class PagedSampler(StaticCacheSampler):
         self.block_size = max(1, int(block_size))
         self.auto_bucket = kv_bucket is None
         self.compact_tail = compact_tail
+        if attention not in ("auto", "pool", "gather"):
+            raise UserError(f"attention: must be auto, pool or gather, got {attention!r}")
+        self.attention = attention
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
@@ -238,6 +253,34 @@ class PagedSampler(StaticCacheSampler):
             st.graphs, st.pool, st.static_marked, st.views = {}, None, False, {}
         st.dummy_base = st.out_ids.numel() - S  # idle slot s writes its draw to out cell dummy_base + s
         cache = st.cache
+        cache.kernel_mode = self._pool_attention(model, device)
+        prev_attn = model.config._attn_implementation
+        if cache.kernel_mode:
+            paged_attention.register()
+            model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)  # SDPA unless given paged_kv
+        try:
+            return self._run(model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs,
+                             prev_experts, forced_lengths, MB, blocks, per_block, seq_blocks)
+        finally:
+            if cache.kernel_mode:
+                model.set_attn_implementation(prev_attn)
+
+    def _pool_attention(self, model, device) -> bool:
+        """Whether decode attention reads the pool directly (`attention`, see the class doc)."""
+        if self.attention != "auto":
+            return self.attention == "pool"
+        c = model.config.get_text_config()
+        _, heads, head_dim, _ = self._kv_shape(model, device)
+        return (device.type == "cuda" and self.compile is None and paged_attention.kernel_available()
+                and c.num_attention_heads % heads == 0 and paged_attention.kernel_supports(head_dim, c.num_attention_heads // heads))
+
+    def _run(self, model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs, prev_experts,
+             forced_lengths, MB, blocks, per_block, seq_blocks):
+        device = prompt_ids.device
+        bs = self.block_size
+        S = st.S
+        trash = -(-S // bs)  # blocks 0..trash-1: where idle slots write
+        lengths = prompt_mask.long().sum(-1)
         mask_dtype = self._mask_dtype(model)
         if self.compile:
             bucket = MB * bs  # one shape
@@ -428,7 +471,8 @@ class PagedSampler(StaticCacheSampler):
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
         stats.pop("_width", None)
-        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(),
+        attention = ("kernel" if device.type == "cuda" and paged_attention.kernel_available() else "pool") if cache.kernel_mode else "gather"
+        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(), attention=attention,
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
                                prefill_s=t_prefill if self.timing else None,
@@ -475,7 +519,7 @@ class PagedSampler(StaticCacheSampler):
         st = _PagedState()
         st.model = model
         layers, heads, head_dim, dtype = self._kv_shape(model, device)
-        st.cache = PagedKV(layers, blocks * self.block_size, heads, head_dim, dtype, device)
+        st.cache = PagedKV(layers, blocks * self.block_size, heads, head_dim, dtype, device, self.block_size)
         V = model.get_output_embeddings().weight.shape[0]
         long = dict(dtype=torch.long, device=device)
         st.tok = torch.zeros(S, 1, **long)  # token each slot feeds at the next step
@@ -559,12 +603,18 @@ class PagedSampler(StaticCacheSampler):
         live = ~st.done
         write = st.block_table.gather(1, st.pos // bs) * bs + st.pos % bs  # [S, 1]
         cache.write = torch.where(live, write.view(-1), st.write_trash)
-        nb = kv // bs
-        cache.read = (st.block_table[:, :nb, None] * bs + st.offsets).view(-1, nb * bs)
+        extra = {}
+        if cache.kernel_mode:  # attention reads the pool through the table, each slot to its own length
+            cache.table = st.block_table
+            cache.lengths = (st.pos.view(-1) + 1).clamp(max=kv)
+            extra["paged_kv"] = cache
+        else:
+            nb = kv // bs
+            cache.read = (st.block_table[:, :nb, None] * bs + st.offsets).view(-1, nb * bs)
         cache.prefill = False
         allowed = st.arange[:kv][None] <= st.pos  # [S, kv]: the slot's own tokens only
         mask4d = self._mask(allowed[:, None, None, :], mask_dtype)
-        logits = self._forward(model, st.tok, mask4d, st.pos, cache)
+        logits = self._forward(model, st.tok, mask4d, st.pos, cache, **extra)
         st.logits.copy_(logits)
         st.pos.add_(live.long()[:, None])
         self._draw_into(st, mode, live, self.min_new_tokens > 0)

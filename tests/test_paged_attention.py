@@ -1,0 +1,78 @@
+"""Decode attention over the paged KV pool: the PyTorch reference against SDPA on each slot's own
+contiguous sequence, and the Triton kernel against the reference (Triton's CPU interpreter where
+Triton is installed; `tests/test_rollout_gpu.py` runs it on the GPU in bf16)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1lightning.rollout import paged_attention as pa
+
+
+def pooled_case(S=5, Hq=4, Hkv=2, d=32, bs=4, blocks=40, lengths=(1, 4, 5, 10, 7), dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator(device).manual_seed(seed)
+    q = torch.randn(S, Hq, d, generator=g, device=device).to(dtype)
+    k = torch.randn(blocks * bs, Hkv, d, generator=g, device=device).to(dtype)
+    v = torch.randn(blocks * bs, Hkv, d, generator=g, device=device).to(dtype)
+    # each slot owns distinct blocks in a random order; the rest of the pool is other slots' data
+    perm = torch.randperm(blocks, generator=g, device=device)
+    width = -(-max(lengths) // bs) + 1
+    table = perm[: S * width].view(S, width)
+    return q, k, v, table, torch.tensor(lengths, device=device), bs
+
+
+def test_reference_equals_sdpa_over_each_slots_own_tokens():
+    q, k, v, table, lengths, bs = pooled_case()
+    S, Hq, d = q.shape
+    got = pa.reference(q, k, v, table, lengths, bs, d**-0.5)
+    for s in range(S):
+        n = int(lengths[s])
+        rows = (table[s, :, None] * bs + torch.arange(bs)).flatten()[:n]
+        ks = k[rows].repeat_interleave(Hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, d]
+        vs = v[rows].repeat_interleave(Hq // k.shape[1], dim=1).transpose(0, 1)
+        want = F.scaled_dot_product_attention(q[s][:, None], ks, vs)[:, 0]
+        torch.testing.assert_close(got[s], want, atol=1e-6, rtol=1e-6)
+
+
+def test_reference_ignores_everything_past_a_slots_length():
+    q, k, v, table, lengths, bs = pooled_case()
+    before = pa.reference(q, k, v, table, lengths, bs, 0.1)
+    k2, v2 = k.clone(), v.clone()
+    for s, n in enumerate(lengths.tolist()):  # garbage in every pool row a slot must not read
+        rows = (table[s, :, None] * bs + torch.arange(bs)).flatten()[n:]
+        k2[rows], v2[rows] = 1e4, -1e4
+    assert torch.equal(pa.reference(q, k2, v2, table, lengths, bs, 0.1), before)
+
+
+def test_kernel_support_rules():
+    assert pa.kernel_supports(128, 1) and pa.kernel_supports(32, 2) and pa.kernel_supports(64, 16)
+    assert not pa.kernel_supports(96, 1) and not pa.kernel_supports(8, 1) and not pa.kernel_supports(64, 32)
+
+
+INTERPRETED = """
+import torch
+from r1lightning.rollout import paged_attention as pa
+import tests.test_paged_attention as t
+worst = 0.0
+for kw in [dict(), dict(Hq=8, Hkv=1, d=64, bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=4, Hkv=4, d=32, bs=8, dtype=torch.float16)]:
+    q, k, v, table, lengths, bs = t.pooled_case(**kw)
+    got = pa.kernel(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
+    want = pa.reference(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
+    tol = 1e-5 if q.dtype == torch.float32 else 2e-3
+    err = (got - want).abs().max().item()
+    assert err < tol, (kw, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU torch wheels do not ship it)")
+def test_kernel_equals_reference_under_the_triton_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
