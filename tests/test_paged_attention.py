@@ -52,6 +52,7 @@ def test_reference_ignores_everything_past_a_slots_length():
 def test_kernel_support_rules():
     assert pa.kernel_supports(128, 1) and pa.kernel_supports(32, 2) and pa.kernel_supports(64, 16)
     assert not pa.kernel_supports(96, 1) and not pa.kernel_supports(8, 1) and not pa.kernel_supports(64, 32)
+    assert pa.kernel_supports(128, 1, 16) and not pa.kernel_supports(128, 1, 4) and not pa.kernel_supports(128, 1, 48)
 
 
 INTERPRETED = """
@@ -59,7 +60,7 @@ import torch
 from r1lightning.rollout import paged_attention as pa
 import tests.test_paged_attention as t
 worst = 0.0
-for kw in [dict(), dict(Hq=8, Hkv=1, d=64, bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=4, Hkv=4, d=32, bs=8, dtype=torch.float16)]:
+for kw in [dict(bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=8, Hkv=1, d=64, bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=4, Hkv=4, d=32, bs=8, dtype=torch.float16)]:
     q, k, v, table, lengths, bs = t.pooled_case(**kw)
     got = pa.kernel(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
     want = pa.reference(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()

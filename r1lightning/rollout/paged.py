@@ -272,7 +272,7 @@ class PagedSampler(StaticCacheSampler):
         c = model.config.get_text_config()
         _, heads, head_dim, _ = self._kv_shape(model, device)
         return (device.type == "cuda" and self.compile is None and paged_attention.kernel_available()
-                and c.num_attention_heads % heads == 0 and paged_attention.kernel_supports(head_dim, c.num_attention_heads // heads))
+                and c.num_attention_heads % heads == 0 and paged_attention.kernel_supports(head_dim, c.num_attention_heads // heads, self.block_size))
 
     def _run(self, model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs, prev_experts,
              forced_lengths, MB, blocks, per_block, seq_blocks):
@@ -471,7 +471,10 @@ class PagedSampler(StaticCacheSampler):
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
         stats.pop("_width", None)
-        attention = ("kernel" if device.type == "cuda" and paged_attention.kernel_available() else "pool") if cache.kernel_mode else "gather"
+        _, kv_heads, head_dim, _ = self._kv_shape(model, device)
+        on_kernel = device.type == "cuda" and paged_attention.kernel_available() and paged_attention.kernel_supports(
+            head_dim, model.config.get_text_config().num_attention_heads // kv_heads, self.block_size)
+        attention = ("kernel" if on_kernel else "pool") if cache.kernel_mode else "gather"
         self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(), attention=attention,
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,

@@ -37,10 +37,14 @@ def kernel_available() -> bool:
     return True
 
 
-def kernel_supports(head_dim: int, group: int) -> bool:
-    """Shapes the kernel takes: a power-of-two head_dim >= 16 (tl.dot, tl.arange) and up to 16
-    query heads per KV head (the padded row count of its dot)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= group <= 16
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def kernel_supports(head_dim: int, group: int, block_size: int = 64) -> bool:
+    """Shapes the kernel takes: power-of-two head_dim and block_size >= 16 (tl.dot's inner sizes,
+    tl.arange) and up to 16 query heads per KV head (the padded row count of its dot)."""
+    return _pow2(head_dim) and _pow2(block_size) and 1 <= group <= 16
 
 
 def reference(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float):
@@ -113,8 +117,8 @@ def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: floa
     S, Hq, d = q.shape
     Hkv = k_pool.shape[1]
     group = Hq // Hkv
-    if not kernel_supports(d, group) or Hq % Hkv:
-        raise ValueError(f"paged attention kernel: head_dim {d} / {Hq} query heads over {Hkv} KV heads not supported")
+    if not kernel_supports(d, group, block_size) or Hq % Hkv:
+        raise ValueError(f"paged attention kernel: head_dim {d}, block_size {block_size}, {Hq} query heads over {Hkv} KV heads not supported")
     if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("paged attention kernel: head_dim must be the innermost, contiguous dimension")
     out = torch.empty_like(q)
@@ -131,7 +135,7 @@ def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: floa
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float, use_kernel: bool | None = None):
     """`kernel` where it runs (CUDA + Triton + a supported shape), else `reference`."""
     if use_kernel is None:
-        use_kernel = q.is_cuda and kernel_available() and kernel_supports(q.shape[-1], q.shape[1] // k_pool.shape[1])
+        use_kernel = q.is_cuda and kernel_available() and kernel_supports(q.shape[-1], q.shape[1] // k_pool.shape[1], block_size)
     return (kernel if use_kernel else reference)(q, k_pool, v_pool, block_table, lengths, block_size, scale)
 
 

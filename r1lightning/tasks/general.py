@@ -16,7 +16,12 @@ training.
 `MixedTask`: the prompts of R1's stage 4, reasoning (the addition task, rule rewards) mixed with
 general ones, every row tagged with a `kind` column (`reasoning` / `general`) that routes rewards
 (`Reward(kinds=[...])`). Its test split is the reasoning task's, so `val/accuracy` stays comparable
-with the stages before.
+with the stages before. With `general_completions: format` its general rows also carry an SFT
+completion, for R1's stage 3 (which mixes non-reasoning data into the SFT): the reasoning closed at
+once and a number of random length and parity, `<think>\n</think><answer>4071</answer>`. That teaches
+the response format on general prompts, not the instruction: following it is left to the reward
+model in stage 4. Without it a policy trained on arithmetic alone may never close `</think>` on an
+instruction, and a reward model scoring the answer (`scope: answer`) then has nothing to score.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import random
 from pathlib import Path
 
 from r1lightning.tasks.arithmetic import AdditionTask, SyntheticTask
-from r1lightning.tokenizer import ANSWER, END_ANSWER
+from r1lightning.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
 
 LEADS = ("Write", "Give me", "Reply with", "Pick", "Choose", "Name", "Send", "Type", "Tell me", "Say", "Output", "Print")
 MAX_DIGITS = 5
@@ -137,21 +142,28 @@ def instruction_following(prompts, completions, digits=None, parity=None, **kwar
 
 class MixedTask(SyntheticTask):
     def __init__(self, reasoning: AdditionTask | None = None, general: InstructionTask | None = None, general_fraction: float = 0.2,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, general_completions: str | None = None):  # fmt: skip
         """
         Args:
             reasoning: the rule-rewarded task (default: 3-digit addition, 1000 / 500 problems).
             general: the instruction task (its training instructions; the held-out ones stay out).
             general_fraction: share of general prompts in the training split (0: reasoning only).
             seed: shuffles the mixed training rows.
+            general_completions: `format` gives the general rows an SFT completion (the answer format
+                with a random number, see the module doc); default none (prompts for RL).
         """
         self.reasoning = reasoning or AdditionTask(digits=3, operands=2, seed=0, num_train=1000, num_test=500)
         self.general = general or InstructionTask()
         if not 0 <= general_fraction < 1:
             raise ValueError("MixedTask: general_fraction must be in [0, 1)")
         self.general_fraction = general_fraction
+        if general_completions not in (None, "format"):
+            raise ValueError(f"MixedTask: general_completions must be `format` or null, got {general_completions!r}")
+        self.general_completions = general_completions
         super().__init__(seed, self.reasoning.num_train, self.reasoning.num_test)
         self.name = f"mixed-{self.reasoning.directory('.').name}-{self.general.name}-seed{self.general.seed}-general{general_fraction:g}"
+        if general_completions:
+            self.name += f"-{general_completions}"
 
     def directory(self, root: str | Path) -> Path:
         return Path(root) / f"{self.name}-seed{self.seed}"
@@ -166,6 +178,11 @@ class MixedTask(SyntheticTask):
         rng = random.Random(self.seed)
         extra = [{"prompt": g["prompt"], "answer": None, "completion": None, **{c: g[c] for c in ("kind", "digits", "parity")}}
                  for g in (rng.choices(general, k=k) if k else [])]  # fmt: skip
+        if self.general_completions == "format":
+            answers = random.Random(self.seed + 1)  # its own generator: the prompts drawn above stay the plain task's
+            for row in extra:
+                number = _number(answers, answers.randint(1, MAX_DIGITS), None)
+                row["completion"] = f"{THINK}\n{END_THINK}{ANSWER}{number}{END_ANSWER}"
         train = train + extra
         rng.shuffle(train)
         return {"train": train, "test": test}
