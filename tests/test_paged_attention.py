@@ -60,7 +60,7 @@ import torch
 from r1lightning.rollout import paged_attention as pa
 import tests.test_paged_attention as t
 worst = 0.0
-for kw in [dict(bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=8, Hkv=1, d=64, bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=4, Hkv=4, d=32, bs=8, dtype=torch.float16)]:
+for kw in [dict(bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=8, Hkv=1, d=64, bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=4, Hkv=4, d=32, bs=16, lengths=(1, 16, 17, 40, 3), dtype=torch.float16)]:
     q, k, v, table, lengths, bs = t.pooled_case(**kw)
     got = pa.kernel(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
     want = pa.reference(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
