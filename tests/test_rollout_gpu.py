@@ -166,20 +166,26 @@ def test_paged_attention_kernel_equals_reference_bf16_at_olmoe_shapes():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
-def test_paged_graphs_kernel_attention_greedy_equals_gather_bf16(tiny_moe_config):
-    model, tok = on_cuda(OLMOE, torch.bfloat16, moe_backend="grouped_mm")
+def test_paged_graphs_kernel_attention_bf16_as_close_to_fp32_as_the_gather(tiny_moe_config):
+    # bf16 rounding differs between the kernel (fp32 accumulation over the pool) and SDPA over a bf16
+    # copy, so neither equals the other; both are held against the fp32 model's own log-probs
+    model, tok = on_cuda(OLMOE, torch.float32, moe_backend="grouped_mm")
     ids, mask = (t.cuda() for t in encode(tok, RAGGED))
     ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
     params = SamplingParams(40, 0)
+    fp32 = PagedSampler(max_slots=16, block_size=16, attention="gather").generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    model.to(torch.bfloat16)
     kernel = PagedSampler(max_slots=16, block_size=16)
     ours = kernel.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
     assert kernel.last_stats["attention"] == "kernel"
     gather = PagedSampler(max_slots=16, block_size=16, attention="gather")
     ref = gather.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
     assert gather.last_stats["attention"] == "gather"
-    assert (ours.completion_ids == ref.completion_ids).float().mean() > 0.95  # bf16 ties may flip a token
-    same = (ours.completion_ids == ref.completion_ids).all(-1)
-    torch.testing.assert_close(ours.logprobs[same], ref.logprobs[same], atol=5e-2, rtol=0)
+    same = (ours.completion_ids == fp32.completion_ids).all(-1) & (ref.completion_ids == fp32.completion_ids).all(-1)
+    assert same.float().mean() > 0.5
+    err_kernel = (ours.logprobs[same] - fp32.logprobs[same]).abs().mean()
+    err_gather = (ref.logprobs[same] - fp32.logprobs[same]).abs().mean()
+    assert err_kernel <= 1.25 * err_gather + 1e-3, (err_kernel, err_gather)
 
 
 def test_paged_graphs_preempt_and_keep_greedy_tokens(tiny_moe_config):
