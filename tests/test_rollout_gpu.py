@@ -181,10 +181,11 @@ def test_paged_graphs_kernel_attention_bf16_as_close_to_fp32_as_the_gather(tiny_
     gather = PagedSampler(max_slots=16, block_size=16, attention="gather")
     ref = gather.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
     assert gather.last_stats["attention"] == "gather"
-    same = (ours.completion_ids == fp32.completion_ids).all(-1) & (ref.completion_ids == fp32.completion_ids).all(-1)
-    assert same.float().mean() > 0.5
-    err_kernel = (ours.logprobs[same] - fp32.logprobs[same]).abs().mean()
-    err_gather = (ref.logprobs[same] - fp32.logprobs[same]).abs().mean()
+    # a random tiny model is full of near-ties, so greedy paths part; compare each row up to where any does
+    agree = ((ours.completion_ids == fp32.completion_ids) & (ref.completion_ids == fp32.completion_ids)).long().cumprod(-1).bool()
+    assert agree.sum() > 200
+    err_kernel = (ours.logprobs - fp32.logprobs)[agree].abs().mean()
+    err_gather = (ref.logprobs - fp32.logprobs)[agree].abs().mean()
     assert err_kernel <= 1.25 * err_gather + 1e-3, (err_kernel, err_gather)
 
 
