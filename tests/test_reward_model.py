@@ -79,6 +79,31 @@ def test_mixed_task_tags_kinds_and_keeps_the_reasoning_test_split(tmp_path):
     assert not held_out & {r["prompt"] for r in splits["train"]}
 
 
+def test_mixed_task_format_completions_teach_the_format_not_the_instruction():
+    from r1lightning.tasks import AdditionTask
+    from r1lightning.tasks.general import follows
+
+    add = AdditionTask(digits=2, operands=2, seed=0, num_train=300, num_test=50)
+    plain = MixedTask(reasoning=add, general=InstructionTask(num_test_prompts=20), general_fraction=0.25)
+    task = MixedTask(reasoning=add, general=InstructionTask(num_test_prompts=20), general_fraction=0.25, general_completions="format")
+    assert task.name == plain.name + "-format"
+    rows, base = task.splits()["train"], plain.splits()["train"]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in base]  # the same prompts, in the same order
+    general = [r for r in rows if r["kind"] == "general"]
+    assert len(general) == 100 and all(r["answer"] is None for r in general)
+    numbers = []
+    for r in general:
+        head, number = r["completion"].removesuffix("</answer>").split("<answer>")
+        assert head == "<think>\n</think>" and number.isdigit() and number[0] != "0"
+        numbers.append(number)
+    # a random number of 1-5 digits: the instruction is followed about as often as chance allows
+    assert {len(n) for n in numbers} == {1, 2, 3, 4, 5}
+    followed = sum(follows(n, r["digits"], r["parity"]) for n, r in zip(numbers, general)) / len(general)
+    assert 0.15 < followed < 0.6
+    with pytest.raises(ValueError, match="general_completions"):
+        MixedTask(reasoning=add, general_completions="chosen")
+
+
 # -- preference data ------------------------------------------------------------------------------
 def test_preference_data_plain_conversational_pointwise(tmp_path):
     import datasets
