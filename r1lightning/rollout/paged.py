@@ -253,26 +253,32 @@ class PagedSampler(StaticCacheSampler):
             st.graphs, st.pool, st.static_marked, st.views = {}, None, False, {}
         st.dummy_base = st.out_ids.numel() - S  # idle slot s writes its draw to out cell dummy_base + s
         cache = st.cache
-        cache.kernel_mode = self._pool_attention(model, device)
+        path = self._attention_path(model, device)
+        cache.kernel_mode, cache.use_kernel = path != "gather", path == "kernel"
         prev_attn = model.config._attn_implementation
         if cache.kernel_mode:
             paged_attention.register()
             model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)  # SDPA unless given paged_kv
         try:
-            return self._run(model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs,
-                             prev_experts, forced_lengths, MB, blocks, per_block, seq_blocks)
+            out = self._run(model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs,
+                            prev_experts, forced_lengths, MB, blocks, per_block, seq_blocks)
+            self.last_stats["attention"] = path
+            return out
         finally:
             if cache.kernel_mode:
                 model.set_attn_implementation(prev_attn)
 
-    def _pool_attention(self, model, device) -> bool:
-        """Whether decode attention reads the pool directly (`attention`, see the class doc)."""
-        if self.attention != "auto":
-            return self.attention == "pool"
-        c = model.config.get_text_config()
-        _, heads, head_dim, _ = self._kv_shape(model, device)
-        return (device.type == "cuda" and self.compile is None and paged_attention.kernel_available()
-                and c.num_attention_heads % heads == 0 and paged_attention.kernel_supports(head_dim, c.num_attention_heads // heads, self.block_size))
+    def _attention_path(self, model, device) -> str:
+        """How decode attention reads the KV (`attention`, see the class doc): `kernel` (Triton, from
+        the pool), `pool` (the PyTorch reference, from the pool) or `gather`."""
+        heads = model.config.get_text_config().num_attention_heads
+        _, kv_heads, head_dim, _ = self._kv_shape(model, device)
+        group = heads // kv_heads if heads % kv_heads == 0 else 0
+        kernel = (device.type == "cuda" and paged_attention.kernel_available()
+                  and paged_attention.kernel_supports(head_dim, group, self.block_size))
+        if self.attention == "gather" or (self.attention == "auto" and (not kernel or self.compile is not None)):
+            return "gather"
+        return "kernel" if kernel else "pool"
 
     def _run(self, model, st, cache, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id, N, C, use_graphs, prev_experts,
              forced_lengths, MB, blocks, per_block, seq_blocks):
@@ -471,11 +477,7 @@ class PagedSampler(StaticCacheSampler):
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
         stats.pop("_width", None)
-        _, kv_heads, head_dim, _ = self._kv_shape(model, device)
-        on_kernel = device.type == "cuda" and paged_attention.kernel_available() and paged_attention.kernel_supports(
-            head_dim, model.config.get_text_config().num_attention_heads // kv_heads, self.block_size)
-        attention = ("kernel" if on_kernel else "pool") if cache.kernel_mode else "gather"
-        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(), attention=attention,
+        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(),
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
                                prefill_s=t_prefill if self.timing else None,
