@@ -2,9 +2,11 @@
 
 R1's stage 4 has no verifiable answer for general prompts: progress there is the reward model's
 score on prompts the policy never trained on (and, for the synthetic instructions, the rule check
-beside it). Greedy completions, every reward that applies; logged as `val/general/<reward>` (mean
-over prompts) with `.../sem` (its standard error), at fit start and at every validation, and
-written with the step to `<default_root_dir>/general_eval.json` so a run's rise is readable later.
+beside it). Greedy completions by default, or R1's evaluation protocol: `num_samples` per prompt at
+`temperature` 0.6 / `top_p` 0.95 (seeded, so two evaluations differ only by the policy), averaged per
+prompt first. Every reward that applies; logged as `val/general/<reward>` (mean over prompts) with
+`.../sem` (its standard error over prompts), at fit start and at every validation, and written with the
+step to `<default_root_dir>/general_eval.json` so a run's rise is readable later.
 """
 
 from __future__ import annotations
@@ -23,17 +25,24 @@ __all__ = ["HeldoutRewardEval"]
 
 class HeldoutRewardEval(Callback):
     def __init__(self, task=None, prompt_files: str | list[str] | None = None, split: str = "test", max_new_tokens: int = 48,
-                 batch_size: int = 64, at_fit_start: bool = True, prefix: str = "val/general"):  # fmt: skip
+                 batch_size: int = 64, at_fit_start: bool = True, prefix: str = "val/general", num_samples: int = 1,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):  # fmt: skip
         """
         Args:
             task: a task with `prompt_rows(split)` (e.g. `r1lightning.tasks.InstructionTask`).
             prompt_files: or files of prompt rows (`prompt` plus the columns the rewards read).
             split: which of the task's splits (`test`: instructions never trained on).
-            max_new_tokens: greedy generation budget.
+            max_new_tokens: generation budget.
             at_fit_start: evaluate before the first step too (the curve's starting point).
+            num_samples, temperature, top_p: completions per prompt and how they are drawn (default one
+                greedy); R1 reports k samples at temperature 0.6, top-p 0.95.
+            seed: the sampling seed, the same at every evaluation.
         """
         if (task is None) == (prompt_files is None):
             raise ValueError("HeldoutRewardEval: give exactly one of `task` or `prompt_files`")
+        if num_samples < 1 or (num_samples > 1 and temperature <= 0):
+            raise ValueError("HeldoutRewardEval: num_samples must be >= 1, and > 1 only with temperature > 0")
+        self.num_samples, self.temperature, self.top_p, self.seed = num_samples, temperature, top_p, seed
         self.task, self.prompt_files, self.split = task, prompt_files, split
         self.max_new_tokens, self.batch_size, self.at_fit_start, self.prefix = max_new_tokens, batch_size, at_fit_start, prefix
         self.history: list[dict] = []
@@ -56,15 +65,17 @@ class HeldoutRewardEval(Callback):
 
         tok = pl_module.tokenizer
         rows = self.rows()
+        k = self.num_samples
+        params = SamplingParams(self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed if self.temperature > 0 else None)
         per_fn: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            ids, mask = left_pad([encode_prompt(tok, row_messages(r)) for r in chunk], tok.pad_token_id)
-            rollout = pl_module.generate(ids.to(pl_module.device), mask.to(pl_module.device), SamplingParams(self.max_new_tokens, temperature=0.0))
-            columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k not in ("prompt", "messages", "prompt_ids")}
+            ids, mask = left_pad([encode_prompt(tok, row_messages(r)) for r in chunk for _ in range(k)], tok.pad_token_id)
+            rollout = pl_module.generate(ids.to(pl_module.device), mask.to(pl_module.device), params)
+            columns = {c: [r.get(c) for r in chunk for _ in range(k)] for c in chunk[0] if c not in ("prompt", "messages", "prompt_ids")}
             scores = pl_module.score(rollout, columns, pl_module.rewards)
-            for name, values in scores.per_fn.items():
-                per_fn.setdefault(name, []).append(values)
+            for name, values in scores.per_fn.items():  # per prompt: the mean of its samples that apply
+                per_fn.setdefault(name, []).append(values.view(len(chunk), k).float().nanmean(-1))
         out = {}
         for name, parts in per_fn.items():
             v = torch.cat(parts)

@@ -20,17 +20,22 @@ class HFGenerateSampler(Sampler):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         was_training = model.training
         model.eval()
+        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+        seeded = params.seed is not None and not params.greedy
         try:
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                return_dict_in_generate=True,
-                output_logits=self.return_logprobs,
-                **kwargs,
-            )
+            with torch.random.fork_rng(devices=devices, enabled=seeded):  # a seeded call leaves the global RNG as it was
+                if seeded:
+                    torch.manual_seed(params.seed)
+                out = model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    use_cache=True,
+                    return_dict_in_generate=True,
+                    output_logits=self.return_logprobs,
+                    **kwargs,
+                )
         finally:
             model.train(was_training)
         completion_ids = out.sequences[:, prompt_ids.shape[1] :]
