@@ -408,3 +408,35 @@ def _fsdp_run(rm_dir: str, workdir: str) -> None:
 
 if __name__ == "__main__":
     _fsdp_run(sys.argv[1], sys.argv[2])
+
+
+# -- held-out evaluation ---------------------------------------------------------------------------
+def test_heldout_eval_samples_seeded_and_averages_per_prompt(tmp_path):
+    """R1's protocol (k samples at T 0.6): the same seed gives the same score at every evaluation and the
+    training RNG is left alone; each prompt's k samples are averaged first, the standard error is over prompts."""
+    from callbacks.reward_eval import HeldoutRewardEval
+    from r1lightning.grpo import GRPOModule
+    from r1lightning.policy import Policy
+    from tests.test_strategies import TINY
+
+    torch.manual_seed(0)
+    module = GRPOModule(policy=Policy(config=TINY, tokenizer="char", moe_backend="eager"),
+                        rewards=[Reward(fn="tests.test_reward_model.count_calls", name="length", kinds=["general"])])  # fmt: skip
+    module.configure_model()
+    rows = [{"prompt": p, "kind": "general"} for p in ("Say yes.", "Give me a number.", "Hi")] + [{"prompt": "1+1?", "kind": "reasoning"}]
+    files = tmp_path / "held_out.jsonl"
+    files.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cb = HeldoutRewardEval(prompt_files=str(files), max_new_tokens=8, num_samples=4, temperature=0.6, top_p=0.95, seed=3)
+    count_calls.seen = []
+    state = torch.random.get_rng_state()
+    first = cb.evaluate(module)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = cb.evaluate(module)
+    assert first == second
+    (completions,) = count_calls.seen[:1]
+    assert len(completions) == 3 * 4  # the general rows' samples only
+    per_prompt = torch.tensor([float(len(c)) for c in completions]).view(3, 4).mean(-1)
+    assert first["val/general/length"] == pytest.approx(float(per_prompt.mean()))
+    assert first["val/general/length/sem"] == pytest.approx(float(per_prompt.std() / math.sqrt(3)))
+    with pytest.raises(ValueError, match="num_samples"):
+        HeldoutRewardEval(prompt_files=str(files), num_samples=4)  # k greedy samples would be k copies
