@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's quickstart tables: the whole pipeline for seeds 0 1 2, and stage 4 without general prompts (training seed only; the task's
 # problems stay those of seed 0), then per stage the mean and the range of held-out accuracy and wall
-# time, and the library versions they were measured with. About 18 min per seed on a quiet 2-core CPU (the pipeline ~15, the stage-4 ablation ~3).
+# time, and the library versions they were measured with. About 13 min per seed on a quiet 2-core CPU (the pipeline ~11, the stage-4 ablation ~2).
 #
 #   bash scripts/pipeline_seeds.sh                 # seeds 0 1 2 under runs/quickstart/seeds/
 #   SEEDS="0 1 2 3 4" bash scripts/pipeline_seeds.sh
