@@ -221,9 +221,7 @@ def one_length_dist(model, args, device, results, gen, dist):
     print("# lengths", json.dumps(info), flush=True)
     section = results.setdefault("length_dist", {}).setdefault(dist, {"lengths": info, "rows": []})
     model.set_experts_implementation(args.prefill[0] if args.prefill[0] != "megablocks" or megablocks_ok() else "grouped_mm")
-    engines = [(f"static, batches of {B}", "static", B)]
-    if args.no_static:
-        engines = []
+    engines = [] if args.no_static else [(f"static, batches of {B}", "static", B)]
     for slots in args.slots:
         for gib in args.kv_gib:
             for attention in args.attention:

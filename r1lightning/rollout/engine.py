@@ -41,6 +41,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from r1lightning.moe import decode_experts
+from r1lightning.rollout import paged_attention
 from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class StaticCacheSampler(Sampler):
     @staticmethod
     def _mask_dtype(model):
         # SDPA takes a boolean mask (True = attend); eager attention adds the mask to its scores.
-        if getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "r1_paged_decode"):  # the paged kernel's SDPA fallback
+        if getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", paged_attention.ATTN_IMPLEMENTATION):  # its fallback is SDPA
             return torch.bool
         return model.dtype
 

@@ -79,9 +79,10 @@ class PagedKV(Cache):
         self.keys = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(rows, heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sel = self.dest = self.write = self.read = None
-        # pool mode (`attention: pool`): decode returns the pools themselves and attention reads each
-        # slot's blocks through `table` up to `lengths` (rollout/paged_attention.py), no gather
-        self.kernel_mode, self.use_kernel = False, None
+        # `gather`: decode returns each slot's KV copied out of the pool through `read`. `kernel` / `pool`:
+        # decode returns the pools themselves and attention reads each slot's blocks through `table` up
+        # to `lengths` (rollout/paged_attention.py: the Triton kernel / its PyTorch reference)
+        self.attention = "gather"
         self.table = self.lengths = None
         self.prefill = True
         self.kv_len = 0
@@ -100,7 +101,7 @@ class PagedKV(Cache):
             return key_states, value_states
         K.index_copy_(0, self.write, k.to(K.dtype))
         V.index_copy_(0, self.write, v.to(V.dtype))
-        if self.kernel_mode:
+        if self.attention != "gather":
             return K, V
         S, T = self.read.shape
         dtype = key_states.dtype  # a pool kept in another dtype (e.g. fp32 parameters, bf16 compute) is read as computed
@@ -254,9 +255,9 @@ class PagedSampler(StaticCacheSampler):
         st.dummy_base = st.out_ids.numel() - S  # idle slot s writes its draw to out cell dummy_base + s
         cache = st.cache
         path = self._attention_path(model, device)
-        cache.kernel_mode, cache.use_kernel = path != "gather", path == "kernel"
+        cache.attention = path
         prev_attn = model.config._attn_implementation
-        if cache.kernel_mode:
+        if path != "gather":
             paged_attention.register()
             model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)  # SDPA unless given paged_kv
         try:
@@ -265,7 +266,7 @@ class PagedSampler(StaticCacheSampler):
             self.last_stats["attention"] = path
             return out
         finally:
-            if cache.kernel_mode:
+            if path != "gather":
                 model.set_attn_implementation(prev_attn)
 
     def _attention_path(self, model, device) -> str:
@@ -609,7 +610,7 @@ class PagedSampler(StaticCacheSampler):
         write = st.block_table.gather(1, st.pos // bs) * bs + st.pos % bs  # [S, 1]
         cache.write = torch.where(live, write.view(-1), st.write_trash)
         extra = {}
-        if cache.kernel_mode:  # attention reads the pool through the table, each slot to its own length
+        if cache.attention != "gather":  # attention reads the pool through the table, each slot to its own length
             cache.table = st.block_table
             cache.lengths = (st.pos.view(-1) + 1).clamp(max=kv)
             extra["paged_kv"] = cache

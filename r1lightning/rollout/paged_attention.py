@@ -7,9 +7,10 @@ live sequence, so short sequences pay for the longest. The kernel walks each slo
 to that slot's own length and reads each block once: one program per (slot, KV head), the heads of a
 GQA group together, online softmax over blocks of `block_size` tokens (fp32 accumulation).
 
-`paged_decode_attention` dispatches: the kernel on CUDA when Triton imports (`kernel_available`),
-else `reference` (gather + masked softmax in fp32), which the CPU tests compare the kernel with
-(under `TRITON_INTERPRET=1` where Triton is installed, and on the GPU).
+`kernel` runs on CUDA when Triton imports (`kernel_available`) and the shapes suit it
+(`kernel_supports`); `reference` (gather + masked softmax in fp32) runs elsewhere, and the CPU tests
+compare the kernel with it (under `TRITON_INTERPRET=1` where Triton is installed, and on the GPU).
+`PagedSampler` decides which of the two a call uses and tells the cache (`PagedKV.attention`).
 
 transformers calls attention through its `AttentionInterface`; `register()` adds
 `ATTN_IMPLEMENTATION`, which is SDPA unless the forward carries `paged_kv=<PagedKV in kernel mode>`
@@ -132,24 +133,17 @@ def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: floa
     return out
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float, use_kernel: bool | None = None):
-    """`kernel` where it runs (CUDA + Triton + a supported shape), else `reference`."""
-    if use_kernel is None:
-        use_kernel = q.is_cuda and kernel_available() and kernel_supports(q.shape[-1], q.shape[1] // k_pool.shape[1], block_size)
-    return (kernel if use_kernel else reference)(q, k_pool, v_pool, block_table, lengths, block_size, scale)
-
-
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged_kv=None, **kwargs):
-    """transformers' attention signature. With `paged_kv` (decode, kernel mode) `key`/`value` are the
-    layer's pools and the slots' block tables and lengths come from `paged_kv`; otherwise SDPA."""
-    if paged_kv is None or not paged_kv.kernel_mode or query.shape[2] != 1:
+    """transformers' attention signature. With `paged_kv` (decode, reading the pool) `key`/`value` are
+    the layer's pools and the slots' block tables and lengths come from `paged_kv`; otherwise SDPA."""
+    if paged_kv is None or paged_kv.attention == "gather" or query.shape[2] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[:, :, 0].to(key.dtype)  # a pool kept in another dtype is read in its own
-    out = paged_decode_attention(q, key, value, paged_kv.table, paged_kv.lengths, paged_kv.block_size, scale,
-                                 use_kernel=paged_kv.use_kernel)  # fmt: skip
+    attend = kernel if paged_kv.attention == "kernel" else reference
+    out = attend(q, key, value, paged_kv.table, paged_kv.lengths, paged_kv.block_size, scale)
     return out.to(query.dtype)[:, None], None  # [S, 1, Hq, d], as sdpa_attention_forward returns
 
 
