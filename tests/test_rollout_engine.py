@@ -285,6 +285,8 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, attention, 
     assert engine.last_stats["slots"] == 3 and engine.last_stats["admitted"] == len(RAGGED)
     assert engine.last_stats["preempted"] == 0
     assert engine.last_stats["compactions"] >= 1  # the tail ran narrower, its sequences moved to low slots
+    # gather reads up to a bucket over the longest live sequence (8 tokens here); the pool each slot to its own length
+    assert engine.last_stats["kv_lens"] == (1 if attention == "pool" else 3)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(ours.completion_mask, ref.completion_mask)
     assert torch.equal(ours.truncated, ref.truncated)

@@ -13,7 +13,8 @@ tokens it sampled so far prefilled again later: recompute, no swap).
 Shapes stay fixed, so the decode step is captured in CUDA graphs as in `StaticCacheSampler`: the
 step scatters each slot's new K/V to `block_table[slot, pos // block_size]`, and gathers the slot's
 first `kv_len` positions through its block table for attention (one graph per `kv_len` bucket,
-captured the first time a call reaches it). A slot's sequence is stored without padding: KV index t
+captured the first time a call reaches it), or, with `attention` pool/kernel, reads each slot's blocks
+in place up to its own length (one `kv_len`, one graph per width). A slot's sequence is stored without padding: KV index t
 is position id t, and the mask lets slot s attend to t <= pos[s], so whatever an earlier occupant
 left in a reused block is never read. Idle slots (finished, waiting for the next sync) compute on
 and write to a trash area; they cost time, not correctness.
@@ -27,8 +28,8 @@ not their KV) and a step over a power-of-two number of slots runs (`compact_tail
 sequences do not pay for idle slots.
 
 Memory: `release_for_update()` (GRPO calls it after scoring, before the update) frees the pool and
-the graphs unless `keep_cache`; the next rollout allocates and captures again (~16 KV buckets, the
-bucket grows with the length, times the tail widths reached).
+the graphs unless `keep_cache`; the next rollout allocates and captures again (gather: ~16 KV
+buckets, the bucket grows with the length; pool / kernel: one; times the tail widths reached).
 
 Output: the same `Rollout` as the static engine (completion ids, masks, truncation flags, sampler
 log-probs), rows in input order. Sampling draws differ from the static engine (slots, not rows, draw
@@ -147,9 +148,9 @@ class PagedSampler(StaticCacheSampler):
             one sequence (prompt + max_new_tokens) is a UserError.
         kv_memory_fraction: the cap above (None budget only).
         block_size: tokens per KV block.
-        kv_bucket: attention reads each slot up to the longest live sequence rounded up to this
-            many tokens (one graph per bucket); None: a multiple of `block_size` giving at most 16
-            buckets over the longest sequence.
+        kv_bucket: `gather` attention reads each slot up to the longest live sequence rounded up to
+            this many tokens (one graph per bucket); None: a multiple of `block_size` giving at most
+            16 buckets over the longest sequence. Unused by `pool` attention (each slot to its own length).
         keep_cache: keep pool and graphs through the policy update (`release_for_update` does
             nothing); False frees them there and the next rollout captures again.
         compact_tail: once no sample waits, move the live sequences to the first slots and decode
@@ -289,8 +290,11 @@ class PagedSampler(StaticCacheSampler):
         trash = -(-S // bs)  # blocks 0..trash-1: where idle slots write
         lengths = prompt_mask.long().sum(-1)
         mask_dtype = self._mask_dtype(model)
-        if self.compile:
-            bucket = MB * bs  # one shape
+        if self.compile or cache.attention != "gather":
+            # compile: one shape. pool / kernel: attention reads each slot to its own length, so
+            # `kv_len` only sizes the mask it does not read; one length means one graph per width,
+            # not ~16 (captured again after every policy update: 0.32 of a 6.3 s GRPO step at 256 tokens)
+            bucket = MB * bs
         elif self.auto_bucket:
             bucket = max(bs, _round_up(-(-MB * bs // 16), bs))
         else:
@@ -341,6 +345,7 @@ class PagedSampler(StaticCacheSampler):
         k = self.sync_every
         need_blocks = lambda s, steps: min(seq_blocks, -(-(slot_pos[s] + steps) // bs))  # noqa: E731
         tick = 0
+        kv_lens: set[int] = set()  # attention lengths decoded with (one graph each per width)
 
         def set_table(s):
             table[s].zero_()
@@ -444,6 +449,7 @@ class PagedSampler(StaticCacheSampler):
                 view = self._view(st, width)
                 if C > 1:
                     kv_len = kv_len_for(max(slot_pos[s] for s in live) + k)
+                    kv_lens.add(kv_len)
                     if use_graphs and (width, kv_len, mode) not in st.graphs:
                         clock()
                         self._capture_paged(st, view, model, (width, kv_len, mode), mask_dtype, step_fn)
@@ -478,7 +484,7 @@ class PagedSampler(StaticCacheSampler):
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
         stats.pop("_width", None)
-        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_bytes=cache.nbytes(),
+        self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_lens=len(kv_lens), kv_bytes=cache.nbytes(),
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
                                prefill_s=t_prefill if self.timing else None,
