@@ -99,6 +99,16 @@ def draw_lengths(n: int, length: int, step: int, args) -> torch.Tensor:
     return x.round().clamp(1, length).long()
 
 
+def point_args(args, length: int, dist: str):
+    """The arguments of one (length, distribution) point: with `--equal-tokens` a log-normal point
+    has as many prompts as make its expected completion tokens those of the fixed-length point
+    (prompts x G x length), so the two tokens/s figures compare the same amount of work."""
+    if not (args.equal_tokens and dist == "lognormal"):
+        return args
+    mean = draw_lengths(200_000, length, 0, args).double().mean().item()
+    return argparse.Namespace(**{**vars(args), "prompts": max(1, round(args.prompts * length / mean))})
+
+
 def build(args, device, megablocks: bool):
     from r1lightning.moe import apply_moe_backend
 
@@ -202,6 +212,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
 def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name):
     import lightning as L
 
+    args = point_args(args, length, dist)
     from r1lightning.grpo import GRPOModule
     from r1lightning.options import GRPOLossOptions, SamplingOptions
     from r1lightning.policy import Policy
@@ -226,10 +237,12 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     assert got == settings(args, length, dist), (got, settings(args, length, dist))
 
     steps = warmup + args.reps
-    texts = prompts(args, steps)
+    sizes = [args.warmup_prompts or args.prompts] * warmup + [args.prompts] * args.reps  # prompts per step
+    texts = prompts(args, steps)[: sum(sizes)]
     enc = tok(texts, return_tensors="pt", padding=True)
-    batches = [{"prompt_ids": enc["input_ids"][i : i + args.prompts], "prompt_mask": enc["attention_mask"][i : i + args.prompts],
-                "columns": {}} for i in range(0, len(texts), args.prompts)]
+    starts = [sum(sizes[:i]) for i in range(steps)]
+    batches = [{"prompt_ids": enc["input_ids"][a : a + n], "prompt_mask": enc["attention_mask"][a : a + n], "columns": {}}
+               for a, n in zip(starts, sizes)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     rec = []
 
@@ -244,7 +257,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
             m = trainer.callback_metrics
             rec.append({"step_s": time.perf_counter() - self.t0, "rollout_s": float(m["train/time/rollout"]),
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
-                        "completion_tokens": float(m["train/completions/mean_length"]) * args.prompts * args.G,
+                        "completion_tokens": float(m["train/completions/mean_length"]) * sizes[batch_idx] * args.G,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
                            for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
@@ -260,6 +273,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
     extra = {"engine": type(engine).__name__, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+             "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
     return summarize(length, dist, rec, warmup, settings(args, length, dist), extra)
@@ -289,7 +303,7 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
     result = {"backend": "megablocks" if megablocks else "grouped_mm", "trl": trl.__version__, "points": []}
     points, last, failed = result["points"], None, False
     for length in args.lengths:
-        for dist in args.length_dist:
+        for dist in args.trl_length_dist or args.length_dist:
             predicted = None if last is None else last[1] * length / last[0]
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
@@ -317,6 +331,7 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
 
     from r1lightning.moe import apply_moe_backend
 
+    args = point_args(args, length, dist)
     fields = trl.GRPOConfig.__dataclass_fields__
     micro = trl_micro_batch(args, length)
     steps = 1 + (args.reps if args.trl_reps is None else args.trl_reps)
@@ -530,6 +545,13 @@ def main(argv=None):
     ap.add_argument("--length-dist", nargs="+", default=["fixed"], choices=["fixed", "lognormal"])
     ap.add_argument("--lognormal-median", type=float, default=0.25, help="median drawn length as a fraction of the length")
     ap.add_argument("--lognormal-sigma", type=float, default=1.0)
+    ap.add_argument("--equal-tokens", action="store_true",
+                    help="log-normal points get more prompts: as many expected completion tokens as the fixed point")
+    ap.add_argument("--trl-length-dist", nargs="+", default=None, choices=["fixed", "lognormal"],
+                    help="TRL: the distributions to run (default: --length-dist)")
+    ap.add_argument("--warmup-prompts", type=int, default=None,
+                    help="ours: prompts in the warm-up step (default --prompts); it still runs every completion to the "
+                         "full length (graphs, kernels, allocator at that length), for points too long to run twice")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
     ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")
