@@ -278,8 +278,11 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, attention, 
     eos = pick_mid_batch_eos(model, tok, ids, mask, n)
     params = SamplingParams(n, temperature=0)
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
-    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2, attention=attention)
+    # eager: prompts prefilled 3 tokens at a time (the chunked path with an additive mask)
+    engine = PagedSampler(max_slots=3, block_size=4, kv_bucket=8, sync_every=2, attention=attention,
+                          prefill_chunk=3 if attn == "eager" else 2048)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert (engine.last_stats["prefill_chunked"] > 0) == (attn == "eager")
     assert model.config._attn_implementation == attn  # the pool mode's attention function is gone again
     assert ref.truncated.any() and (~ref.truncated).any()
     assert engine.last_stats["slots"] == 3 and engine.last_stats["admitted"] == len(RAGGED)
@@ -322,8 +325,9 @@ def test_paged_reused_slot_never_reads_its_previous_occupant(attention, tiny_moe
     assert torch.equal(batched.completion_ids, ref.completion_ids)
 
 
+@pytest.mark.parametrize("prefill_chunk", [2048, 5])
 @pytest.mark.parametrize("attention", ["gather", "pool"])
-def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, tiny_moe_config):
+def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, prefill_chunk, tiny_moe_config):
     model, tok = build(tiny_moe_config)
     ids, mask = encode(tok, RAGGED)
     params = SamplingParams(24, temperature=0)
@@ -332,10 +336,15 @@ def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, tiny
     # so 4 slots that start together must preempt as they grow
     probe = PagedSampler(max_slots=4, block_size=4)
     per_block = probe._pool_blocks(model, ids.device, 1, 8, 0)[1]
-    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30, attention=attention)
+    engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30, attention=attention,
+                          prefill_chunk=prefill_chunk)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["kv_blocks"] == 13
     assert engine.last_stats["preempted"] > 0
+    # chunk 5: the 6-token prompts and every re-admitted sequence (prompt + sampled tokens) go 5 tokens
+    # at a time, each chunk attending to the earlier ones through the slot's blocks
+    chunked = engine.last_stats["prefill_chunked"]
+    assert chunked == 0 if prefill_chunk == 2048 else chunked >= engine.last_stats["preempted"] + 1
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)

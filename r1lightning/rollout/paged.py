@@ -160,13 +160,16 @@ class PagedSampler(StaticCacheSampler):
             tables, each slot up to its own length (`rollout/paged_attention.py`: a Triton kernel on
             CUDA, its PyTorch reference elsewhere). `auto`: `pool` on CUDA where Triton imports, the
             head shape suits the kernel and `compile` is off; else `gather`.
+        prefill_chunk: most tokens of one sequence per prefill forward. Longer prompts, and sequences
+            preempted after sampling thousands of tokens, are prefilled in chunks of this many, so a
+            prefill's transient memory stays bounded next to a pool sized to most of the free memory.
     """
 
     release_after_call = False
 
     def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
                  block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
-                 attention: str = "auto", **kwargs):
+                 attention: str = "auto", prefill_chunk: int = 2048, **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
         if int(max_slots) < 1:
             raise UserError(f"max_slots: must be >= 1, got {max_slots}")
@@ -181,6 +184,9 @@ class PagedSampler(StaticCacheSampler):
         if attention not in ("auto", "pool", "gather"):
             raise UserError(f"attention: must be auto, pool or gather, got {attention!r}")
         self.attention = attention
+        if int(prefill_chunk) < 1:
+            raise UserError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = int(prefill_chunk)
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
@@ -337,8 +343,8 @@ class PagedSampler(StaticCacheSampler):
         slot_gen = [0] * S
         admitted_at = [0] * S
         host_lengths = lengths.tolist()
-        stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, max_live=0,
-                     compactions=0)
+        stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, prefill_chunked=0,
+                     max_live=0, compactions=0)
         compact = self.compact_tail and self.compile is None  # a compiled step would recompile per width
         clock = _Clock(device if self.timing else None)
         t_prefill = t_capture = t_decode = 0.0
@@ -416,8 +422,8 @@ class PagedSampler(StaticCacheSampler):
                 if admit:
                     clock()
                     decode_impl(False)
-                    self._prefill(st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new,
-                                  sample_force, N)
+                    stats["prefill_chunked"] += self._prefill(st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype,
+                                                              mode, min_new, sample_force, N, host_lengths)
                     decode_impl(True)
                     stats["admitted"] += len(admit)
                     stats["prefills"] += 1
@@ -556,45 +562,103 @@ class PagedSampler(StaticCacheSampler):
         st.out_logp = torch.zeros(N * C + S, dtype=torch.float32, device=device)
         return st
 
-    def _prefill(self, st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new, sample_force, N):
+    def _prefill(self, st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new, sample_force, N,
+                 host_lengths):
         """Prefill the admitted (slot, sample, tokens already sampled) rows into their slots and draw
-        each one's next token. Eager, the policy's own experts (host syncs are fine here)."""
+        each one's next token. Eager, the policy's own experts (host syncs are fine here). Returns how
+        many rows went in chunks.
+
+        Memory stays bounded whatever the lengths: rows of up to `prefill_chunk` tokens go through in
+        left-padded groups of at most 4 x `prefill_chunk` padded tokens; a longer row (a preempted
+        sequence re-admitted with thousands of sampled tokens) goes alone, `prefill_chunk` tokens at a
+        time, each chunk attending to what the earlier ones wrote to its blocks. One forward over an
+        8 k-token row with a dense [rows, 1, W, W] mask ran an H200 out of memory beside the KV pool."""
         device = prompt_ids.device
-        bs = self.block_size
+        chunk = self.prefill_chunk
+        sizes = [host_lengths[i] + g for _, i, g in admit]
+        logits = [None] * len(admit)
+        group: list[int] = []
+        order = sorted(range(len(admit)), key=lambda a: -sizes[a])  # similar widths together
+        for a in order:
+            if sizes[a] > chunk:
+                logits[a] = self._prefill_chunked(st, model, admit[a], prompt_ids, prompt_mask, C, N, chunk, mask_dtype)
+            elif group and (len(group) + 1) * sizes[group[0]] > 4 * chunk:
+                for a_, row in zip(group, self._prefill_rows(st, model, [admit[b] for b in group], prompt_ids, prompt_mask, C, N, mask_dtype)):
+                    logits[a_] = row
+                group = [a]
+            else:
+                group.append(a)
+        if group:
+            for a_, row in zip(group, self._prefill_rows(st, model, [admit[b] for b in group], prompt_ids, prompt_mask, C, N, mask_dtype)):
+                logits[a_] = row
         slots = torch.tensor([s for s, _, _ in admit], device=device)
         samples = torch.tensor([i for _, i, _ in admit], device=device)
-        gens = [g for _, _, g in admit]
-        if not any(gens):  # fresh samples: their left-padded prompts, trimmed to the longest
-            W = int(lengths[samples].max())
-            ids, mask = prompt_ids[samples, -W:], prompt_mask[samples, -W:]
-        else:  # preempted ones too: prompt + the tokens sampled so far, left-padded
-            out = st.out_ids[: N * C].view(N, C)
-            rows = [torch.cat([prompt_ids[i][prompt_mask[i].bool()], out[i, :g]]) for _, i, g in admit]
-            W = max(r.numel() for r in rows)
-            ids = torch.stack([torch.nn.functional.pad(r, (W - r.numel(), 0)) for r in rows])
-            mask = torch.stack([torch.nn.functional.pad(torch.ones_like(r), (W - r.numel(), 0)) for r in rows])
-        mask = mask.long()
+        # the admitted slots' state, then their first draw (the other slots are left untouched)
+        st.pos[slots] = torch.tensor(sizes, device=device)[:, None]
+        st.gen[slots] = torch.tensor([g for _, _, g in admit], device=device)
+        st.row[slots] = samples * C
+        st.force_len[slots] = sample_force[samples] if sample_force is not None else C + 1
+        st.done[slots] = False
+        st.logits[slots] = torch.stack(logits)
+        live = torch.zeros_like(st.done)
+        live[slots] = True
+        self._draw_into(st, mode, live, min_new)
+        return sum(size > chunk for size in sizes)  # rows prefilled in chunks
+
+    @staticmethod
+    def _sequence(st, admitted, prompt_ids, prompt_mask, C, N):
+        """A sample's real prompt tokens followed by the tokens it sampled before it was preempted."""
+        _, i, g = admitted
+        prompt = prompt_ids[i][prompt_mask[i].bool()]
+        return torch.cat([prompt, st.out_ids[: N * C].view(N, C)[i, :g]]) if g else prompt
+
+    def _prefill_rows(self, st, model, admit, prompt_ids, prompt_mask, C, N, mask_dtype):
+        """One forward over the rows left-padded to the longest; attention over the rows themselves.
+        Returns each row's last-position logits [n, V]."""
+        device = prompt_ids.device
+        bs = self.block_size
+        rows = [self._sequence(st, a, prompt_ids, prompt_mask, C, N) for a in admit]
+        W = max(r.numel() for r in rows)
+        ids = torch.stack([torch.nn.functional.pad(r, (W - r.numel(), 0)) for r in rows])
+        mask = torch.stack([torch.nn.functional.pad(torch.ones_like(r), (W - r.numel(), 0)) for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & mask.bool()[:, None, :]
         allowed |= torch.eye(W, dtype=torch.bool, device=device)[None]
         cache = st.cache
+        slots = torch.tensor([s for s, _, _ in admit], device=device)
         dest = st.block_table[slots].gather(1, positions // bs) * bs + positions % bs
         cache.sel = mask.flatten().nonzero().squeeze(1)
         cache.dest = dest.flatten()[cache.sel]
         cache.prefill, cache.kv_len = True, W
-        logits = self._forward(model, ids, self._mask(allowed[:, None], mask_dtype), positions, cache, keep_last=True)
-        cache.prefill = False
-        # the admitted slots' state, then their first draw (the other slots are left untouched)
-        st.pos[slots] = mask.sum(-1, keepdim=True)
-        st.gen[slots] = torch.tensor(gens, device=device)
-        st.row[slots] = samples * C
-        st.force_len[slots] = sample_force[samples] if sample_force is not None else C + 1
-        st.done[slots] = False
-        st.logits[slots] = logits
-        live = torch.zeros_like(st.done)
-        live[slots] = True
-        self._draw_into(st, mode, live, min_new)
+        try:
+            return self._forward(model, ids, self._mask(allowed[:, None], mask_dtype), positions, cache, keep_last=True)
+        finally:
+            cache.prefill = False
+
+    def _prefill_chunked(self, st, model, admitted, prompt_ids, prompt_mask, C, N, chunk, mask_dtype):
+        """One row, `chunk` tokens per forward: each chunk writes its K/V to the slot's blocks and
+        attends (gathered, SDPA) to the slot's positions up to its own. Returns the last logits [V]."""
+        device = prompt_ids.device
+        bs = self.block_size
+        s = admitted[0]
+        seq = self._sequence(st, admitted, prompt_ids, prompt_mask, C, N)
+        cache = st.cache
+        attention, cache.attention = cache.attention, "gather"  # several query tokens: the gather path
+        table = st.block_table[s]
+        try:
+            for start in range(0, seq.numel(), chunk):
+                pos = torch.arange(start, min(start + chunk, seq.numel()), device=device)
+                kv_len = _round_up(int(pos[-1]) + 1, bs)
+                cache.write = table[pos // bs] * bs + pos % bs
+                cache.read = (table[: kv_len // bs, None] * bs + torch.arange(bs, device=device)).view(1, kv_len)
+                cache.prefill, cache.kv_len = False, kv_len
+                allowed = torch.arange(kv_len, device=device)[None, :] <= pos[:, None]  # [q, kv_len]
+                logits = self._forward(model, seq[pos][None], self._mask(allowed[None, None], mask_dtype), pos[None], cache,
+                                       keep_last=True)
+        finally:
+            cache.attention = attention
+        return logits[0]
 
     def _draw_into(self, st, mode, live, min_new):
         """Draw every live slot's next token into its sample's output cell; advance gen, done, tok."""
