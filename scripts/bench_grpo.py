@@ -189,7 +189,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
         else:
             engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
                                         compile=args.compile)
-        warm = False
+        warm = args.no_warmup  # --no-warmup: the first step is timed cold (an upper bound on the warm time)
         for dist in args.length_dist:
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
@@ -549,6 +549,9 @@ def main(argv=None):
                     help="log-normal points get more prompts: as many expected completion tokens as the fixed point")
     ap.add_argument("--trl-length-dist", nargs="+", default=None, choices=["fixed", "lognormal"],
                     help="TRL: the distributions to run (default: --length-dist)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="ours: no warm-up step (the timed steps include first-call compilation and allocation; "
+                         "for a point whose two steps exceed a time limit, reported as cold)")
     ap.add_argument("--warmup-prompts", type=int, default=None,
                     help="ours: prompts in the warm-up step (default --prompts); it still runs every completion to the "
                          "full length (graphs, kernels, allocator at that length), for points too long to run twice")
