@@ -29,6 +29,11 @@ spread (min-max), completion tokens/s (tokens actually generated / s), the updat
 waste and the peak GiB over the timed steps. A TRL point whose step would take longer than
 `--max-step-s` (extrapolated linearly from its previous length) is skipped and reported as such;
 after an out-of-memory error the longer lengths of that framework are skipped.
+`--equal-tokens` gives a log-normal point as many prompts as make its expected completion tokens the
+fixed point's (its tokens/s then compares the same work); `--warmup-prompts N` warms ours up at the full
+length with N prompts, `--no-warmup` times one cold step (for points too long to run twice in a time
+limit; reported as such); `--profile ROWS` adds one untimed step per point under torch.profiler. Each
+step also records the caching allocator's device allocations, frees and retries.
 Prompts are random token ids written as words of a synthetic word-level tokenizer (one token per word),
 and the reward is the fraction of even token ids in the completion (cheap and varied).
 """
@@ -127,6 +132,15 @@ def peak_gib(device) -> float:
 def reset_peak(device) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def allocator_counts(device) -> dict:
+    """The caching allocator's cumulative counters: device allocations and frees (cudaMalloc/cudaFree)
+    and retries (a failed cudaMalloc that freed cached blocks and tried again); per step as deltas."""
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
 
 
 def release(device) -> None:
@@ -236,8 +250,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
            "gradient_checkpointing": bool(model.is_gradient_checkpointing)}
     assert got == settings(args, length, dist), (got, settings(args, length, dist))
 
-    steps = warmup + args.reps
-    sizes = [args.warmup_prompts or args.prompts] * warmup + [args.prompts] * args.reps  # prompts per step
+    steps = warmup + args.reps + bool(args.profile)  # --profile: one more step, under the profiler, not timed
+    sizes = [args.warmup_prompts or args.prompts] * warmup + [args.prompts] * (steps - warmup)  # prompts per step
     texts = prompts(args, steps)[: sum(sizes)]
     enc = tok(texts, return_tensors="pt", padding=True)
     starts = [sum(sizes[:i]) for i in range(steps)]
@@ -247,15 +261,34 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     rec = []
 
     class Timer(L.Callback):
+        profiler = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if args.profile and batch_idx == steps - 1:
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else []))
+                self.profiler.__enter__()
             sync()
             reset_peak(device)
+            self.alloc0 = allocator_counts(device)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync()
+            if self.profiler is not None:  # the extra step: where its time went, not a timed step
+                self.profiler.__exit__(None, None, None)
+                key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+                table = self.profiler.key_averages().table(sort_by=key, row_limit=args.profile)
+                print(f"# profile: {name} {length} {dist}\n{table}", flush=True)
+                if args.json:
+                    with open(f"{os.path.splitext(args.json)[0]}.profile_{length}_{dist}.txt", "w") as f:
+                        f.write(table + "\n\n" + self.profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                     row_limit=args.profile))
+                self.profiler = None
+                return
             m = trainer.callback_metrics
-            rec.append({"step_s": time.perf_counter() - self.t0, "rollout_s": float(m["train/time/rollout"]),
+            rec.append({"allocator": {k: v - self.alloc0.get(k, 0) for k, v in allocator_counts(device).items()},"step_s": time.perf_counter() - self.t0, "rollout_s": float(m["train/time/rollout"]),
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
                         "completion_tokens": float(m["train/completions/mean_length"]) * sizes[batch_idx] * args.G,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
@@ -549,6 +582,9 @@ def main(argv=None):
                     help="log-normal points get more prompts: as many expected completion tokens as the fixed point")
     ap.add_argument("--trl-length-dist", nargs="+", default=None, choices=["fixed", "lognormal"],
                     help="TRL: the distributions to run (default: --length-dist)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="ours: one extra step per point under torch.profiler (not timed); prints the top ROWS ops by "
+                         "device time (and writes them beside --json)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="ours: no warm-up step (the timed steps include first-call compilation and allocation; "
                          "for a point whose two steps exceed a time limit, reported as cold)")
