@@ -34,6 +34,10 @@ fixed point's (its tokens/s then compares the same work); `--warmup-prompts N` w
 length with N prompts, `--no-warmup` times one cold step (for points too long to run twice in a time
 limit; reported as such); `--profile ROWS` adds one untimed step per point under torch.profiler. Each
 step also records the caching allocator's device allocations, frees and retries.
+`--trl-bound-tokens N`: a TRL point longer than N runs its completions to N tokens and reports lower
+bounds at its length from the rates measured in that run (`trl_bounds`); for lengths where TRL's
+warm-up and timed steps at full length exceed a time limit. Sound where a decode step's cost grows
+with the KV (long lengths on a GPU); on a small CPU model the per-step noise is larger than the growth.
 Prompts are random token ids written as words of a synthetic word-level tokenizer (one token per word),
 and the reward is the fraction of even token ids in the completion (cheap and varied).
 """
@@ -338,15 +342,16 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
     for length in args.lengths:
         for dist in args.trl_length_dist or args.length_dist:
             predicted = None if last is None else last[1] * length / last[0]
+            bound = args.trl_bound_tokens if args.trl_bound_tokens and length > args.trl_bound_tokens and dist == "fixed" else None
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
-            elif predicted is not None and predicted > args.max_step_s:
+            elif bound is None and predicted is not None and predicted > args.max_step_s:
                 points.append({"length": length, "dist": dist,
                                "skipped": f"predicted {predicted:.0f} s/step > --max-step-s {args.max_step_s:.0f}"})
             else:
                 try:
-                    points.append(trl_point(args, device, tok, modeldir, length, dist, megablocks, name))
-                    if dist == "fixed":
+                    points.append(trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound))
+                    if dist == "fixed" and bound is None:
                         last = (length, points[-1]["step_s"])
                 except torch.cuda.OutOfMemoryError as err:
                     failed = True
@@ -357,7 +362,10 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
     return result
 
 
-def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
+def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound=None):
+    """One TRL point. With `bound` = N < length, TRL is configured for `length` but its `generate` runs N
+    tokens (`--trl-bound-tokens`): the point reports lower bounds at `length` from the rates measured
+    (`trl_bounds`), for lengths whose two full steps would not fit a time limit."""
     import datasets
     import trl
     from transformers import LogitsProcessor, TrainerCallback
@@ -396,6 +404,21 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
                 apply_moe_backend(m, "megablocks")
     timers = {"rollout": 0.0, "reference": 0.0}
     calls = {"generate": 0}
+    clocks: list[list[float]] = []  # bound mode: per generate call, the host time of each decode step
+
+    class StepClock(LogitsProcessor):
+        """The host time each step's logits are processed (generate syncs every step on its stopping check,
+        so the host keeps pace with the device; only the first call syncs here)."""
+
+        def __init__(self):
+            self.times = []
+            clocks.append(self.times)
+
+        def __call__(self, input_ids, scores):
+            if not self.times:
+                sync()
+            self.times.append(time.perf_counter())
+            return scores
 
     class ForceEOS(LogitsProcessor):
         """EOS at each row's drawn length (rows are ordered as in the batch, prompts first seen at step 0)."""
@@ -426,9 +449,19 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
                 return fn(*a, **kw)
             sync()
             t0 = time.perf_counter()
+            if bound and key == "rollout":  # TRL's own generation config, cut to `bound` tokens
+                import copy
+
+                cfg = copy.deepcopy(kw["generation_config"])
+                cfg.max_new_tokens = cfg.min_new_tokens = bound
+                kw["generation_config"] = cfg
+                kw["logits_processor"] = list(kw.get("logits_processor") or []) + [StepClock()]
+                reset_peak(device)
             out = fn(*a, **kw)
             sync()
             timers[key] += time.perf_counter() - t0
+            if bound and key == "rollout":
+                timers["rollout_peak_GiB"] = peak_gib(device)
             return out
         return wrapper
 
@@ -465,6 +498,8 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
             r = {"step_s": now - Timer.last, "rollout_s": timers["rollout"], "reference_s": timers["reference"]}
             r["update_s"] = r["step_s"] - r["rollout_s"] - r["reference_s"]
             r["peak_GiB"] = peak_gib(device)
+            if bound:
+                r.update(step_times=clocks[-1], rollout_peak_GiB=timers.get("rollout_peak_GiB", 0.0))
             rec.append(r)
             print(json.dumps({"framework": name, "length": length, "dist": dist, "step": state.global_step, **r}), flush=True)
             timers["rollout"] = timers["reference"] = 0.0
@@ -475,8 +510,41 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name):
     trainer.add_callback(Timer())
     reset_peak(device)
     trainer.train()
+    kv_per_token = kv_bytes_per_token(trainer.model.config)
     del trainer
-    return summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
+    point = summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
+    if bound:
+        point.update(trl_bounds(rec[1:] or rec, length, bound, args.prompts * args.G, kv_per_token))
+    return point
+
+
+def kv_bytes_per_token(config, element_bytes: int = 2) -> int:
+    """K and V of one token over all layers (bf16): what transformers' cache keeps per generated token."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * element_bytes
+
+
+def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: int, window: int = 32) -> dict:
+    """Lower bounds at `length` from steps whose `generate` ran `n` tokens.
+
+    Rollout: the n tokens took `rollout_s`; each of the length - n decode steps still to come costs at
+    least the fastest window of `window` consecutive steps seen (the KV only grows, so a later step reads
+    more and transformers' cache appends more): rollout >= rollout_n + (length - n) x that step time.
+    The fastest window, not the mean, keeps noise from lifting the bound. The step is bounded by its
+    rollout alone (the reference and update at `length` are not bounded from n tokens: TRL's micro-batches
+    for `length` hold fewer tokens at n). Peak memory >= the peak while generating n tokens + the KV of
+    the length - n tokens every row still has to append."""
+    def fastest(times):
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        w = max(1, min(window, len(gaps)))
+        return min(sum(gaps[i : i + w]) / w for i in range(len(gaps) - w + 1)) if gaps else 0.0
+
+    rollout = [s["rollout_s"] + (length - n) * fastest(s["step_times"]) for s in timed]
+    peak = [s["rollout_peak_GiB"] + rows * (length - n) * kv_per_token / 2**30 for s in timed]
+    return {"bound_from_tokens": n, "rollout_s_lower": min(rollout), "step_s_lower": min(rollout),
+            "peak_GiB_lower": min(peak), "decode_step_ms_floor": 1e3 * min(fastest(s["step_times"]) for s in timed),
+            "measured_at_n": {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "rollout_peak_GiB")}}
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -513,6 +581,10 @@ def table(results: dict) -> str:
     for length, dist, fw, p in sorted(rows, key=lambda x: (x[0], order.get(x[1], 9))):
         if "skipped" in p:
             lines.append(f"| {length:,} | {dist} | {fw} | {p['skipped']} | | | | | | | |")
+            continue
+        if "bound_from_tokens" in p:  # measured at n tokens: lower bounds only
+            lines.append(f"| {length:,} | {dist} | {fw} | ≥ {p['step_s_lower']:.2f} (bound from {p['bound_from_tokens']:,} tokens) "
+                         f"| ≥ {p['rollout_s_lower']:.2f} | | | | | | ≥ {p['peak_GiB_lower']:.1f} |")
             continue
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(
@@ -604,6 +676,9 @@ def main(argv=None):
     ap.add_argument("--free-cache", action="store_true", help="ours: free the KV cache and graphs after each rollout")
     ap.add_argument("--compile", default=None, help="ours: the engine's torch.compile mode for the decode step")
     ap.add_argument("--trl-reps", type=int, default=None, help="TRL: timed steps per point (default: --reps)")
+    ap.add_argument("--trl-bound-tokens", type=int, default=None, metavar="N",
+                    help="TRL: fixed-length points longer than N run N tokens and report lower bounds at their length "
+                         "(rollout from the measured per-step rate, peak memory from the KV still to come)")
     ap.add_argument("--head-tokens", type=int, nargs="*", default=[],
                     help="first time the LM head alone (chunked / liger / full logits) at these token counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
