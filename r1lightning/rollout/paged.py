@@ -422,8 +422,8 @@ class PagedSampler(StaticCacheSampler):
                 if admit:
                     clock()
                     decode_impl(False)
-                    stats["prefill_chunked"] += self._prefill(st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype,
-                                                              mode, min_new, sample_force, N, host_lengths)
+                    stats["prefill_chunked"] += self._prefill(st, model, admit, prompt_ids, prompt_mask, C, mask_dtype, mode,
+                                                              min_new, sample_force, N, host_lengths)
                     decode_impl(True)
                     stats["admitted"] += len(admit)
                     stats["prefills"] += 1
@@ -562,8 +562,7 @@ class PagedSampler(StaticCacheSampler):
         st.out_logp = torch.zeros(N * C + S, dtype=torch.float32, device=device)
         return st
 
-    def _prefill(self, st, model, admit, prompt_ids, prompt_mask, lengths, C, mask_dtype, mode, min_new, sample_force, N,
-                 host_lengths):
+    def _prefill(self, st, model, admit, prompt_ids, prompt_mask, C, mask_dtype, mode, min_new, sample_force, N, host_lengths):
         """Prefill the admitted (slot, sample, tokens already sampled) rows into their slots and draw
         each one's next token. Eager, the policy's own experts (host syncs are fine here). Returns how
         many rows went in chunks.
@@ -576,21 +575,19 @@ class PagedSampler(StaticCacheSampler):
         device = prompt_ids.device
         chunk = self.prefill_chunk
         sizes = [host_lengths[i] + g for _, i, g in admit]
-        logits = [None] * len(admit)
-        group: list[int] = []
         order = sorted(range(len(admit)), key=lambda a: -sizes[a])  # similar widths together
-        for a in order:
-            if sizes[a] > chunk:
-                logits[a] = self._prefill_chunked(st, model, admit[a], prompt_ids, prompt_mask, C, N, chunk, mask_dtype)
-            elif group and (len(group) + 1) * sizes[group[0]] > 4 * chunk:
-                for a_, row in zip(group, self._prefill_rows(st, model, [admit[b] for b in group], prompt_ids, prompt_mask, C, N, mask_dtype)):
-                    logits[a_] = row
-                group = [a]
-            else:
-                group.append(a)
-        if group:
-            for a_, row in zip(group, self._prefill_rows(st, model, [admit[b] for b in group], prompt_ids, prompt_mask, C, N, mask_dtype)):
-                logits[a_] = row
+        groups: list[list[int]] = []
+        for a in (a for a in order if sizes[a] <= chunk):
+            if not groups or (len(groups[-1]) + 1) * sizes[groups[-1][0]] > 4 * chunk:
+                groups.append([])
+            groups[-1].append(a)
+        logits = [None] * len(admit)
+        for a in (a for a in order if sizes[a] > chunk):
+            logits[a] = self._prefill_chunked(st, model, admit[a], prompt_ids, prompt_mask, C, N, chunk, mask_dtype)
+        for group in groups:
+            rows = self._prefill_rows(st, model, [admit[a] for a in group], prompt_ids, prompt_mask, C, N, mask_dtype)
+            for a, row in zip(group, rows):
+                logits[a] = row
         slots = torch.tensor([s for s, _, _ in admit], device=device)
         samples = torch.tensor([i for _, i, _ in admit], device=device)
         # the admitted slots' state, then their first draw (the other slots are left untouched)
