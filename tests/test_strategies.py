@@ -385,3 +385,28 @@ def test_a_guard_listed_in_the_trainer_keeps_its_settings(tmp_path):
 
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))
+
+
+@pytest.mark.slow
+def test_the_16k_fsdp_recipe_runs_on_two_cpu_processes(tmp_path):
+    """configs/gpu/long16k_fsdp.yaml (issue 13's 16k point) composed with fsdp.yaml, shrunk to a tiny
+    OLMoE and 64 tokens: two gloo processes, the paged engine sampling from the gathered policy, two
+    steps with every completion at the forced length."""
+    import csv
+
+    tiny = ('{"model_type": "olmoe", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,'
+            ' "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,'
+            ' "max_position_embeddings": 512, "router_aux_loss_coef": 0.0}')
+    cmd = [sys.executable, "-m", "r1lightning", "fit", "-c", "configs/gpu/long16k_fsdp.yaml", "-c", "configs/strategy/fsdp.yaml",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "bf16-true",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--model.init_args.policy.init_args.config", tiny, "--model.init_args.sampler.init_args.min_new_tokens", "64",
+           "--model.init_args.sampling.max_new_tokens", "64", "--data.init_args.data_dir", str(tmp_path / "data")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (log,) = tmp_path.glob("logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(log.open()) if r.get("train/completions/mean_length")]
+    assert len(rows) == 2
+    assert all(float(r["train/completions/mean_length"]) == 64 for r in rows)
+    assert all(float(r["train/time/rollout"]) > 0 and float(r["train/time/train"]) > 0 for r in rows)
