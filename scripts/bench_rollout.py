@@ -225,17 +225,19 @@ def one_length_dist(model, args, device, results, gen, dist):
     for slots in args.slots:
         for gib in args.kv_gib:
             for attention in args.attention:
-                S = slots or B
-                engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else "") + f", attention {attention}", "paged",
-                                (S, gib or None, attention)))  # fmt: skip
+                for admit in args.admit_batch:
+                    S = slots or B
+                    engines.append((f"paged, {S} slots" + (f", {gib} GiB KV" if gib else "") + f", attention {attention}"
+                                    + (f", admit_batch {admit}" if admit != 1 else ""), "paged", (S, gib or None, attention, admit)))
     params = SamplingParams(C, temperature=1.0)
     for name, kind, S in engines:
-        S, gib, attention = S if kind == "paged" else (S, None, None)
+        S, gib, attention, admit = S if kind == "paged" else (S, None, None, None)
         if kind == "static":
             sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=C, timing=True)
             chunks = [slice(i, min(i + B, n)) for i in range(0, n, B)]
         else:
-            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True, attention=attention)
+            sampler = PagedSampler(max_slots=S, kv_cache_gib=gib, min_new_tokens=C, timing=True, attention=attention,
+                                   admit_batch=admit)
             chunks = [slice(0, n)]
         try:
             # warm at full length: the first call's rows run every token (every graph captured, buffers sized)
@@ -332,6 +334,8 @@ def main(argv=None):
                     help="lognormal: draw more rows until they hold --dist-batch x --new-tokens tokens (the static "
                          "engine runs them in batches of --dist-batch, the paged one through its slots)")
     ap.add_argument("--only-dist", action="store_true", help="run only the --length-dist section")
+    ap.add_argument("--admit-batch", type=int, nargs="+", default=[1],
+                    help="paged engine: admit waiting rows once this many slots are free (each value a run)")
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "pool", "gather"],
                     help="paged engines' decode attention (--length-dist section): one engine per value")
     ap.add_argument("--no-static", action="store_true", help="--length-dist section: paged engines only")

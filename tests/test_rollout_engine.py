@@ -325,6 +325,32 @@ def test_paged_reused_slot_never_reads_its_previous_occupant(attention, tiny_moe
     assert torch.equal(batched.completion_ids, ref.completion_ids)
 
 
+def test_paged_admission_in_batches_keeps_greedy_tokens_with_fewer_prefills(tiny_moe_config):
+    # 9 ragged prompts through 3 slots, rows ending one by one (EOS forced at distinct lengths):
+    # admitting only when 2 slots are free (or the last sample waits) takes fewer prefill forwards
+    # and changes no token
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    params = SamplingParams(16, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)  # no row ends
+    # EOS: a token greedy decoding never picks here, so only the forced lengths end rows
+    eos = next(t for t in range(len(tok)) if t != tok.pad_token_id and not bool((ref.completion_ids == t).any()))
+    forced = torch.tensor([3, 9, 5, 14, 7, 4, 11, 6, 8])
+    runs = {}
+    for batch in (1, 2):
+        engine = PagedSampler(max_slots=3, block_size=4, sync_every=1, admit_batch=batch, attention="pool")
+        out = engine.generate(model, ids, mask, params, eos, tok.pad_token_id, forced_lengths=forced)
+        for i, f in enumerate(forced.tolist()):
+            assert torch.equal(out.completion_ids[i, : f - 1], ref.completion_ids[i, : f - 1])
+            assert int(out.completion_ids[i, f - 1]) == eos and int(out.completion_mask[i].sum()) == f
+        assert engine.last_stats["admitted"] == len(RAGGED)
+        runs[batch] = (engine.last_stats, out.completion_ids)
+    assert torch.equal(runs[1][1], runs[2][1])
+    assert runs[2][0]["prefills"] < runs[1][0]["prefills"]
+    with pytest.raises(UserError, match="admit_batch: must be >= 1"):
+        PagedSampler(admit_batch=0)
+
+
 @pytest.mark.parametrize("prefill_chunk", [2048, 5])
 @pytest.mark.parametrize("attention", ["gather", "pool"])
 def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, prefill_chunk, tiny_moe_config):

@@ -163,13 +163,18 @@ class PagedSampler(StaticCacheSampler):
         prefill_chunk: most tokens of one sequence per prefill forward. Longer prompts, and sequences
             preempted after sampling thousands of tokens, are prefilled in chunks of this many, so a
             prefill's transient memory stays bounded next to a pool sized to most of the free memory.
+        admit_batch: admit waiting samples only once this many slots are free (or every waiting one
+            fits, or no slot is decoding). Each admission is an eager prefill forward (~2 decode steps
+            of time on the OLMoE shape) while an idle slot costs a decode step little, so fewer, larger
+            admissions can pay; 1 admits at every sync. Long-tailed GRPO steps at 1,024 tokens spent
+            1.7 s of 16 s prefilling (docs/benchmarks.md, session 7); the trade is not yet measured.
     """
 
     release_after_call = False
 
     def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
                  block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
-                 attention: str = "auto", prefill_chunk: int = 2048, **kwargs):
+                 attention: str = "auto", prefill_chunk: int = 2048, admit_batch: int = 1, **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
         if int(max_slots) < 1:
             raise UserError(f"max_slots: must be >= 1, got {max_slots}")
@@ -187,6 +192,9 @@ class PagedSampler(StaticCacheSampler):
         if int(prefill_chunk) < 1:
             raise UserError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = int(prefill_chunk)
+        if int(admit_batch) < 1:
+            raise UserError(f"admit_batch: must be >= 1, got {admit_batch}")
+        self.admit_batch = int(admit_batch)
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
@@ -401,9 +409,12 @@ class PagedSampler(StaticCacheSampler):
                     stats["preempted"] += 1
                 for s in live:
                     grow(s, k)
-                # 2. admit waiting samples into free slots while blocks last
+                # 2. admit waiting samples into free slots while blocks last; with `admit_batch`, only once
+                # that many slots are free (or all that wait fit, or nothing is decoding)
                 admit = []
                 free_slots = [s for s in range(S) if slot_sample[s] < 0]
+                if live and len(free_slots) < min(self.admit_batch, len(waiting)):
+                    free_slots = []
                 while waiting and free_slots:
                     i, g = waiting[0]
                     total = host_lengths[i] + g
