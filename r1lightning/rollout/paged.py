@@ -21,7 +21,8 @@ and write to a trash area; they cost time, not correctness.
 
 The host runs `sync_every` replays, then reads the slot states once (which slots finished, where
 each stands), frees, allocates blocks for the next `sync_every` steps, preempts if needed and admits
-waiting samples (one prefill forward for all admitted, with the policy's own experts).
+waiting samples (prefill forwards of bounded size, `prefill_chunk`, with the policy's own experts;
+with `admit_batch`, only once enough slots are free).
 
 Tail: once no sample waits, the live sequences move to the first slots (their block-table rows move,
 not their KV) and a step over a power-of-two number of slots runs (`compact_tail`), so the last long
