@@ -455,15 +455,18 @@ def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config):
 
 
 @pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
-def test_paged_compiled_decode_greedy_matches_generate(tiny_moe_config):
+@pytest.mark.parametrize("attention", ["gather", "pool"])
+def test_paged_compiled_decode_greedy_matches_generate(attention, tiny_moe_config):
+    # pool: attention from the KV pool is one opaque op (paged_attention.paged_decode) inside the compiled step
     torch._dynamo.reset()
     model, tok = build(tiny_moe_config)
     ids, mask = encode(tok, RAGGED)
     eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
     params = SamplingParams(12, temperature=0)
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
-    engine = PagedSampler(compile="default", max_slots=4, block_size=4)
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4, attention=attention)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["attention"] == attention
     again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)

@@ -159,8 +159,9 @@ class PagedSampler(StaticCacheSampler):
         attention: how decode attention reads the KV. `gather`: each slot's first `kv_len` pool rows
             copied into a dense tensor, then SDPA. `pool`: straight from the pool through the block
             tables, each slot up to its own length (`rollout/paged_attention.py`: a Triton kernel on
-            CUDA, its PyTorch reference elsewhere). `auto`: `pool` on CUDA where Triton imports, the
-            head shape suits the kernel and `compile` is off; else `gather`.
+            CUDA, its PyTorch reference elsewhere; one opaque op inside a compiled step). `auto`: `pool`
+            on CUDA where Triton imports, the head shape suits the kernel and `compile` is off; else
+            `gather` (`compile` with `pool` runs on the CPU; on the GPU it is not measured yet).
         prefill_chunk: most tokens of one sequence per prefill forward. Longer prompts, and sequences
             preempted after sampling thousands of tokens, are prefilled in chunks of this many, so a
             prefill's transient memory stays bounded next to a pool sized to most of the free memory.

@@ -10,7 +10,8 @@ GQA group together, online softmax over blocks of `block_size` tokens (fp32 accu
 `kernel` runs on CUDA when Triton imports (`kernel_available`) and the shapes suit it
 (`kernel_supports`); `reference` (gather + masked softmax in fp32) runs elsewhere, and the CPU tests
 compare the kernel with it (under `TRITON_INTERPRET=1` where Triton is installed, and on the GPU).
-`PagedSampler` decides which of the two a call uses and tells the cache (`PagedKV.attention`).
+`PagedSampler` decides which of the two a call uses and tells the cache (`PagedKV.attention`); both run
+as one custom op (`paged_decode`), opaque to `torch.compile`.
 
 transformers calls attention through its `AttentionInterface`; `register()` adds
 `ATTN_IMPLEMENTATION`, which is SDPA unless the forward carries `paged_kv=<PagedKV in kernel mode>`
@@ -133,6 +134,20 @@ def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: floa
     return out
 
 
+@torch.library.custom_op("r1lightning::paged_decode", mutates_args=())
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                 lengths: torch.Tensor, block_size: int, scale: float, use_kernel: bool) -> torch.Tensor:
+    """`kernel` or `reference` as one opaque op, so `torch.compile` fuses the rest of a decode step
+    around it instead of tracing the kernel launch (or the reference's data-dependent length)."""
+    attend = kernel if use_kernel else reference
+    return attend(q, k_pool, v_pool, block_table, lengths, block_size, scale)
+
+
+@paged_decode.register_fake
+def _paged_decode_fake(q, k_pool, v_pool, block_table, lengths, block_size, scale, use_kernel):
+    return torch.empty_like(q)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged_kv=None, **kwargs):
     """transformers' attention signature. With `paged_kv` (decode, reading the pool) `key`/`value` are
     the layer's pools and the slots' block tables and lengths come from `paged_kv`; otherwise SDPA."""
@@ -142,8 +157,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[:, :, 0].to(key.dtype)  # a pool kept in another dtype is read in its own
-    attend = kernel if paged_kv.attention == "kernel" else reference
-    out = attend(q, key, value, paged_kv.table, paged_kv.lengths, paged_kv.block_size, scale)
+    out = paged_decode(q, key, value, paged_kv.table, paged_kv.lengths, paged_kv.block_size, float(scale),
+                       paged_kv.attention == "kernel")
     return out.to(query.dtype)[:, None], None  # [S, 1, Hq, d], as sdpa_attention_forward returns
 
 
