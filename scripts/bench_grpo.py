@@ -204,6 +204,8 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
         # One engine per length: after the first distribution's warm-up at full length it stays warm.
         if args.engine == "paged":  # the engine's defaults: slots, KV budget, cache released for the update
             extra = {} if args.ours_admit_batch is None else {"admit_batch": args.ours_admit_batch}
+            if args.ours_attention:
+                extra["attention"] = args.ours_attention  # e.g. pool with --compile: the kernel inside the compiled step
             engine = PagedSampler(min_new_tokens=length, compile=args.compile, **extra)
         else:
             engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
@@ -669,6 +671,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")
     ap.add_argument("--ours-micro-batch-tokens", type=int, default=None, help="ours: override the default token budget")
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
+    ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
+                    help="ours: override the paged engine's attention (auto takes gather under --compile)")
     ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL: most sequences per forward/backward")
     ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
                     help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")
