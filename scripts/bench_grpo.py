@@ -353,7 +353,13 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
                                "skipped": f"predicted {predicted:.0f} s/step > --max-step-s {args.max_step_s:.0f}"})
             else:
                 try:
-                    points.append(trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound))
+                    def partial(rec, length=length, dist=dist):  # kept if a time limit stops the point's later steps
+                        result["partial"] = summarize(length, dist, rec, 1, settings(point_args(args, length, dist), length, dist),
+                                                      {"partial": True})
+                        save(result)
+
+                    points.append(trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound, partial))
+                    result.pop("partial", None)
                     if dist == "fixed" and bound is None:
                         last = (length, points[-1]["step_s"])
                 except torch.cuda.OutOfMemoryError as err:
@@ -365,7 +371,7 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
     return result
 
 
-def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound=None):
+def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound=None, partial=None):
     """One TRL point. With `bound` = N < length, TRL is configured for `length` but its `generate` runs N
     tokens (`--trl-bound-tokens`): the point reports lower bounds at `length` from the rates measured
     (`trl_bounds`), for lengths whose two full steps would not fit a time limit."""
@@ -505,6 +511,8 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound
                 r.update(step_times=clocks[-1], rollout_peak_GiB=timers.get("rollout_peak_GiB", 0.0))
             rec.append(r)
             print(json.dumps({"framework": name, "length": length, "dist": dist, "step": state.global_step, **r}), flush=True)
+            if partial is not None and len(rec) > 1:  # the warm-up and at least one timed step
+                partial(rec)
             timers["rollout"] = timers["reference"] = 0.0
             reset_peak(device)
             sync()
