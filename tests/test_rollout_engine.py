@@ -464,9 +464,15 @@ def test_paged_compiled_decode_greedy_matches_generate(attention, tiny_moe_confi
     eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
     params = SamplingParams(12, temperature=0)
     ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     engine = PagedSampler(compile="default", max_slots=4, block_size=4, attention=attention)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["attention"] == attention
+    # the tail ran narrower (compaction) on a step compiled twice at most: static, then width-dynamic
+    assert engine.last_stats["compactions"] >= 1
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
     again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)

@@ -155,7 +155,8 @@ class PagedSampler(StaticCacheSampler):
         keep_cache: keep pool and graphs through the policy update (`release_for_update` does
             nothing); False frees them there and the next rollout captures again.
         compact_tail: once no sample waits, move the live sequences to the first slots and decode
-            only a power-of-two number of slots (a graph per width reached; not with `compile`).
+            only a power-of-two number of slots (a graph per width reached; under `compile` one more
+            compile with the width dynamic; not with `compile: reduce-overhead`).
         attention: how decode attention reads the KV. `gather`: each slot's first `kv_len` pool rows
             copied into a dense tensor, then SDPA. `pool`: straight from the pool through the block
             tables, each slot up to its own length (`rollout/paged_attention.py`: a Triton kernel on
@@ -201,6 +202,15 @@ class PagedSampler(StaticCacheSampler):
     def release_for_update(self) -> None:
         if not self.keep_cache:
             self.release()
+
+    def _step_fn(self):
+        if self.compile is None or self.compile == "reduce-overhead" or not self.compact_tail:
+            return super()._step_fn()
+        if self._compiled_step is None:
+            # dynamic=None: the first width compiles static, the next one with the width dynamic, so the
+            # tail's power-of-two widths share one compiled step instead of one compile each
+            self._compiled_step = torch.compile(self._decode_step, mode=self.compile, dynamic=None)
+        return self._compiled_step
 
     # -- sizes -----------------------------------------------------------------------------------
     @staticmethod
@@ -355,7 +365,9 @@ class PagedSampler(StaticCacheSampler):
         host_lengths = lengths.tolist()
         stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, prefill_chunked=0,
                      max_live=0, compactions=0)
-        compact = self.compact_tail and self.compile is None  # a compiled step would recompile per width
+        # torch's own graphs (reduce-overhead) would record one per width over views of static buffers: no
+        # compaction there; other compile modes compile the step once more with the width dynamic
+        compact = self.compact_tail and self.compile != "reduce-overhead"
         clock = _Clock(device if self.timing else None)
         t_prefill = t_capture = t_decode = 0.0
         k = self.sync_every
