@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -17,6 +18,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device):
+    """Draws inside come from `seed` (CPU and every CUDA default generator), and the global RNG is as
+    it was afterwards; `seed` None: the global RNG, untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 @dataclass

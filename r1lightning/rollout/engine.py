@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache
 
 from r1lightning.moe import decode_experts
 from r1lightning.rollout import paged_attention
-from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids
+from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +312,7 @@ class StaticCacheSampler(Sampler):
             st.out_logp.zero_()
         t_capture = clock()
 
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if params.seed is not None else contextlib.nullcontext()
-        with rng:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)  # seeds CPU and every CUDA device's default generator
+        with seeded_rng(params.seed, device):
             # token 0 from the prefill logits, then C - 1 decode steps
             st.logits.copy_(logits)
             self._sample_into(st, mode)

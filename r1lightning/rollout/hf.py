@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids
+from r1lightning.rollout.base import Rollout, Sampler, SamplingParams, completion_mask_from_ids, seeded_rng
 
 
 class HFGenerateSampler(Sampler):
@@ -20,12 +20,8 @@ class HFGenerateSampler(Sampler):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         was_training = model.training
         model.eval()
-        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
-        seeded = params.seed is not None and not params.greedy
         try:
-            with torch.random.fork_rng(devices=devices, enabled=seeded):  # a seeded call leaves the global RNG as it was
-                if seeded:
-                    torch.manual_seed(params.seed)
+            with seeded_rng(None if params.greedy else params.seed, prompt_ids.device):
                 out = model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,

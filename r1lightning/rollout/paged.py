@@ -40,7 +40,6 @@ noise), greedy decoding does not.
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import torch
 from transformers.cache_utils import Cache
@@ -48,7 +47,7 @@ from transformers.cache_utils import Cache
 from r1lightning.errors import UserError
 from r1lightning.moe import decode_experts
 from r1lightning.rollout import paged_attention
-from r1lightning.rollout.base import Rollout, completion_mask_from_ids
+from r1lightning.rollout.base import Rollout, completion_mask_from_ids, seeded_rng
 from r1lightning.rollout.engine import (
     StaticCacheSampler,
     _check_forced,
@@ -405,10 +404,7 @@ class PagedSampler(StaticCacheSampler):
             else:
                 model.set_experts_implementation(prev_experts)
 
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if params.seed is not None else contextlib.nullcontext()
-        with rng:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+        with seeded_rng(params.seed, device):
             while True:
                 live = [s for s in range(S) if slot_sample[s] >= 0]
                 # 1. blocks for the next k steps of every live slot; preempt the newest if short
