@@ -407,11 +407,11 @@ class StaticCacheSampler(Sampler):
         st.tok.copy_(nxt[:, None])
         st.step.add_(1)
 
-    def _step_fn(self):
+    def _step_fn(self, dynamic: bool | None = False):
         if self.compile is None:
             return self._decode_step
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._decode_step, mode=self.compile, dynamic=False)
+            self._compiled_step = torch.compile(self._decode_step, mode=self.compile, dynamic=dynamic)
         return self._compiled_step
 
     def _capture(self, st, model, kv_len, mode, mask_dtype, step_fn):

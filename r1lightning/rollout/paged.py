@@ -202,14 +202,16 @@ class PagedSampler(StaticCacheSampler):
         if not self.keep_cache:
             self.release()
 
+    @property
+    def _compacts(self) -> bool:
+        # torch's own graphs (reduce-overhead) would record one per width over views of static buffers: no
+        # compaction there; other compile modes compile the step once more with the width dynamic
+        return self.compact_tail and self.compile != "reduce-overhead"
+
     def _step_fn(self):
-        if self.compile is None or self.compile == "reduce-overhead" or not self.compact_tail:
-            return super()._step_fn()
-        if self._compiled_step is None:
-            # dynamic=None: the first width compiles static, the next one with the width dynamic, so the
-            # tail's power-of-two widths share one compiled step instead of one compile each
-            self._compiled_step = torch.compile(self._decode_step, mode=self.compile, dynamic=None)
-        return self._compiled_step
+        # with compaction, dynamic=None: the first width compiles static, the next one with the width
+        # dynamic, so the tail's power-of-two widths share one compiled step instead of one compile each
+        return super()._step_fn(dynamic=None if self._compacts else False)
 
     # -- sizes -----------------------------------------------------------------------------------
     @staticmethod
@@ -364,9 +366,7 @@ class PagedSampler(StaticCacheSampler):
         host_lengths = lengths.tolist()
         stats = dict(replays=0, slot_steps=0, admitted=0, preempted=0, prefill_tokens=0, prefills=0, prefill_chunked=0,
                      max_live=0, compactions=0)
-        # torch's own graphs (reduce-overhead) would record one per width over views of static buffers: no
-        # compaction there; other compile modes compile the step once more with the width dynamic
-        compact = self.compact_tail and self.compile != "reduce-overhead"
+        compact = self._compacts
         clock = _Clock(device if self.timing else None)
         t_prefill = t_capture = t_decode = 0.0
         k = self.sync_every
