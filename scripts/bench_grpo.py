@@ -521,7 +521,7 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound
     trainer.add_callback(Timer())
     reset_peak(device)
     trainer.train()
-    kv_per_token = kv_bytes_per_token(trainer.model.config)
+    kv_per_token = kv_bytes_per_token(trainer.model)
     del trainer
     point = summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
     if bound:
@@ -529,11 +529,14 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound
     return point
 
 
-def kv_bytes_per_token(config, element_bytes: int = 2) -> int:
-    """K and V of one token over all layers (bf16): what transformers' cache keeps per generated token."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * element_bytes
+def kv_bytes_per_token(model) -> int:
+    """K and V of one token over all layers, in the model's dtype: what transformers' cache keeps per
+    generated token (the shape the paged engine sizes its blocks by)."""
+    from r1lightning.rollout import PagedSampler
+
+    device = next(model.parameters()).device
+    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device)
+    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: int, window: int = 32) -> dict:
