@@ -221,6 +221,19 @@ class PolicyModule(L.LightningModule):
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         self.val_accuracy.reset()
 
+    # -- SDPA backends (see Policy.cudnn_attention) --------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Process-wide flag, so it also holds in backward (checkpoint recompute runs on autograd's
+        # device thread) and in the samplers; `teardown` puts the previous value back.
+        if getattr(self, "_prev_cudnn_sdp", None) is None:
+            self._prev_cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(self.policy.cudnn_attention)
+
+    def teardown(self, stage: str) -> None:
+        if getattr(self, "_prev_cudnn_sdp", None) is not None:
+            torch.backends.cuda.enable_cudnn_sdp(self._prev_cudnn_sdp)
+            self._prev_cudnn_sdp = None
+
     # -- export ------------------------------------------------------------------------------
     def on_fit_end(self):
         if self.hparams.export_dir:

@@ -242,7 +242,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     module = GRPOModule(
-        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir), rewards=[Reward("bench_parity")],
+        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=args.ours_cudnn_attention), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
         sampler=sampler, sampling=SamplingOptions(num_samples=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P),
         loss=GRPOLossOptions(beta=args.beta), num_iterations=MU, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
@@ -312,7 +312,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": args.ours_cudnn_attention, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
@@ -684,6 +684,8 @@ def main(argv=None):
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
     ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
                     help="ours: override the paged engine's attention (auto takes gather under --compile)")
+    ap.add_argument("--ours-cudnn-attention", action="store_true",
+                    help="ours: let SDPA use its cuDNN kernel (Policy.cudnn_attention; off by default)")
     ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL: most sequences per forward/backward")
     ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
                     help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")

@@ -70,3 +70,37 @@ def test_bad_policy_arguments():
         Policy()
     with pytest.raises(ValueError, match="missing key `model_type`"):
         Policy(config={"hidden_size": 8})
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_cudnn_attention_flag_holds_through_forward_and_backward_and_is_restored(tmp_path, cudnn):
+    """SDPA's cuDNN kernel is off while a policy trains (unless asked for), in the step and in backward
+    (where checkpointed layers recompute attention), and the process's setting comes back after fit."""
+    import lightning as L
+
+    from r1lightning.data import TraceDataModule
+    from r1lightning.sft import SFTModule
+    from tests.test_strategies import TINY, write_data
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_start(self, *args):
+            self.values.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+        def on_after_backward(self, *args):
+            self.values.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    traces, _ = write_data(tmp_path)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    seen = Seen()
+    module = SFTModule(Policy(config=TINY, tokenizer="char", moe_backend="eager", cudnn_attention=cudnn), lr_schedule="constant")
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[seen])
+    try:
+        trainer.fit(module, TraceDataModule(train_files=str(traces), batch_size=4))
+        assert seen.values == [cudnn] * 4
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
