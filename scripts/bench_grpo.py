@@ -298,6 +298,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
             rec.append({"allocator": {k: v - self.alloc0.get(k, 0) for k, v in allocator_counts(device).items()},"step_s": time.perf_counter() - self.t0, "rollout_s": float(m["train/time/rollout"]),
                         "reference_s": float(m["train/time/reference"]), "update_s": float(m["train/time/train"]),
                         "completion_tokens": float(m["train/completions/mean_length"]) * sizes[batch_idx] * args.G,
+                        # every prompt is prompt_len words of the word-level tokenizer, one token each
+                        "prompt_tokens": sizes[batch_idx] * args.G * args.prompt_len,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
                            for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
@@ -569,11 +571,15 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
                 if all(isinstance(s.get(k), (int, float)) for s in timed)})
     tokens = [s.get("completion_tokens") for s in timed]
     tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
+    # prompt + completion tokens per second: the rate at equal total tokens (a long-tailed point at
+    # equal completion tokens has ~3x the prompts of a fixed one)
+    total_s = [(t + s["prompt_tokens"]) / s["step_s"] for t, s in zip(tokens, timed) if t is not None and "prompt_tokens" in s]
     pads = [s["padding"] for s in timed if s.get("padding") is not None]
     return {"length": length, "dist": dist, **med, "step_s_min": min(s["step_s"] for s in timed),
             "step_s_max": max(s["step_s"] for s in timed), "reps": len(timed),
             "completion_tokens": statistics.mean(tokens) if all(t is not None for t in tokens) else None,
             "completion_tok_s": statistics.median(tok_s) if tok_s else None,
+            "total_tok_s": statistics.median(total_s) if total_s else None,
             "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
             "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
             **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
@@ -588,22 +594,23 @@ def phases(p: dict) -> str:
 
 def table(results: dict) -> str:
     lines = ["| length | dist | framework | s / step (min-max) | rollout s | reference s | update s | completion tokens/s "
-             "| mean tokens | padding | peak GiB (rollout / reference / update) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| prompt + completion tokens/s | mean tokens | padding | peak GiB (rollout / reference / update) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = [(p["length"], p["dist"], fw, p) for fw, r in results.items() for p in r.get("points", [])]
     order = {d: i for i, d in enumerate(["fixed", "lognormal"])}
     for length, dist, fw, p in sorted(rows, key=lambda x: (x[0], order.get(x[1], 9))):
         if "skipped" in p:
-            lines.append(f"| {length:,} | {dist} | {fw} | {p['skipped']} | | | | | | | |")
+            lines.append(f"| {length:,} | {dist} | {fw} | {p['skipped']} | | | | | | | | |")
             continue
         if "bound_from_tokens" in p:  # measured at n tokens: lower bounds only
             lines.append(f"| {length:,} | {dist} | {fw} | ≥ {p['step_s_lower']:.2f} (bound from {p['bound_from_tokens']:,} tokens) "
-                         f"| ≥ {p['rollout_s_lower']:.2f} | | | | | | ≥ {p['peak_GiB_lower']:.1f} |")
+                         f"| ≥ {p['rollout_s_lower']:.2f} | | | | | | | ≥ {p['peak_GiB_lower']:.1f} |")
             continue
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(
             f"| {length:,} | {dist} | {fw} | {p['step_s']:.2f} ({p['step_s_min']:.2f}-{p['step_s_max']:.2f}) | {p['rollout_s']:.2f} "
             f"| {p['reference_s']:.2f} | {p['update_s']:.2f} | {fmt(p['completion_tok_s'], ',.0f')} "
+            f"| {fmt(p.get('total_tok_s'), ',.0f')} "
             f"| {fmt(p['completion_tokens'] and p['completion_tokens'] / (p['settings']['prompts'] * p['settings']['G']), ',.0f')} "
             f"| {fmt(p['padding'] and 100 * p['padding'], '.1f')}% | {p['peak_GiB']:.1f}{phases(p)} |")
     return "\n".join(lines)

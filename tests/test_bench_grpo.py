@@ -23,6 +23,8 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     # 4 x 8 x 32 = 1,024 tokens of the fixed point
     assert fixed["settings"]["prompts"] == 4 and 10 <= tailed["settings"]["prompts"] <= 12
     assert fixed["completion_tokens"] == 4 * 8 * 32
+    # prompt + completion tokens per second counts the 16-token prompts too
+    assert fixed["total_tok_s"] == pytest.approx(fixed["completion_tok_s"] * (32 + 16) / 32, rel=0.05)
     assert tailed["completion_tokens"] == pytest.approx(fixed["completion_tokens"], rel=0.15)
     assert tailed["forced_lengths"] == "engine"  # the paged engine stopped each row at its drawn length
     assert fixed["reps"] == tailed["reps"] == 2  # the profiled step is extra, not a timed one
