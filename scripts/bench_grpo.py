@@ -193,7 +193,7 @@ class ForcedLengths:
         return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
 
 
-def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save):
+def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False):
     from r1lightning.rollout import PagedSampler, StaticCacheSampler
 
     model, backend = build(args, device, megablocks)
@@ -216,7 +216,8 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
                 continue
             try:
-                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name))
+                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name,
+                                         cudnn))
                 warm = True
             except torch.cuda.OutOfMemoryError as err:
                 failed = True
@@ -230,7 +231,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
     return result
 
 
-def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name):
+def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False):
     import lightning as L
 
     args = point_args(args, length, dist)
@@ -242,7 +243,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     module = GRPOModule(
-        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=args.ours_cudnn_attention), rewards=[Reward("bench_parity")],
+        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=cudnn), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
         sampler=sampler, sampling=SamplingOptions(num_samples=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P),
         loss=GRPOLossOptions(beta=args.beta), num_iterations=MU, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
@@ -314,7 +315,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": args.ours_cudnn_attention, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
@@ -656,7 +657,8 @@ def head_bench(args) -> dict:
     return out
 
 
-FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "trl", "trl_megablocks"]
+# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it
+FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
@@ -691,8 +693,6 @@ def main(argv=None):
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
     ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
                     help="ours: override the paged engine's attention (auto takes gather under --compile)")
-    ap.add_argument("--ours-cudnn-attention", action="store_true",
-                    help="ours: let SDPA use its cuDNN kernel (Policy.cudnn_attention; off by default)")
     ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL: most sequences per forward/backward")
     ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
                     help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")
@@ -725,7 +725,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1, default=str)
     for fw in args.frameworks:
-        megablocks, liger = "megablocks" in fw, fw.endswith("liger")
+        megablocks, liger, cudnn = "megablocks" in fw, fw.endswith("liger"), fw.endswith("_cudnn")
 
         def save(result, fw=fw):  # after every point, so a crash or a time limit keeps what ran
             out["results"][fw] = result
@@ -735,7 +735,7 @@ def main(argv=None):
 
         try:
             if fw.startswith("ours"):
-                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save)
+                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn)
             else:
                 run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:
