@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from r1lightning.errors import UserError
-from r1lightning.logprobs import LOGPROB_IMPLS, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches
+from r1lightning.logprobs import (
+    LOGPROB_IMPLS, LayoutCache, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches,
+)
 from r1lightning.losses import (
     global_count,
     global_nanmean,
@@ -261,7 +263,20 @@ class GRPOModule(PolicyModule):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t)
 
+    def prepare_layouts(self, rollout: Rollout, micro: list[list[int]]) -> None:
+        """Every micro-batch's model input for this step, built at once (`LayoutCache`)."""
+        self._layouts = LayoutCache(rollout, micro, self._build_layout)
+
+    def rows_index(self, rollout: Rollout, rows: list[int]):
+        """`rows` as a device index when prepared (a list index copies from the host and synchronises)."""
+        hit = self._layouts.get(rollout, rows) if getattr(self, "_layouts", None) else None
+        return rows if hit is None else hit[1]
+
     def layout(self, rollout: Rollout, rows: list[int]):
+        hit = self._layouts.get(rollout, rows) if getattr(self, "_layouts", None) else None
+        return self._build_layout(rollout, rows) if hit is None else hit[0]
+
+    def _build_layout(self, rollout: Rollout, rows: list[int]):
         if self.hparams.packing:
             return pack_sequences(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                   rollout.completion_mask, rows, self.tokenizer.pad_token_id)
@@ -285,7 +300,7 @@ class GRPOModule(PolicyModule):
         for rows in micro:
             logp, _, _ = self.completion_logprobs(rollout, rows or [0], model)
             if rows:
-                out[rows] = logp
+                out[self.rows_index(rollout, rows)] = logp
         return out
 
     # -- the step --------------------------------------------------------------------------------
@@ -319,6 +334,7 @@ class GRPOModule(PolicyModule):
 
         t1 = time.perf_counter()
         micro = self.micro_batches(rollout, mask)
+        self.prepare_layouts(rollout, micro)
         old_logp = None
         if h.use_sampler_logprobs and rollout.logprobs is None:
             # Falling back to the current log-probs would make the ratio 1: clipping would never act.
@@ -341,6 +357,7 @@ class GRPOModule(PolicyModule):
         peaks.pop("memory/before_GiB", None)
         stats.update(peaks)
 
+        self._layouts = None
         self.log_step(rollout, total, scores, keep, stats, t_rollout, t_ref, t_train)
 
     def optimise(self, rollout, advantages, mask, old_logp, ref_logp, micro: list[list[int]] | None = None) -> dict:
@@ -356,7 +373,7 @@ class GRPOModule(PolicyModule):
         sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
         with checkpointing_on(self.model):
             self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, local_tokens, sums)
-        return sums
+        return {k: float(v) for k, v in sums.items()}
 
     def _iterate(self, rollout, advantages, mask, old_logp, ref_logp, micro, norm, local_tokens, sums) -> None:
         """mu optimizer steps over the rollouts, each accumulated over the micro-batches."""
@@ -366,12 +383,13 @@ class GRPOModule(PolicyModule):
             for rows in micro:
                 dummy = not rows  # this rank has fewer micro-batches than another: same collectives, no loss
                 rows = rows or [0]
+                idx = self.rows_index(rollout, rows)
                 logp, entropy, aux = self.completion_logprobs(rollout, rows, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[rows]
-                ref = ref_logp[rows] if ref_logp is not None else None
+                old = logp.detach() if old_logp is None else old_logp[idx]
+                ref = ref_logp[idx] if ref_logp is not None else None
                 o = self.loss
                 loss, metrics = grpo_loss(
-                    logp, old, advantages[rows], mask[rows], ref, beta=o.beta, epsilon_low=o.epsilon_low,
+                    logp, old, advantages[idx], mask[idx], ref, beta=o.beta, epsilon_low=o.epsilon_low,
                     epsilon_high=o.epsilon_high, delta=o.delta, aggregation=o.aggregation,
                     importance_sampling_level=o.importance_sampling_level, **norm,
                 )
@@ -381,12 +399,14 @@ class GRPOModule(PolicyModule):
                     self.manual_backward(loss * 0.0)
                     continue
                 self.manual_backward(loss)
-                m = mask[rows]
-                weight = float(m.sum()) / local_tokens  # token-weighted average of micro-batch means
+                # Summed on the device and read once after the step: a float() here would make the
+                # host wait for this micro-batch's backward before queueing the next forward.
+                m = mask[idx]
+                weight = m.sum() / local_tokens  # token-weighted average of micro-batch means
                 metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * weight / h.num_iterations
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / h.num_iterations
+                    sums[k] = sums.get(k, 0.0) + v.detach() * weight / h.num_iterations
+                sums["loss"] = sums.get("loss", 0.0) + loss.detach() / h.num_iterations
             if h.max_grad_norm:
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm))
             opt.step()

@@ -23,6 +23,7 @@ block-diagonal causal mask, built only when a row holds more than one sequence).
 from __future__ import annotations
 
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -269,11 +270,40 @@ class Layout:
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
 
+    def to(self, device) -> Layout:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Layout(move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.positions),
+                      move(self.targets), move(self.dest_row), move(self.dest_col), n=self.n, C=self.C,
+                      real_tokens=self.real_tokens)
+
     def scatter(self, values: Tensor) -> Tensor:
         """[M] -> [n, C], zero where nothing was computed."""
         out = values.new_zeros(self.n, self.C)
         out[self.dest_row, self.dest_col] = values
         return out
+
+
+class LayoutCache:
+    """One step's layouts: every micro-batch's `Layout` and its rows as a device index, built at once
+    from one host copy of the rollout, then reused by the reference, old-policy and update passes.
+    Built per micro-batch instead, each one's device-to-host reads and pageable host-to-device copies
+    synchronise the stream between micro-batches, and the GPU idles while the host lays out the next.
+    `build(rollout, rows)` makes one layout; an empty micro-batch is laid out as row 0 (a dummy)."""
+
+    def __init__(self, rollout, micro: list[list[int]], build):
+        names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        host = dataclasses.replace(rollout, **{k: getattr(rollout, k).cpu() for k in names})
+        device = rollout.completion_ids.device
+        self.rollout = rollout
+        self.entries: dict[tuple[int, ...], tuple[Layout, Tensor]] = {}
+        for rows in micro:
+            rows = rows or [0]
+            if tuple(rows) not in self.entries:
+                self.entries[tuple(rows)] = (build(host, rows).to(device), torch.tensor(rows).to(device))
+
+    def get(self, rollout, rows) -> tuple[Layout, Tensor] | None:
+        """(layout, index) for `rows` of this very rollout, else None."""
+        return self.entries.get(tuple(rows)) if rollout is self.rollout else None
 
 
 def sequence_lengths(prompt_mask: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:

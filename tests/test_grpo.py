@@ -110,6 +110,51 @@ def test_micro_batching_gives_the_same_update_as_one_batch(tiny_moe_config, aggr
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-7)
 
 
+def test_prepared_layouts_are_built_once_per_micro_batch_and_give_the_same_update(tiny_moe_config):
+    """The step lays out every micro-batch once, from one host copy, and the reference and update passes
+    reuse it; gradients, reference log-probs and logged metrics equal those of per-pass layouts."""
+    runs = []
+    for prepared in (False, True):
+        module = tiny_module(tiny_moe_config, micro_batch_size=3, router_aux_loss_coef=0.0)
+        rollout = _fixed_rollout(module)
+        advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
+        mask = rollout.completion_mask.float()
+        mask[5] = 0  # a row without a loss is in no micro-batch
+        module.trainer = None
+        grads, builds = {}, []
+
+        class Opt:
+            param_groups = [{"lr": 0.0}]
+
+            def step(self):
+                grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
+
+            def zero_grad(self, set_to_none=True):
+                module.model.zero_grad()
+
+        module.optimizers = lambda: Opt()
+        module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
+        module.manual_backward = lambda loss: loss.backward()
+        build = module._build_layout
+        module._build_layout = lambda r, rows: builds.append(list(rows)) or build(r, rows)
+        micro = module.micro_batches(rollout, mask)
+        if prepared:
+            module.prepare_layouts(rollout, micro)
+        ref = module.frozen_logprobs(rollout, module.ref_model, micro)
+        stats = module.optimise(rollout, advantages, mask, None, ref, micro)
+        runs.append((grads, ref, stats, builds, micro))
+    (g0, ref0, stats0, builds0, micro), (g1, ref1, stats1, builds1, _) = runs
+    assert len(micro) == 3 and all(5 not in rows for rows in micro)  # 7 rows in 3s
+    assert builds0 == micro * 2 and builds1 == micro  # reference + update passes, or once
+    torch.testing.assert_close(ref1, ref0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0)
+    assert stats1.keys() == stats0.keys() and all(isinstance(v, float) for v in stats1.values())
+    for k in stats0:
+        assert stats1[k] == pytest.approx(stats0[k], rel=1e-6, abs=1e-9), k
+
+
 def test_training_logprobs_match_the_sampler_with_left_padding(tiny_moe_config):
     """Positions follow the attention mask, so the training forward reproduces generate's log-probs."""
     module = tiny_module(tiny_moe_config, sampling={"temperature": 1.0})
