@@ -22,8 +22,8 @@ block-diagonal causal mask, built only when a row holds more than one sequence).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
