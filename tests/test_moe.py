@@ -14,7 +14,7 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from r1lightning.moe import apply_moe_backend, backend as moe_backend, experts_modules
-from r1lightning.moe.megablocks_experts import TorchKernels, experts_forward, megablocks_experts_forward
+from r1lightning.moe.megablocks_experts import TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm
 from r1lightning.moe.tiny import TINY_CONFIGS, tiny_moe_model
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
@@ -50,6 +50,8 @@ def gpt_oss_model():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'dmoe' is not one of auto, megablocks, grouped_mm, eager"):
         apply_moe_backend(tiny_moe_model("olmoe"), "dmoe")
+    with pytest.raises(ValueError, match=r"policy.megablocks_gemm: 'cutlass' is not one of grouped_gemm, torch"):
+        apply_moe_backend(tiny_moe_model("olmoe"), "megablocks", gemm="cutlass")
 
 
 def test_status_on_this_machine_gives_a_reason():
@@ -167,10 +169,38 @@ def routing_cases(num_experts, top_k, gen):
     return [("uniform", uniform), ("uneven_empty", skew), ("single_token", single), ("hot_expert", hot)]
 
 
+class DeviceSizeKernels(TorchKernels):
+    """The stand-in kernels with `policy.megablocks_gemm: torch`'s GEMM: sizes kept as a tensor,
+    `torch._grouped_mm` (which also runs on CPU), empty experts zeroed without a host read."""
+
+    sizes_on_device = True
+
+    def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
+        return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_grouped_gemm_keeps_the_loop_contract(dtype):
+    """`torch_gmm` equals one matmul per expert in all three uses, with empty experts first, inside, last."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([0, 8, 0, 24, 16, 0])
+    S, K, N = int(sizes.sum()), 16, 32
+    a = torch.randn(S, K, generator=gen).to(dtype)
+    w = torch.randn(len(sizes), N, K, generator=gen).to(dtype)  # [E, N, K], as the experts' weights
+    dy = torch.randn(S, N, generator=gen).to(dtype)
+    assert torch.equal(torch_gmm(a, w, sizes, trans_b=True), loop_gmm(a, w, sizes, trans_b=True))
+    assert torch.equal(torch_gmm(dy, w, sizes), loop_gmm(dy, w, sizes))
+    got = torch_gmm(dy, a, sizes, trans_a=True)  # [E, N, K] weight gradients
+    assert got.shape == (len(sizes), N, K) and torch.equal(got, loop_gmm(dy, a, sizes, trans_a=True))
+    assert got[[0, 2, 5]].abs().max() == 0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recompute,pad", [(False, 0), (True, 0), (False, 8), (True, 8)])
-def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad):
-    """Index bookkeeping, autograd and recompute of the MegaBlocks path, with torch stand-in kernels."""
+@pytest.mark.parametrize("kernels", [TorchKernels, DeviceSizeKernels])
+def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad, kernels):
+    """Index bookkeeping, autograd and recompute of the MegaBlocks path, with torch stand-in kernels
+    (per-expert matmuls from host sizes, or torch's grouped GEMM from sizes kept as a tensor)."""
     model = tiny_moe_model(arch)
     experts = next(m for _, m in experts_modules(model))
     experts._r1l_recompute_activation = recompute
@@ -180,7 +210,7 @@ def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad):
         w = torch.rand(idx.shape, generator=gen, requires_grad=True)
         dy = torch.randn(x.shape, generator=gen)
         got = []
-        for fn in (grouped_mm_experts_forward, lambda *a: experts_forward(*a, kernels=TorchKernels(), fused_gate=False, pad_rows=pad)):
+        for fn in (grouped_mm_experts_forward, lambda *a: experts_forward(*a, kernels=kernels(), fused_gate=False, pad_rows=pad)):
             experts.zero_grad()
             x.grad = w.grad = None
             y = fn(experts, x, idx, w)

@@ -61,6 +61,8 @@ def _round_up(n, pad):
 
 
 class MegaBlocksKernels:
+    sizes_on_device = False  # grouped_gemm's cuBLAS path takes the per-expert sizes from the host
+
     def __init__(self):
         import grouped_gemm.backend as gg
         import megablocks.ops as ops
@@ -102,8 +104,39 @@ class MegaBlocksKernels:
         return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
 
 
+class TorchGemmKernels(MegaBlocksKernels):
+    """MegaBlocks' routing and padded gather/scatter, with torch's grouped GEMM (`torch._grouped_mm`)
+    in place of grouped_gemm: one kernel for all experts reading the sizes on the device, where
+    grouped_gemm's cuBLAS build launches one GEMM per expert from host sizes. Expected to matter
+    when micro-batches are small: at 4,224 tokens (one 4,096-token completion) each of the 64
+    experts gets ~530 rows, a few microseconds of GEMM per launch. MegaBlocks' padded gather still
+    reads its output size on the host (one wait per layer, as before). Not yet timed against
+    grouped_gemm; `policy.megablocks_gemm: torch` selects it."""
+
+    sizes_on_device = True
+
+    def route(self, expert_ids: torch.Tensor, num_experts: int, pad: int) -> Routing:
+        end_bit = max(int(num_experts - 1).bit_length(), 1)
+        bin_ids, indices = self.ops.sort(expert_ids, end_bit)
+        counts = self.ops.histogram(expert_ids, num_experts)
+        bins = self.ops.inclusive_cumsum(counts, 0).view(-1)
+        sizes = self.ops.round_up(counts, pad) if pad > 1 else counts
+        padded_bins = self.ops.inclusive_cumsum(sizes, 0).view(-1) if pad > 1 else None
+        return Routing(bin_ids=bin_ids, indices=indices, bins=bins, padded_bins=padded_bins, pad=pad, sizes=sizes)
+
+    def batch_sizes(self, r: Routing) -> torch.Tensor:
+        return r.sizes
+
+    def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
+        if a.dtype == torch.bfloat16:  # torch's CUDA grouped GEMM is bf16 only
+            return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
+        return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
+
+
 class TorchKernels:
     """Reference kernels in plain torch (CPU tests of the glue; never used for speed)."""
+
+    sizes_on_device = False
 
     def route(self, expert_ids, num_experts, pad):
         bin_ids, indices = torch.sort(expert_ids, stable=True)
@@ -130,6 +163,15 @@ class TorchKernels:
 
     def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
         return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
+
+
+def torch_gmm(a, b, batch_sizes, trans_a=False, trans_b=False):
+    """`loop_gmm`'s contract through `torch._grouped_mm` (groups given by device-side offsets).
+    An expert without rows gets a zero weight gradient (zeroed explicitly by GroupedGLU)."""
+    offs = torch.cumsum(batch_sizes, 0, dtype=torch.int32)
+    if trans_a:  # [S, M]^T x [S, N] per group along S -> [E, M, N]
+        return torch._grouped_mm(a.t(), b, offs=offs)
+    return torch._grouped_mm(a, b.transpose(-2, -1) if trans_b else b, offs=offs)
 
 
 def loop_gmm(a, b, batch_sizes, trans_a=False, trans_b=False):
@@ -221,22 +263,27 @@ class GroupedGLU(torch.autograd.Function):
         dw2 = gmm(dy, a, batch_sizes, trans_a=True) if ctx.needs_input_grad[2] else None  # [E, H, F]
         dw1 = gmm(dh, x, batch_sizes, trans_a=True) if ctx.needs_input_grad[1] else None  # [E, 2F, H]
         dx = gmm(dh, w1, batch_sizes) if ctx.needs_input_grad[0] else None  # [S, H]
-        empty = (batch_sizes == 0).nonzero().flatten().tolist()
-        for dw in (dw1, dw2):  # experts with no rows: make the zero gradient explicit
-            if dw is not None:
-                for e in empty:
-                    dw[e].zero_()
+        # experts with no rows: make the zero gradient explicit (on the device when the sizes are)
+        if ctx.kernels.sizes_on_device:
+            has_rows = (batch_sizes > 0).view(-1, 1, 1)
+            dw1, dw2 = (None if dw is None else torch.where(has_rows, dw, 0) for dw in (dw1, dw2))
+        else:
+            empty = (batch_sizes == 0).nonzero().flatten().tolist()
+            for dw in (dw1, dw2):
+                if dw is not None:
+                    for e in empty:
+                        dw[e].zero_()
         return dx, dw1, dw2, None, None, None, None
 
 
-_KERNELS: MegaBlocksKernels | None = None
+GEMMS = {"grouped_gemm": MegaBlocksKernels, "torch": TorchGemmKernels}  # policy.megablocks_gemm
+_KERNELS: dict[str, MegaBlocksKernels] = {}
 
 
-def _kernels() -> MegaBlocksKernels:
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = MegaBlocksKernels()
-    return _KERNELS
+def _kernels(gemm: str = "grouped_gemm") -> MegaBlocksKernels:
+    if gemm not in _KERNELS:
+        _KERNELS[gemm] = GEMMS[gemm]()
+    return _KERNELS[gemm]
 
 
 def experts_forward(module, hidden_states, top_k_index, top_k_weights, kernels, fused_gate=True, pad_rows=PAD_ROWS):
@@ -274,7 +321,8 @@ def megablocks_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         # module attributes only for ablations (bench_moe.py)
         fused = getattr(self, "_r1l_fused_gate", True)
         pad = getattr(self, "_r1l_pad_rows", PAD_ROWS)
-        return experts_forward(self, hidden_states, top_k_index, top_k_weights, _kernels(), fused_gate=fused,
+        kernels = _kernels(getattr(self, "_r1l_gemm", "grouped_gemm"))
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights, kernels, fused_gate=fused,
                                pad_rows=pad)
     from transformers.integrations.moe import grouped_mm_experts_forward
 
