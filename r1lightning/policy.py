@@ -39,7 +39,7 @@ class Policy:
         tokenizer: str | None = None,
         moe_backend: str = "auto",
         moe_recompute_activation: bool = False,
-        megablocks_gemm: str = "grouped_gemm",
+        megablocks_kernels: str = "megablocks",
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
@@ -58,8 +58,9 @@ class Policy:
             moe_backend: `auto`, `megablocks`, `grouped_mm` or `eager` (how expert FFNs run).
             moe_recompute_activation: MegaBlocks only: recompute the experts' gated activation in
                 backward instead of storing it (less memory).
-            megablocks_gemm: MegaBlocks only: the experts' grouped GEMM, `grouped_gemm` (one cuBLAS
-                GEMM per expert) or `torch` (`torch._grouped_mm`, one kernel for all experts).
+            megablocks_kernels: MegaBlocks only: `megablocks` (MegaBlocks' permutation kernels and
+                grouped_gemm) or `torch` (the same padded layout with torch ops and
+                `torch._grouped_mm`, no host wait per layer; not yet timed).
             dtype: weights dtype when loading (`float32`, `bfloat16`, `float16`); mixed precision is
                 the trainer's `precision`.
             attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`).
@@ -80,7 +81,7 @@ class Policy:
         self.tokenizer_name = tokenizer
         self.moe_backend = moe_backend
         self.moe_recompute_activation = moe_recompute_activation
-        self.megablocks_gemm = megablocks_gemm
+        self.megablocks_kernels = megablocks_kernels
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
@@ -133,7 +134,7 @@ class Policy:
                 f"{model.get_input_embeddings().num_embeddings}"
             )
         backend = apply_moe_backend(model, self.moe_backend, recompute_activation=self.moe_recompute_activation,
-                                    gemm=self.megablocks_gemm)
+                                    kernels=self.megablocks_kernels)
         log.info("policy: %s, %.2fM parameters, moe_backend=%s", type(model).__name__, count_parameters(model) / 1e6, backend)
         self.moe_backend_in_effect = backend
         if self.gradient_checkpointing:

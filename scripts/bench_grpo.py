@@ -118,13 +118,13 @@ def point_args(args, length: int, dist: str):
     return argparse.Namespace(**{**vars(args), "prompts": max(1, round(args.prompts * length / mean))})
 
 
-def build(args, device, megablocks: bool, gemm: str = "grouped_gemm"):
+def build(args, device, megablocks: bool, kernels: str = "megablocks"):
     from r1lightning.moe import apply_moe_backend
 
     torch.manual_seed(0)
     model = build_model(args, device).requires_grad_(True)
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.prompt_len + max(args.lengths))
-    backend = apply_moe_backend(model, "megablocks" if megablocks else "grouped_mm", gemm=gemm)
+    backend = apply_moe_backend(model, "megablocks" if megablocks else "grouped_mm", kernels=kernels)
     model.config.router_aux_loss_coef = 0.0  # TRL adds no load-balancing loss unless asked; neither do we
     return model, backend
 
@@ -196,9 +196,9 @@ class ForcedLengths:
 def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False):
     from r1lightning.rollout import PagedSampler, StaticCacheSampler
 
-    model, backend = build(args, device, megablocks, args.ours_megablocks_gemm)
+    model, backend = build(args, device, megablocks, args.ours_megablocks_kernels)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    result = {"backend": backend, "megablocks_gemm": args.ours_megablocks_gemm, "points": []}
+    result = {"backend": backend, "megablocks_kernels": args.ours_megablocks_kernels, "points": []}
     points, failed = result["points"], False
     for length in args.lengths:
         # One engine per length: after the first distribution's warm-up at full length it stays warm.
@@ -693,8 +693,8 @@ def main(argv=None):
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
     ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
                     help="ours: override the paged engine's attention (auto takes gather under --compile)")
-    ap.add_argument("--ours-megablocks-gemm", default="grouped_gemm", choices=["grouped_gemm", "torch"],
-                    help="ours: the MegaBlocks experts' grouped GEMM (Policy.megablocks_gemm)")
+    ap.add_argument("--ours-megablocks-kernels", default="megablocks", choices=["megablocks", "torch"],
+                    help="ours: the MegaBlocks experts' kernels (Policy.megablocks_kernels)")
     ap.add_argument("--trl-micro-batch", type=int, default=32, help="TRL: most sequences per forward/backward")
     ap.add_argument("--trl-micro-tokens", type=int, default=32 * 1152,
                     help="TRL: tokens per forward/backward (32 x (128 + 1024), what fit at 1,024 tokens)")

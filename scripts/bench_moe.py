@@ -38,7 +38,7 @@ VARIANTS = {
     "megablocks_recompute": dict(impl="megablocks", recompute=True),
     "megablocks_unfused_gate": dict(impl="megablocks", fused=False),
     "megablocks_unpadded": dict(impl="megablocks", pad=0),
-    "megablocks_torch_gemm": dict(impl="megablocks", gemm="torch"),  # torch._grouped_mm, not grouped_gemm
+    "megablocks_sync_free": dict(impl="megablocks", kernels="torch"),  # no host wait (SyncFreeKernels)
 }
 GiB = 2**30
 
@@ -52,7 +52,7 @@ def set_variant(module, config, name):
         m._r1l_recompute_activation = v.get("recompute", False)
         m._r1l_fused_gate = v.get("fused", True)
         m._r1l_pad_rows = v.get("pad", PAD_ROWS)
-        m._r1l_gemm = v.get("gemm", "grouped_gemm")
+        m._r1l_kernels = v.get("kernels", "megablocks")
 
 
 def time_cuda(fn, warmup, iters):

@@ -14,7 +14,9 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from r1lightning.moe import apply_moe_backend, backend as moe_backend, experts_modules
-from r1lightning.moe.megablocks_experts import TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm
+from r1lightning.moe.megablocks_experts import (
+    SyncFreeKernels, TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm,
+)
 from r1lightning.moe.tiny import TINY_CONFIGS, tiny_moe_model
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
@@ -50,8 +52,8 @@ def gpt_oss_model():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'dmoe' is not one of auto, megablocks, grouped_mm, eager"):
         apply_moe_backend(tiny_moe_model("olmoe"), "dmoe")
-    with pytest.raises(ValueError, match=r"policy.megablocks_gemm: 'cutlass' is not one of grouped_gemm, torch"):
-        apply_moe_backend(tiny_moe_model("olmoe"), "megablocks", gemm="cutlass")
+    with pytest.raises(ValueError, match=r"policy.megablocks_kernels: 'cutlass' is not one of megablocks, torch"):
+        apply_moe_backend(tiny_moe_model("olmoe"), "megablocks", kernels="cutlass")
 
 
 def test_status_on_this_machine_gives_a_reason():
@@ -169,16 +171,6 @@ def routing_cases(num_experts, top_k, gen):
     return [("uniform", uniform), ("uneven_empty", skew), ("single_token", single), ("hot_expert", hot)]
 
 
-class DeviceSizeKernels(TorchKernels):
-    """The stand-in kernels with `policy.megablocks_gemm: torch`'s GEMM: sizes kept as a tensor,
-    `torch._grouped_mm` (which also runs on CPU), empty experts zeroed without a host read."""
-
-    sizes_on_device = True
-
-    def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
-        return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_grouped_gemm_keeps_the_loop_contract(dtype):
     """`torch_gmm` equals one matmul per expert in all three uses, with empty experts first, inside, last."""
@@ -197,10 +189,10 @@ def test_torch_grouped_gemm_keeps_the_loop_contract(dtype):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recompute,pad", [(False, 0), (True, 0), (False, 8), (True, 8)])
-@pytest.mark.parametrize("kernels", [TorchKernels, DeviceSizeKernels])
+@pytest.mark.parametrize("kernels", [TorchKernels, SyncFreeKernels])
 def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad, kernels):
     """Index bookkeeping, autograd and recompute of the MegaBlocks path, with torch stand-in kernels
-    (per-expert matmuls from host sizes, or torch's grouped GEMM from sizes kept as a tensor)."""
+    (per-expert matmuls from host sizes), and with `megablocks_kernels: torch`'s kernels themselves."""
     model = tiny_moe_model(arch)
     experts = next(m for _, m in experts_modules(model))
     experts._r1l_recompute_activation = recompute
@@ -220,6 +212,31 @@ def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad, kernels):
             assert rel(a, b) <= 1e-5, (case, name, rel(a, b))
         if case == "uneven_empty":
             assert got[1][3][5:].abs().max() == 0 and got[1][4][5:].abs().max() == 0
+
+
+def test_sync_free_kernels_never_read_a_value_on_the_host(monkeypatch):
+    """Forward and backward of the experts with `megablocks_kernels: torch` read no tensor value on the
+    host (on a GPU each such read waits for the queue)."""
+    model = tiny_moe_model("olmoe")
+    experts = next(m for _, m in experts_modules(model))
+    gen = torch.Generator().manual_seed(4)
+    _, idx = routing_cases(experts.num_experts, 2, gen)[1]  # uneven, with empty experts
+    x = torch.randn(idx.shape[0], experts.gate_up_proj.shape[-1], generator=gen, requires_grad=True)
+    w = torch.rand(idx.shape, generator=gen, requires_grad=True)
+    reads = []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: reads.append(_n) or _r(self, *a, **k))
+    y = experts_forward(experts, x, idx, w, kernels=SyncFreeKernels(), fused_gate=False, pad_rows=8)
+    y.sum().backward()
+    monkeypatch.undo()
+    assert reads == [] and x.grad is not None and experts.gate_up_proj.grad is not None
+    reads.clear()
+    with monkeypatch.context() as m:  # the check itself can fail: the host-size kernels do read
+        real = torch.Tensor.tolist
+        m.setattr(torch.Tensor, "tolist", lambda self, *a, **k: reads.append("tolist") or real(self, *a, **k))
+        experts_forward(experts, x, idx, w, kernels=TorchKernels(), fused_gate=False, pad_rows=8).sum().backward()
+    assert reads
 
 
 def test_megablocks_glue_bf16_and_autocast():

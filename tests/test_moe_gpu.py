@@ -94,9 +94,9 @@ def test_experts_parity(arch, dtype, recompute, pad, case):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe", "deepseek_v3"])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("case", ["uniform", "uneven_empty", "single_token"])
-def test_torch_grouped_gemm_matches_grouped_gemm(arch, recompute, case):
-    """`megablocks_gemm: torch` (torch._grouped_mm, sizes on the device) against grouped_gemm, bf16:
-    both as close to the fp32 answer, and empty experts' weight gradients exactly zero."""
+def test_sync_free_kernels_match_megablocks(arch, recompute, case):
+    """`megablocks_kernels: torch` (no host wait: device-side routing, torch._grouped_mm) against
+    MegaBlocks' kernels, bf16: both as close to the fp32 answer; empty experts' weight gradients zero."""
     model = tiny_moe_model(arch).cuda()
     experts = next(m for _, m in experts_modules(model))
     experts._r1l_recompute_activation = recompute
@@ -109,10 +109,10 @@ def test_torch_grouped_gemm_matches_grouped_gemm(arch, recompute, case):
     model.to(torch.bfloat16)
     x, w = x.bfloat16(), w.bfloat16()
     got = {}
-    for gemm in ("grouped_gemm", "torch"):
-        experts._r1l_gemm = gemm
-        got[gemm] = run(mbe.megablocks_experts_forward, experts, x, idx, w, dy)
-    for n, g, r, r32 in zip(NAMES, got["torch"], got["grouped_gemm"], ref32):
+    for kernels in ("megablocks", "torch"):
+        experts._r1l_kernels = kernels
+        got[kernels] = run(mbe.megablocks_experts_forward, experts, x, idx, w, dy)
+    for n, g, r, r32 in zip(NAMES, got["torch"], got["megablocks"], ref32):
         assert g.dtype == r.dtype and g.shape == r.shape, n
         assert rel(g, r32) <= 1.5 * rel(r, r32) + 2e-3, (n, rel(g, r32), rel(r, r32))
     if case == "uneven_empty":

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from r1lightning.moe.megablocks_experts import GEMMS  # the MegaBlocks path's grouped GEMMs (no import of MegaBlocks)
+from r1lightning.moe.megablocks_experts import KERNELS  # imports no MegaBlocks module itself
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,18 @@ def experts_modules(model: torch.nn.Module):
             yield name, module
 
 
-def apply_moe_backend(model, backend: str = "auto", recompute_activation: bool = False, gemm: str = "grouped_gemm") -> str:
+def apply_moe_backend(model, backend: str = "auto", recompute_activation: bool = False, kernels: str = "megablocks") -> str:
     """Select how expert FFNs run; returns the backend in effect (logged by the caller).
 
     `recompute_activation` (MegaBlocks only): keep the gate/up projection and recompute the gated
     activation in backward instead of storing it (MegaBlocks' memory-optimised MLP idea).
-    `gemm` (MegaBlocks only): `grouped_gemm`, or `torch` for torch's grouped GEMM (`GEMMS`).
+    `kernels` (MegaBlocks only): `megablocks`, or `torch` for the same layout with no host wait
+    (`megablocks_experts.SyncFreeKernels`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"policy.moe_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if gemm not in GEMMS:
-        raise ValueError(f"policy.megablocks_gemm: {gemm!r} is not one of {', '.join(GEMMS)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"policy.megablocks_kernels: {kernels!r} is not one of {', '.join(KERNELS)}")
     if not hasattr(model, "set_experts_implementation") or not model._can_set_experts_implementation():
         if backend == MEGABLOCKS:
             log.warning("moe_backend=megablocks unavailable: %s has no transformers experts interface; "
@@ -96,5 +97,5 @@ def apply_moe_backend(model, backend: str = "auto", recompute_activation: bool =
     model.set_experts_implementation(chosen)
     for _, module in experts_modules(model):
         module._r1l_recompute_activation = bool(recompute_activation)
-        module._r1l_gemm = gemm
+        module._r1l_kernels = kernels
     return chosen

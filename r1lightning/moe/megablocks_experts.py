@@ -104,35 +104,6 @@ class MegaBlocksKernels:
         return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
 
 
-class TorchGemmKernels(MegaBlocksKernels):
-    """MegaBlocks' routing and padded gather/scatter, with torch's grouped GEMM (`torch._grouped_mm`)
-    in place of grouped_gemm: one kernel for all experts reading the sizes on the device, where
-    grouped_gemm's cuBLAS build launches one GEMM per expert from host sizes. Expected to matter
-    when micro-batches are small: at 4,224 tokens (one 4,096-token completion) each of the 64
-    experts gets ~530 rows, a few microseconds of GEMM per launch. MegaBlocks' padded gather still
-    reads its output size on the host (one wait per layer, as before). Not yet timed against
-    grouped_gemm; `policy.megablocks_gemm: torch` selects it."""
-
-    sizes_on_device = True
-
-    def route(self, expert_ids: torch.Tensor, num_experts: int, pad: int) -> Routing:
-        end_bit = max(int(num_experts - 1).bit_length(), 1)
-        bin_ids, indices = self.ops.sort(expert_ids, end_bit)
-        counts = self.ops.histogram(expert_ids, num_experts)
-        bins = self.ops.inclusive_cumsum(counts, 0).view(-1)
-        sizes = self.ops.round_up(counts, pad) if pad > 1 else counts
-        padded_bins = self.ops.inclusive_cumsum(sizes, 0).view(-1) if pad > 1 else None
-        return Routing(bin_ids=bin_ids, indices=indices, bins=bins, padded_bins=padded_bins, pad=pad, sizes=sizes)
-
-    def batch_sizes(self, r: Routing) -> torch.Tensor:
-        return r.sizes
-
-    def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
-        if a.dtype == torch.bfloat16:  # torch's CUDA grouped GEMM is bf16 only
-            return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
-        return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
-
-
 class TorchKernels:
     """Reference kernels in plain torch (CPU tests of the glue; never used for speed)."""
 
@@ -162,6 +133,46 @@ class TorchKernels:
         return out.view(-1, top_k, y.shape[-1]).sum(dim=1)
 
     def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
+        return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
+
+
+class SyncFreeKernels(TorchKernels):
+    """The MegaBlocks layout (rows sorted by expert, each expert padded to `pad` rows) with no host
+    wait: counts by scatter_add, the padded buffer sized by its bound T*K + E*(pad-1) rather than
+    its exact size, and the GEMMs through `torch._grouped_mm` (one kernel for all experts, offsets
+    on the device). MegaBlocks' path waits on the host once per layer in forward and once in
+    backward (grouped_gemm's cuBLAS build takes host sizes and launches one GEMM per expert; the
+    padded gather reads its size), which leaves the GPU idle while the host catches up; with small
+    micro-batches (4,224 tokens: ~530 rows per expert) each GEMM is only a few microseconds.
+    Rows past the last expert's are never read: the scatter and the gather's gradient read only
+    the routed rows. `policy.megablocks_kernels: torch`; not yet timed against MegaBlocks."""
+
+    sizes_on_device = True
+
+    def route(self, expert_ids, num_experts, pad):
+        n = expert_ids.shape[0]
+        bin_ids, indices = torch.sort(expert_ids, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+        counts.scatter_add_(0, expert_ids.long(), torch.ones(n, dtype=torch.int64, device=expert_ids.device))
+        padded = _round_up(counts, pad)
+        starts, pstarts = torch.cumsum(counts, 0) - counts, torch.cumsum(padded, 0) - padded
+        e = bin_ids.long()
+        dest = pstarts[e] + torch.arange(n, device=e.device) - starts[e]
+        rows = n + num_experts * (pad - 1) if pad > 1 else n
+        return Routing(indices=indices, dest=dest, rows=rows, sizes=padded)
+
+    # index_select rather than advanced indexing: its backward is an index_add, not a sort
+    def gather(self, x, r, top_k):
+        return x.new_zeros(r.rows, x.shape[1]).index_copy(0, r.dest, x.index_select(0, r.indices // top_k))
+
+    def scatter(self, y, r, weights, top_k):
+        scaled = y.index_select(0, r.dest) * weights.index_select(0, r.indices).unsqueeze(-1)
+        out = torch.empty_like(scaled).index_copy(0, r.indices, scaled)  # indices: a permutation
+        return out.view(-1, top_k, y.shape[-1]).sum(dim=1)
+
+    def gmm(self, a, b, batch_sizes, trans_a=False, trans_b=False):
+        if a.dtype == torch.bfloat16 or not a.is_cuda:  # torch's CUDA grouped GEMM is bf16 only
+            return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
         return loop_gmm(a, b, batch_sizes, trans_a, trans_b)
 
 
@@ -276,14 +287,14 @@ class GroupedGLU(torch.autograd.Function):
         return dx, dw1, dw2, None, None, None, None
 
 
-GEMMS = {"grouped_gemm": MegaBlocksKernels, "torch": TorchGemmKernels}  # policy.megablocks_gemm
-_KERNELS: dict[str, MegaBlocksKernels] = {}
+KERNELS = {"megablocks": MegaBlocksKernels, "torch": SyncFreeKernels}  # policy.megablocks_kernels
+_KERNELS: dict[str, MegaBlocksKernels | SyncFreeKernels] = {}
 
 
-def _kernels(gemm: str = "grouped_gemm") -> MegaBlocksKernels:
-    if gemm not in _KERNELS:
-        _KERNELS[gemm] = GEMMS[gemm]()
-    return _KERNELS[gemm]
+def _kernels(name: str = "megablocks"):
+    if name not in _KERNELS:
+        _KERNELS[name] = KERNELS[name]()
+    return _KERNELS[name]
 
 
 def experts_forward(module, hidden_states, top_k_index, top_k_weights, kernels, fused_gate=True, pad_rows=PAD_ROWS):
@@ -321,7 +332,7 @@ def megablocks_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         # module attributes only for ablations (bench_moe.py)
         fused = getattr(self, "_r1l_fused_gate", True)
         pad = getattr(self, "_r1l_pad_rows", PAD_ROWS)
-        kernels = _kernels(getattr(self, "_r1l_gemm", "grouped_gemm"))
+        kernels = _kernels(getattr(self, "_r1l_kernels", "megablocks"))
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, kernels, fused_gate=fused,
                                pad_rows=pad)
     from transformers.integrations.moe import grouped_mm_experts_forward
