@@ -265,10 +265,6 @@ class Layout:
     n: int
     C: int
     real_tokens: int  # prompt + completion tokens of the sequences, without padding
-    # packed rows: where each sequence starts in the flattened r*W tokens, then r*W (int32), and the
-    # longest; for attention that takes them (`r1lightning.attention`) instead of a dense mask
-    cu_seqlens: Tensor | None = None
-    max_seqlen: int = 0
 
     @property
     def padded_tokens(self) -> int:
@@ -278,7 +274,7 @@ class Layout:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Layout(move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.positions),
                       move(self.targets), move(self.dest_row), move(self.dest_col), n=self.n, C=self.C,
-                      real_tokens=self.real_tokens, cu_seqlens=move(self.cu_seqlens), max_seqlen=self.max_seqlen)
+                      real_tokens=self.real_tokens)
 
     def scatter(self, values: Tensor) -> Tensor:
         """[M] -> [n, C], zero where nothing was computed."""
@@ -381,12 +377,11 @@ def pack_sequences(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
     r = len(layout_rows)
     input_ids = torch.full((r, W), pad_token_id, dtype=completion_ids.dtype)
     position_ids = torch.zeros((r, W), dtype=torch.long)
-    positions, targets, dest_row, dest_col, starts = [], [], [], [], []
+    positions, targets, dest_row, dest_col = [], [], [], []
     for ri, members in enumerate(layout_rows):
         at = 0
         for k in members:
             p, c = int(p_len[k]), int(c_len[k])
-            starts.append(ri * W + at)  # the row's tail belongs to its last sequence
             prompt = prompt_ids[k][prompt_mask[k].bool()]  # [p]
             completion = completion_ids[k, :c]  # [c]
             input_ids[ri, at : at + p] = prompt
@@ -401,10 +396,8 @@ def pack_sequences(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
             last = int(position_ids[ri, at - 1])
             position_ids[ri, at:] = torch.arange(last + 1, last + 1 + W - at)
     cat = lambda xs: (torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)).to(dev)  # noqa: E731
-    cu = torch.tensor(starts + [r * W], dtype=torch.int32)
     return Layout(input_ids.to(dev), position_ids.to(dev), None, cat(positions), cat(targets), cat(dest_row),
-                  cat(dest_col), n=len(rows), C=completion_ids.shape[1], real_tokens=sum(lengths),
-                  cu_seqlens=cu.to(dev), max_seqlen=int(cu.diff().max()))
+                  cat(dest_col), n=len(rows), C=completion_ids.shape[1], real_tokens=sum(lengths))
 
 
 def padded_layout(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,

@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
-from r1lightning.attention import ATTN_IMPLEMENTATION as VARLEN
 from r1lightning.errors import UserError
 from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
@@ -122,10 +121,6 @@ class PolicyModule(L.LightningModule):
 
         model = model or self.model
         kwargs = {"output_router_logits": True} if self.is_moe and self.aux_coef > 0 else {}
-        if layout.cu_seqlens is not None and getattr(model.config, "_attn_implementation", None) == VARLEN:
-            # the sequence boundaries, so attention computes only inside each sequence (r1lightning.attention)
-            kwargs.update(cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
-                          max_length_q=layout.max_seqlen, max_length_k=layout.max_seqlen)
         with head_logprobs(model, layout.positions, layout.targets, temperature, with_entropy, impl) as out:
             res = model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
                         position_ids=layout.position_ids, use_cache=False, **kwargs)

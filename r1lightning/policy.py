@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from r1lightning.attention import ATTN_IMPLEMENTATION as VARLEN
-from r1lightning.attention import register as register_varlen
 from r1lightning.errors import UserError
 from r1lightning.moe import apply_moe_backend
 from r1lightning.tokenizer import build_char_tokenizer, check_autotokenizer, load_tokenizer
@@ -65,10 +63,7 @@ class Policy:
                 `torch._grouped_mm`, no host wait per layer; not yet timed).
             dtype: weights dtype when loading (`float32`, `bfloat16`, `float16`); mixed precision is
                 the trainer's `precision`.
-            attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`), or
-                `r1l_varlen`: SDPA everywhere except the packed rows of the update and reference passes,
-                which run flash attention's variable-length form on CUDA and compute only inside each
-                sequence (`r1lightning.attention`).
+            attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`).
             gradient_checkpointing: recompute activations in backward to save memory.
             cudnn_attention: let SDPA pick its cuDNN kernel while this policy trains (CUDA only).
                 Off by default: cuDNN builds an execution plan for every new shape, and the update's
@@ -114,8 +109,6 @@ class Policy:
         """The model and its tokenizer (`tokenizer`: one already built by `build_tokenizer`)."""
         tokenizer = tokenizer if tokenizer is not None else self.build_tokenizer()
         dtype = getattr(torch, self.dtype)
-        if self.attn_implementation == VARLEN:
-            register_varlen()
         if self.config is not None:
             config = self.model_config(tokenizer)
             if self.attn_implementation:

@@ -193,18 +193,12 @@ class ForcedLengths:
         return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
 
 
-def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False,
-             varlen: bool = False):
-    from r1lightning import attention
+def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False):
     from r1lightning.rollout import PagedSampler, StaticCacheSampler
 
     model, backend = build(args, device, megablocks, args.ours_megablocks_kernels)
-    if varlen:  # packed rows through flash varlen (Policy.attn_implementation: r1l_varlen)
-        attention.register()
-        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    result = {"backend": backend, "megablocks_kernels": args.ours_megablocks_kernels,
-              "attn_implementation": model.config._attn_implementation, "points": []}
+    result = {"backend": backend, "megablocks_kernels": args.ours_megablocks_kernels, "points": []}
     points, failed = result["points"], False
     for length in args.lengths:
         # One engine per length: after the first distribution's warm-up at full length it stays warm.
@@ -663,10 +657,8 @@ def head_bench(args) -> dict:
     return out
 
 
-# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it;
-# `_varlen`: ours with attn_implementation r1l_varlen (flash varlen over packed rows instead of a masked SDPA)
-FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn",
-              "ours_megablocks_varlen", "trl", "trl_megablocks"]
+# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it
+FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
@@ -735,7 +727,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1, default=str)
     for fw in args.frameworks:
-        megablocks, liger, cudnn, varlen = "megablocks" in fw, fw.endswith("liger"), fw.endswith("_cudnn"), fw.endswith("_varlen")
+        megablocks, liger, cudnn = "megablocks" in fw, fw.endswith("liger"), fw.endswith("_cudnn")
 
         def save(result, fw=fw):  # after every point, so a crash or a time limit keeps what ran
             out["results"][fw] = result
@@ -745,7 +737,7 @@ def main(argv=None):
 
         try:
             if fw.startswith("ours"):
-                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn, varlen)
+                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn)
             else:
                 run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:
