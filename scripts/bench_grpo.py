@@ -30,7 +30,7 @@ waste and the peak GiB over the timed steps. A TRL point whose step would take l
 `--max-step-s` (extrapolated linearly from its previous length) is skipped and reported as such;
 after an out-of-memory error the longer lengths of that framework are skipped.
 `--equal-tokens` gives a log-normal point as many prompts as make its expected completion tokens the
-fixed point's (its tokens/s then compares the same work); `--warmup-prompts N` warms ours up at the full
+fixed point's (its tokens/s then compares the same work), `--equal-tokens total` its prompt + completion tokens; `--warmup-prompts N` warms ours up at the full
 length with N prompts, `--no-warmup` times one cold step (for points too long to run twice in a time
 limit; reported as such); `--profile ROWS` adds one untimed step per point under torch.profiler. Each
 step also records the caching allocator's device allocations, frees and retries.
@@ -110,12 +110,16 @@ def draw_lengths(n: int, length: int, step: int, args) -> torch.Tensor:
 
 def point_args(args, length: int, dist: str):
     """The arguments of one (length, distribution) point: with `--equal-tokens` a log-normal point
-    has as many prompts as make its expected completion tokens those of the fixed-length point
-    (prompts x G x length), so the two tokens/s figures compare the same amount of work."""
+    has as many prompts as make its expected tokens those of the fixed-length point, so the two
+    tokens/s figures compare the same amount of work: `completion` counts completion tokens
+    (prompts x G x length), `total` the prompt and completion tokens the step processes
+    (prompts x G x (prompt_len + length))."""
     if not (args.equal_tokens and dist == "lognormal"):
         return args
     mean = draw_lengths(200_000, length, 0, args).double().mean().item()
-    return argparse.Namespace(**{**vars(args), "prompts": max(1, round(args.prompts * length / mean))})
+    base = args.prompt_len if args.equal_tokens == "total" else 0
+    prompts = max(1, round(args.prompts * (base + length) / (base + mean)))
+    return argparse.Namespace(**{**vars(args), "prompts": prompts})
 
 
 def build(args, device, megablocks: bool, kernels: str = "megablocks"):
@@ -673,8 +677,9 @@ def main(argv=None):
     ap.add_argument("--length-dist", nargs="+", default=["fixed"], choices=["fixed", "lognormal"])
     ap.add_argument("--lognormal-median", type=float, default=0.25, help="median drawn length as a fraction of the length")
     ap.add_argument("--lognormal-sigma", type=float, default=1.0)
-    ap.add_argument("--equal-tokens", action="store_true",
-                    help="log-normal points get more prompts: as many expected completion tokens as the fixed point")
+    ap.add_argument("--equal-tokens", nargs="?", const="completion", default=None, choices=["completion", "total"],
+                    help="log-normal points get more prompts: as many expected completion tokens (default) or prompt + "
+                         "completion tokens (`total`) as the fixed point")
     ap.add_argument("--trl-length-dist", nargs="+", default=None, choices=["fixed", "lognormal"],
                     help="TRL: the distributions to run (default: --length-dist)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",

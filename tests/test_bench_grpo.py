@@ -32,6 +32,20 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     assert "aten::" in (tmp_path / "b.profile_32_lognormal.txt").read_text()
 
 
+def test_equal_tokens_counts_completion_or_all_tokens():
+    import argparse
+
+    args = argparse.Namespace(prompts=16, prompt_len=128, lognormal_median=0.25, lognormal_sigma=1.0, equal_tokens=None)
+    assert bench_grpo.point_args(args, 256, "lognormal").prompts == 16  # off: the same prompts
+    mean = bench_grpo.draw_lengths(200_000, 256, 0, args).double().mean().item()
+    assert 80 < mean < 100  # median 64 of 256, sigma 1, clipped at 256
+    args.equal_tokens = "completion"
+    assert bench_grpo.point_args(args, 256, "lognormal").prompts == round(16 * 256 / mean)  # 46
+    assert bench_grpo.point_args(args, 256, "fixed").prompts == 16
+    args.equal_tokens = "total"  # 16 x (128 + 256) tokens over (128 + mean) a sequence
+    assert bench_grpo.point_args(args, 256, "lognormal").prompts == round(16 * 384 / (128 + mean))  # 28
+
+
 def test_trl_bounds_from_a_shorter_generation():
     # 5 decode steps 10 ms apart, then 20 ms apart: the fastest 2-step window is 10 ms per step
     times = [0.0, 0.01, 0.02, 0.03, 0.05, 0.07]
