@@ -36,6 +36,8 @@ from r1lightning.losses import (
     zero_variance_groups,
 )
 from r1lightning.module import PolicyModule, checkpointing_on
+from r1lightning.offload import HostOffload, wants_offload
+from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer, TrainerState
@@ -80,6 +82,7 @@ class GRPOModule(PolicyModule):
         log_completions_every: int = 25,
         max_reward_failures: int = 2,
         max_flat_steps: int | None = 50,
+        offload_reference: bool | str = "auto",
         **kwargs,
     ):
         """
@@ -125,6 +128,10 @@ class GRPOModule(PolicyModule):
                 had all-equal rewards on average: no advantage, nothing to learn (None: never stop).
             max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
                 non-number) this many steps in a row stops the run with an error naming it.
+            offload_reference: keep the frozen reference's weights in pinned host memory while sampling,
+                so the KV cache has their room (`r1lightning.offload`); back on the GPU for the reference
+                pass. `auto`: on CUDA with an unsharded reference, in steps whose KV at full length is at
+                least the reference's size (long completions); true: every step; false: never.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         reject_moved(type(self), kwargs)
@@ -142,11 +149,12 @@ class GRPOModule(PolicyModule):
         if loss.importance_sampling_level == "sequence" and loss.aggregation != "grpo":
             log.warning("importance_sampling_level=sequence with aggregation=%s weights each sequence's ratio by its "
                         "token count; GSPO normalises per sequence (aggregation: grpo)", loss.aggregation)
+        offload_reference = parse_offload(offload_reference)
         if sampling.num_samples < 2:
             raise UserError("model.sampling.num_samples: GRPO needs at least 2 completions per prompt (the group)")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         # hparams.yaml and checkpoints keep the groups as plain mappings (yaml.safe_load reads them).
-        self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict())
+        self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict(), offload_reference=offload_reference)
         self.sampling = sampling
         self.loss = loss
         self.automatic_optimization = False
@@ -155,6 +163,7 @@ class GRPOModule(PolicyModule):
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
+        self._ref_offload: HostOffload | None = None
 
     def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal
@@ -167,6 +176,17 @@ class GRPOModule(PolicyModule):
         if self.loss.beta > 0 and self.ref_model is None:
             # The reference is the policy as training starts (R1: refreshed by a callback).
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def reference_offload(self, batch) -> HostOffload | None:
+        """The reference's host offload for this step's rollout, or None (`offload_reference`)."""
+        rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
+        tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
+        if not wants_offload(self.hparams.offload_reference, self.ref_model, self.model, rows, tokens):
+            return None
+        params = next(self.ref_model.parameters())
+        if self._ref_offload is None or self._ref_offload.device != params.device or self._ref_offload.module is not self.ref_model:
+            self._ref_offload = HostOffload(self.ref_model)
+        return self._ref_offload
 
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
     def trainer_state(self) -> TrainerState:
@@ -315,11 +335,18 @@ class GRPOModule(PolicyModule):
         peaks: dict[str, float] = {}
         self._memory_peak("before", peaks)
         t0 = time.perf_counter()
-        rollout, columns, total, scores = self.rollout(batch)
-        keep = torch.ones_like(total, dtype=torch.bool)
-        if h.dynamic_sampling:
-            rollout, total, scores, keep = self.resample_flat_groups(batch, rollout, total, scores)
-        getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
+        offload = self.reference_offload(batch)
+        if offload is not None:
+            offload.to_host()
+        try:
+            rollout, columns, total, scores = self.rollout(batch)
+            keep = torch.ones_like(total, dtype=torch.bool)
+            if h.dynamic_sampling:
+                rollout, total, scores, keep = self.resample_flat_groups(batch, rollout, total, scores)
+            getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
+        finally:
+            if offload is not None:
+                offload.to_device()
         t_rollout = time.perf_counter() - t0
         self._memory_peak("rollout", peaks)
 
@@ -353,6 +380,7 @@ class GRPOModule(PolicyModule):
         stats["update/padding"] = self.padding_fraction(rollout, micro)
         stats.update(kinds)  # logged with the rest after the update: Lightning dropped keys first logged before it
         stats["update/micro_batches"] = float(len(micro))
+        stats["reference_offloaded"] = float(offload is not None)  # sampled with the reference on the host
         self._memory_peak("update", peaks)
         peaks.pop("memory/before_GiB", None)
         stats.update(peaks)

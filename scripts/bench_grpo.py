@@ -197,7 +197,8 @@ class ForcedLengths:
         return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
 
 
-def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False):
+def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False,
+             offload="auto"):
     from r1lightning.rollout import PagedSampler, StaticCacheSampler
 
     model, backend = build(args, device, megablocks, args.ours_megablocks_kernels)
@@ -221,7 +222,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
                 continue
             try:
                 points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name,
-                                         cudnn))
+                                         cudnn, offload))
                 warm = True
             except torch.cuda.OutOfMemoryError as err:
                 failed = True
@@ -235,7 +236,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
     return result
 
 
-def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False):
+def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False, offload="auto"):
     import lightning as L
 
     args = point_args(args, length, dist)
@@ -246,6 +247,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
     sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
+    overrides["offload_reference"] = offload
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=cudnn), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
@@ -306,6 +308,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         # every prompt is prompt_len words of the word-level tokenizer, one token each
                         "prompt_tokens": sizes[batch_idx] * args.G * args.prompt_len,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
+                        "reference_offloaded": float(m.get("train/reference_offloaded", 0.0)),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
                            for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
                         # GRPOModule resets the peak at each phase and logs each phase's peak
@@ -319,7 +322,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
@@ -587,6 +590,8 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
             "total_tok_s": statistics.median(total_s) if total_s else None,
             "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
             "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
+            # ours: timed steps that sampled with the reference on the host (offload_reference: auto)
+            **({"reference_offloaded": sum(s["reference_offloaded"] for s in timed)} if all("reference_offloaded" in s for s in timed) else {}),
             **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
                for phase in ("rollout", "reference", "update") if all(f"{phase}_GiB" in s for s in timed)}}
 
@@ -661,8 +666,10 @@ def head_bench(args) -> dict:
     return out
 
 
-# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it
-FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn", "trl", "trl_megablocks"]
+# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it;
+# `_keep_reference`: ours with offload_reference false (the reference stays on the GPU while sampling)
+FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn",
+              "ours_megablocks_keep_reference", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
@@ -742,7 +749,8 @@ def main(argv=None):
 
         try:
             if fw.startswith("ours"):
-                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn)
+                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn,
+                         False if fw.endswith("_keep_reference") else "auto")
             else:
                 run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:
