@@ -36,7 +36,7 @@ from r1lightning.losses import (
     zero_variance_groups,
 )
 from r1lightning.module import PolicyModule, checkpointing_on
-from r1lightning.offload import HostOffload, wants_offload
+from r1lightning.offload import HostOffload, free_bytes, wants_offload
 from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
@@ -130,8 +130,9 @@ class GRPOModule(PolicyModule):
                 non-number) this many steps in a row stops the run with an error naming it.
             offload_reference: keep the frozen reference's weights in pinned host memory while sampling,
                 so the KV cache has their room (`r1lightning.offload`); back on the GPU for the reference
-                pass. `auto`: on CUDA with an unsharded reference, in steps whose KV at full length is at
-                least the reference's size (long completions); true: every step; false: never.
+                pass. `auto`: on CUDA with an unsharded reference, in steps whose KV at full length would not
+                fit the sampler's memory budget otherwise (`PagedSampler`; other samplers: KV at least the
+                reference's size); true: every step; false: never.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         reject_moved(type(self), kwargs)
@@ -181,7 +182,11 @@ class GRPOModule(PolicyModule):
         """The reference's host offload for this step's rollout, or None (`offload_reference`)."""
         rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
         tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
-        if not wants_offload(self.hparams.offload_reference, self.ref_model, self.model, rows, tokens):
+        budget = None  # a sampler that sizes its KV from free memory: what it would get with the reference here
+        fraction = getattr(self.sampler, "kv_memory_fraction", None)
+        if fraction is not None and self.device.type == "cuda":
+            budget = float("inf") if getattr(self.sampler, "kv_cache_gib", None) is not None else fraction * free_bytes(self.device)
+        if not wants_offload(self.hparams.offload_reference, self.ref_model, self.model, rows, tokens, budget):
             return None
         params = next(self.ref_model.parameters())
         if self._ref_offload is None or self._ref_offload.device != params.device or self._ref_offload.module is not self.ref_model:

@@ -11,7 +11,8 @@ Cost: the reference is frozen, so its host copy stays valid until something writ
 (`callbacks.ReferenceModelRefresh`); each parameter's version counter tells, and only changed ones
 are copied back to the host. Bringing it back is one host-to-device copy of the weights per step
 (12.9 GiB at the H2D rate, ~0.3 s on an H200 at ~50 GB/s, not yet timed), which is why `auto` only
-offloads when the step's KV at full length is at least the reference's size.
+offloads when the step's KV at full length would not fit the sampler's budget with the reference on
+the device (`PagedSampler`: `kv_memory_fraction` of the free memory).
 """
 
 from __future__ import annotations
@@ -107,11 +108,13 @@ class HostOffload:
 
 
 def wants_offload(setting, reference: torch.nn.Module | None, model: torch.nn.Module, rows: int,
-                  tokens_per_row: int) -> bool:
+                  tokens_per_row: int, kv_budget: float | None = None) -> bool:
     """Whether this step samples with the reference on the host.
 
-    `auto`: on CUDA with an unsharded reference, when the step's KV at full length
-    (rows x tokens_per_row x bytes per token) is at least the reference's weights."""
+    `auto`: on CUDA with an unsharded reference, when the step's KV at full length (rows x
+    tokens_per_row x bytes per token) exceeds `kv_budget`, the bytes the sampler's KV could have with
+    the reference on the device (so moving it buys room that is needed); without a budget (a sampler
+    that does not size its cache from free memory), when that KV is at least the reference's size."""
     if reference is None or setting is False:
         return False
     reason = unsupported(reference)
@@ -121,4 +124,10 @@ def wants_offload(setting, reference: torch.nn.Module | None, model: torch.nn.Mo
         return True
     if reason:
         return False
-    return rows * tokens_per_row * kv_bytes_per_token(model) >= parameter_bytes(reference)
+    need = rows * tokens_per_row * kv_bytes_per_token(model)
+    return need > kv_budget if kv_budget is not None else need >= parameter_bytes(reference)
+
+
+def free_bytes(device) -> int:
+    """What a new allocation could get on `device`: free on the device plus blocks torch holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

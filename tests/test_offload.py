@@ -47,6 +47,10 @@ def test_auto_offloads_when_the_steps_kv_reaches_the_reference(tiny_moe_config, 
     tokens = -(-ref_bytes // 256)  # the fewest KV tokens that weigh as much as the reference
     assert offload.wants_offload("auto", ref, module.model, rows=1, tokens_per_row=tokens)
     assert not offload.wants_offload("auto", ref, module.model, rows=1, tokens_per_row=tokens - 1)
+    # a sampler with a memory budget: offload only when the full-length KV would not fit it
+    assert offload.wants_offload("auto", ref, module.model, rows=4, tokens_per_row=100, kv_budget=4 * 100 * 256 - 1)
+    assert not offload.wants_offload("auto", ref, module.model, rows=4, tokens_per_row=100, kv_budget=4 * 100 * 256)
+    assert not offload.wants_offload("auto", ref, module.model, rows=10**6, tokens_per_row=10**6, kv_budget=float("inf"))
     assert offload.wants_offload(True, ref, module.model, rows=1, tokens_per_row=1)
     assert not offload.wants_offload(False, ref, module.model, rows=10**6, tokens_per_row=10**6)
     assert not offload.wants_offload("auto", None, module.model, rows=10**6, tokens_per_row=10**6)  # beta 0
