@@ -309,6 +309,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "prompt_tokens": sizes[batch_idx] * args.G * args.prompt_len,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
                         "reference_offloaded": float(m.get("train/reference_offloaded", 0.0)),
+                        # whether freeing the KV for the update needed a full gc.collect() (a cycle held it)
+                        "release_collected": getattr(engine, "last_release_collected", None),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
                            for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
                         # GRPOModule resets the peak at each phase and logs each phase's peak
