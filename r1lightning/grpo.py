@@ -36,7 +36,7 @@ from r1lightning.losses import (
     zero_variance_groups,
 )
 from r1lightning.module import PolicyModule, checkpointing_on
-from r1lightning.offload import HostOffload, free_bytes, wants_offload
+from r1lightning.offload import HostOffload, free_bytes, kv_bytes_per_token, optimizer_state_tensors, plan_offload
 from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
@@ -83,6 +83,7 @@ class GRPOModule(PolicyModule):
         max_reward_failures: int = 2,
         max_flat_steps: int | None = 50,
         offload_reference: bool | str = "auto",
+        offload_optimizer: bool | str = "auto",
         **kwargs,
     ):
         """
@@ -133,6 +134,9 @@ class GRPOModule(PolicyModule):
                 pass. `auto`: on CUDA with an unsharded reference, in steps whose KV at full length would not
                 fit the sampler's memory budget otherwise (`PagedSampler`; other samplers: KV at least the
                 reference's size); true: every step; false: never.
+            offload_optimizer: the same for the optimizer's state (moments, master weights), copied to the
+                host and back each step it moves. `auto`: when the KV still would not fit the paged
+                engine's budget with the reference moved; never with other samplers.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         reject_moved(type(self), kwargs)
@@ -150,12 +154,14 @@ class GRPOModule(PolicyModule):
         if loss.importance_sampling_level == "sequence" and loss.aggregation != "grpo":
             log.warning("importance_sampling_level=sequence with aggregation=%s weights each sequence's ratio by its "
                         "token count; GSPO normalises per sequence (aggregation: grpo)", loss.aggregation)
-        offload_reference = parse_offload(offload_reference)
+        offload_reference = parse_offload(offload_reference, "offload_reference")
+        offload_optimizer = parse_offload(offload_optimizer, "offload_optimizer")
         if sampling.num_samples < 2:
             raise UserError("model.sampling.num_samples: GRPO needs at least 2 completions per prompt (the group)")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         # hparams.yaml and checkpoints keep the groups as plain mappings (yaml.safe_load reads them).
-        self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict(), offload_reference=offload_reference)
+        self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict(), offload_reference=offload_reference,
+                            offload_optimizer=offload_optimizer)
         self.sampling = sampling
         self.loss = loss
         self.automatic_optimization = False
@@ -164,7 +170,7 @@ class GRPOModule(PolicyModule):
         self.rewards = RewardComposer(rewards, max_failed_steps=max_reward_failures)
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
-        self._ref_offload: HostOffload | None = None
+        self._offloads: dict[str, HostOffload] = {}  # "reference", "optimizer": host copies kept across steps
 
     def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal
@@ -178,20 +184,35 @@ class GRPOModule(PolicyModule):
             # The reference is the policy as training starts (R1: refreshed by a callback).
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def reference_offload(self, batch) -> HostOffload | None:
-        """The reference's host offload for this step's rollout, or None (`offload_reference`)."""
+    def rollout_offloads(self, batch) -> dict[str, HostOffload]:
+        """What this step's rollout keeps on the host (`offload_reference`, `offload_optimizer`)."""
+        h = self.hparams
+        reference = list(self.ref_model.parameters()) if self.ref_model is not None else []
+        optimizer = []
+        if h.offload_optimizer is not False:
+            try:
+                optimizer = optimizer_state_tensors(self.optimizers())
+            except RuntimeError:  # no trainer attached (a step called by hand): no optimizer state to move
+                pass
+        if not reference and not optimizer:
+            return {}
         rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
         tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
-        budget = None  # a sampler that sizes its KV from free memory: what it would get with the reference here
-        fraction = getattr(self.sampler, "kv_memory_fraction", None)
+        need = rows * tokens * kv_bytes_per_token(self.model)
+        # a sampler that sizes its KV from free memory: what it would get with everything on the device
+        budget, fraction = None, getattr(self.sampler, "kv_memory_fraction", None)
         if fraction is not None and self.device.type == "cuda":
             budget = float("inf") if getattr(self.sampler, "kv_cache_gib", None) is not None else fraction * free_bytes(self.device)
-        if not wants_offload(self.hparams.offload_reference, self.ref_model, self.model, rows, tokens, budget):
-            return None
-        params = next(self.ref_model.parameters())
-        if self._ref_offload is None or self._ref_offload.device != params.device or self._ref_offload.module is not self.ref_model:
-            self._ref_offload = HostOffload(self.ref_model)
-        return self._ref_offload
+        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget,
+                                          fraction or 1.0)
+        out = {}
+        for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
+            if move:
+                kept = self._offloads.get(name)
+                if kept is None or not kept.same_tensors(tensors):  # first use, or new state (a resume)
+                    kept = self._offloads[name] = HostOffload(tensors, f"the {name}")
+                out[name] = kept
+        return out
 
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
     def trainer_state(self) -> TrainerState:
@@ -340,9 +361,11 @@ class GRPOModule(PolicyModule):
         peaks: dict[str, float] = {}
         self._memory_peak("before", peaks)
         t0 = time.perf_counter()
-        offload = self.reference_offload(batch)
-        if offload is not None:
-            offload.to_host()
+        offloads = self.rollout_offloads(batch)
+        for moved in offloads.values():
+            moved.to_host()
+        if offloads and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed blocks go to the KV pool allocated next
         try:
             rollout, columns, total, scores = self.rollout(batch)
             keep = torch.ones_like(total, dtype=torch.bool)
@@ -350,8 +373,8 @@ class GRPOModule(PolicyModule):
                 rollout, total, scores, keep = self.resample_flat_groups(batch, rollout, total, scores)
             getattr(self.sampler, "release_for_update", lambda: None)()  # a sampler may free its KV cache for the update
         finally:
-            if offload is not None:
-                offload.to_device()
+            for moved in offloads.values():
+                moved.to_device()
         t_rollout = time.perf_counter() - t0
         self._memory_peak("rollout", peaks)
 
@@ -385,7 +408,9 @@ class GRPOModule(PolicyModule):
         stats["update/padding"] = self.padding_fraction(rollout, micro)
         stats.update(kinds)  # logged with the rest after the update: Lightning dropped keys first logged before it
         stats["update/micro_batches"] = float(len(micro))
-        stats["reference_offloaded"] = float(offload is not None)  # sampled with the reference on the host
+        # sampled with the reference / the optimizer state on the host
+        stats["offload/reference"] = float("reference" in offloads)
+        stats["offload/optimizer"] = float("optimizer" in offloads)
         self._memory_peak("update", peaks)
         peaks.pop("memory/before_GiB", None)
         stats.update(peaks)

@@ -1,18 +1,20 @@
-"""The frozen reference's weights in pinned host memory while the policy samples.
+"""The frozen reference's weights and the optimizer's state in pinned host memory while the policy samples.
 
-A GRPO step holds three things on the GPU while it samples: the policy, the frozen reference (a
-second copy of the weights, used only after sampling, for the KL term) and the KV cache. For long
+A GRPO step holds on the GPU, while it samples: the policy, the frozen reference (a second copy of the
+weights, used only after sampling, for the KL term), the optimizer's state (AdamW's two moments, with
+`MasterWeightAdamW` also fp32 master weights; used only in the update) and the KV cache. For long
 completions the KV is the largest: 16 prompts x G 8 x 4,224 tokens of the OLMoE-1B-7B shape is 66 GiB,
-next to 12.9 GiB of bf16 reference weights. Moving the reference to the host for the rollout gives the
-KV pool its room: the peak drops by the reference's size where the pool is what sets it, and a pool
-capped by free memory (8k+ tokens) holds more sequences before it must preempt.
+next to 12.9 GiB of bf16 reference weights and 25.8 GiB of bf16 moments (51.6 GiB in fp32). Moving
+them to the host for the rollout gives the KV pool their room: the peak drops where the pool sets it,
+and a pool capped by free memory (8k+ tokens) holds more sequences before it must preempt.
 
-Cost: the reference is frozen, so its host copy stays valid until something writes its weights
-(`callbacks.ReferenceModelRefresh`); each parameter's version counter tells, and only changed ones
-are copied back to the host. Bringing it back is one host-to-device copy of the weights per step
-(12.9 GiB at the H2D rate, ~0.3 s on an H200 at ~50 GB/s, not yet timed), which is why `auto` only
-offloads when the step's KV at full length would not fit the sampler's budget with the reference on
-the device (`PagedSampler`: `kv_memory_fraction` of the free memory).
+Cost: a tensor's host copy stays valid until something writes it (its version counter tells), so the
+frozen reference goes back to the host without a copy until a `ReferenceModelRefresh`; the optimizer
+state changes every step and is copied both ways. Each step that offloads pays the host-to-device copy
+of what it moved (12.9 GiB of reference at ~50 GB/s: ~0.3 s on an H200; not yet timed), which is why
+`auto` moves the reference only when the step's KV at full length would not fit the sampler's budget
+with it on the device (`PagedSampler`: `kv_memory_fraction` of the free memory), and the optimizer state
+only when the KV still does not fit without the reference.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from r1lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
-def parse_setting(value) -> str | bool:
+
+def parse_setting(value, key: str = "offload_reference") -> str | bool:
     """`auto`, true or false (YAML), with a one-line error naming the key."""
     if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
         value = value.lower() if value.lower() == "auto" else value.lower() == "true"
     if not (value == "auto" or isinstance(value, bool)):
-        raise UserError(f"model.init_args.offload_reference: expected auto, true or false, got {value!r}")
+        raise UserError(f"model.init_args.{key}: expected auto, true or false, got {value!r}")
     return value
 
 
@@ -46,86 +49,114 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def unsupported(module: torch.nn.Module) -> str | None:
-    """Why `HostOffload` cannot move this module (None when it can)."""
-    params = list(module.parameters())
-    if not params:
-        return "it has no parameters"
-    if any(hasattr(p, "placements") for p in params):  # DTensor: FSDP owns where the shards live
-        return "its parameters are sharded (FSDP2 has its own cpu_offload)"
-    if params[0].device.type != "cuda":
-        return f"it is on {params[0].device.type}, not CUDA"
+def unsupported(tensors: list[Tensor], what: str = "it") -> str | None:
+    """Why `HostOffload` cannot move these tensors (None when it can)."""
+    if not tensors:
+        return f"{what} holds no tensors"
+    if any(hasattr(t, "placements") for t in tensors):  # DTensor: FSDP owns where the shards live
+        return f"{what} is sharded (FSDP2 has its own cpu_offload)"
+    if tensors[0].device.type != "cuda":
+        return f"{what} is on {tensors[0].device.type}, not CUDA"
     return None
 
 
+def optimizer_state_tensors(optimizer) -> list[Tensor]:
+    """The per-parameter state an optimizer keeps between steps (AdamW: the moments; MasterWeightAdamW:
+    also the fp32 master weights), without the scalar step counters."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+    out, seen = [], set()
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor) and value.numel() > 1 and id(value) not in seen:
+                seen.add(id(value))
+                out.append(value)
+    return out
+
+
+def nbytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class HostOffload:
-    """Move a frozen module's parameters to pinned host memory and back, in place (`p.data`).
+    """Move tensors (a frozen module's parameters, an optimizer's state) to pinned host memory and back,
+    in place (`t.data`), so every holder (modules, the optimizer) sees the move.
 
-    Buffers stay on the device (a few small tensors). Nothing else may hold the parameters' device
-    tensors: they are freed on `to_host`."""
+    Nothing else may hold the tensors' device storage: it is freed on `to_host`. The host copy of a
+    tensor not written since its last copy (its version counter) is reused without copying."""
 
-    def __init__(self, module: torch.nn.Module):
-        reason = unsupported(module)
+    def __init__(self, tensors: list[Tensor], what: str = "the reference"):
+        reason = unsupported(tensors, what)
         if reason:
-            raise UserError(f"offload_reference: cannot offload the reference: {reason}")
-        self.module = module
-        self.params = list(module.parameters())  # tied weights appear once
-        self.device = self.params[0].device
-        self.host: list[Tensor | None] = [None] * len(self.params)
-        self.versions: list[int | None] = [None] * len(self.params)  # at the last host copy
+            raise UserError(f"cannot offload {what}: {reason}")
+        self.tensors = list(tensors)
+        self.device = self.tensors[0].device
+        self.host: list[Tensor | None] = [None] * len(self.tensors)
+        self.versions: list[int | None] = [None] * len(self.tensors)  # at the last host copy
         self.on_host = False
         self.copied_bytes = 0  # to the host, over this object's life (tests, logs)
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module, what: str = "the reference") -> "HostOffload":
+        return cls(list(module.parameters()), what)  # tied weights appear once
+
+    def same_tensors(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
 
     def to_host(self) -> None:
         if self.on_host:
             return
-        for i, p in enumerate(self.params):
+        for i, t in enumerate(self.tensors):
             if self.host[i] is None:
                 # pinned: the copies run asynchronously at full link speed
-                self.host[i] = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=self.device.type == "cuda")
-            if self.versions[i] != p._version:  # written since the last copy (or never copied)
-                self.host[i].copy_(p.data, non_blocking=True)
-                self.copied_bytes += p.numel() * p.element_size()
-            p.data = self.host[i]  # the device tensor is freed once the copy above has run (stream order)
-            self.versions[i] = p._version
+                self.host[i] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.device.type == "cuda")
+            if self.versions[i] != t._version:  # written since the last copy (or never copied)
+                self.host[i].copy_(t.data, non_blocking=True)
+                self.copied_bytes += t.numel() * t.element_size()
+            t.data = self.host[i]  # the device tensor is freed once the copy above has run (stream order)
+            self.versions[i] = t._version
         self.on_host = True
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the freed blocks to the pool allocation that comes next
 
     def to_device(self) -> None:
         if not self.on_host:
             return
-        for i, p in enumerate(self.params):
-            dev = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+        for i, t in enumerate(self.tensors):
+            dev = torch.empty(t.shape, dtype=t.dtype, device=self.device)
             dev.copy_(self.host[i], non_blocking=True)
-            p.data = dev
-            self.versions[i] = p._version
+            t.data = dev
+            self.versions[i] = t._version
         self.on_host = False
 
 
-def wants_offload(setting, reference: torch.nn.Module | None, model: torch.nn.Module, rows: int,
-                  tokens_per_row: int, kv_budget: float | None = None) -> bool:
-    """Whether this step samples with the reference on the host.
+def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], optimizer: list[Tensor],
+                 kv_need: int, kv_budget: float | None, fraction: float = 1.0) -> tuple[bool, bool]:
+    """(offload the reference, offload the optimizer state) for one rollout.
 
-    `auto`: on CUDA with an unsharded reference, when the step's KV at full length (rows x
-    tokens_per_row x bytes per token) exceeds `kv_budget`, the bytes the sampler's KV could have with
-    the reference on the device (so moving it buys room that is needed); without a budget (a sampler
-    that does not size its cache from free memory), when that KV is at least the reference's size."""
-    if reference is None or setting is False:
-        return False
-    reason = unsupported(reference)
-    if setting is True:
-        if reason:
-            raise UserError(f"model.init_args.offload_reference: true, but the reference cannot be offloaded: {reason}")
-        return True
-    if reason:
-        return False
-    need = rows * tokens_per_row * kv_bytes_per_token(model)
-    return need > kv_budget if kv_budget is not None else need >= parameter_bytes(reference)
+    `kv_need`: the step's KV at full length. `kv_budget`: what the sampler's KV could have with both on
+    the device (None: a sampler that does not size its cache from free memory), `fraction` of any
+    bytes freed being added to it. `auto` moves the reference when the KV does not fit the budget (or,
+    without a budget, is at least the reference's size), then the optimizer state when it still does
+    not fit (never without a budget). True / false: always / never; true on something that cannot move
+    is an error naming the key."""
+
+    def decide(setting, tensors, key, what, fits_without):
+        if setting is False or not tensors:
+            return False
+        reason = unsupported(tensors, what)
+        if setting is True:
+            if reason:
+                raise UserError(f"model.init_args.{key}: true, but {what} cannot be offloaded: {reason}")
+            return True
+        return reason is None and not fits_without
+
+    ref_bytes = nbytes(reference) if reference else 0
+    fits = kv_need < ref_bytes if kv_budget is None else kv_need <= kv_budget
+    move_ref = decide(reference_setting, reference, "offload_reference", "the reference", fits)
+    if kv_budget is not None:
+        fits_after = kv_need <= kv_budget + fraction * (ref_bytes if move_ref else 0)
+    else:
+        fits_after = True
+    move_opt = decide(optimizer_setting, optimizer, "offload_optimizer", "the optimizer state", fits_after)
+    return move_ref, move_opt
 
 
 def free_bytes(device) -> int:

@@ -247,7 +247,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
     sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
-    overrides["offload_reference"] = offload
+    overrides["offload_reference"] = overrides["offload_optimizer"] = offload
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=cudnn), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
@@ -308,7 +308,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         # every prompt is prompt_len words of the word-level tokenizer, one token each
                         "prompt_tokens": sizes[batch_idx] * args.G * args.prompt_len,
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
-                        "reference_offloaded": float(m.get("train/reference_offloaded", 0.0)),
+                        "reference_offloaded": float(m.get("train/offload/reference", 0.0)),
+                        "optimizer_offloaded": float(m.get("train/offload/optimizer", 0.0)),
                         # whether freeing the KV for the update needed a full gc.collect() (a cycle held it)
                         "release_collected": getattr(engine, "last_release_collected", None),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
@@ -324,7 +325,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "offload_optimizer": h.offload_optimizer, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
@@ -593,7 +594,7 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
             "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
             "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
             # ours: timed steps that sampled with the reference on the host (offload_reference: auto)
-            **({"reference_offloaded": sum(s["reference_offloaded"] for s in timed)} if all("reference_offloaded" in s for s in timed) else {}),
+            **{k: sum(s[k] for s in timed) for k in ("reference_offloaded", "optimizer_offloaded") if all(k in s for s in timed)},
             **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
                for phase in ("rollout", "reference", "update") if all(f"{phase}_GiB" in s for s in timed)}}
 
@@ -669,9 +670,9 @@ def head_bench(args) -> dict:
 
 
 # `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it;
-# `_keep_reference`: ours with offload_reference false (the reference stays on the GPU while sampling)
+# `_no_offload`: ours with offload_reference and offload_optimizer false (both stay on the GPU while sampling)
 FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn",
-              "ours_megablocks_keep_reference", "trl", "trl_megablocks"]
+              "ours_megablocks_no_offload", "trl", "trl_megablocks"]
 
 
 def main(argv=None):
@@ -752,7 +753,7 @@ def main(argv=None):
         try:
             if fw.startswith("ours"):
                 run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn,
-                         False if fw.endswith("_keep_reference") else "auto")
+                         False if fw.endswith("_no_offload") else "auto")
             else:
                 run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
         except Exception as err:

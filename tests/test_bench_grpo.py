@@ -27,8 +27,9 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     assert fixed["total_tok_s"] == pytest.approx(fixed["completion_tok_s"] * (32 + 16) / 32, rel=0.05)
     assert tailed["completion_tokens"] == pytest.approx(fixed["completion_tokens"], rel=0.15)
     assert fixed["cudnn_attention"] is False  # the default; `ours_megablocks_cudnn` allows it
-    # the default, which on a CPU never offloads; `ours_megablocks_keep_reference` sets false
-    assert fixed["offload_reference"] == "auto" and fixed["reference_offloaded"] == tailed["reference_offloaded"] == 0
+    # the default, which on a CPU never offloads; `ours_megablocks_no_offload` sets false
+    assert fixed["offload_reference"] == fixed["offload_optimizer"] == "auto"
+    assert fixed["reference_offloaded"] == tailed["reference_offloaded"] == fixed["optimizer_offloaded"] == 0
     assert tailed["forced_lengths"] == "engine"  # the paged engine stopped each row at its drawn length
     assert fixed["reps"] == tailed["reps"] == 2  # the profiled step is extra, not a timed one
     assert "aten::" in (tmp_path / "b.profile_32_lognormal.txt").read_text()

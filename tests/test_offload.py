@@ -1,6 +1,7 @@
-"""The reference on the host while sampling (`r1lightning.offload`): the setting, the `auto` rule with
-hand-computed bytes, the round trip (only written weights copied again), and a GRPO step that matches
-one without offloading. On a CPU the move is host to host; the GPU figures are in docs/benchmarks.md."""
+"""The reference and the optimizer state on the host while sampling (`r1lightning.offload`): the
+settings, the `auto` rules in hand-computed bytes, the round trip (only written tensors copied again),
+and GRPO steps that equal steps without offloading. On a CPU the move is host to host; the GPU test
+(tests/test_offload_gpu.py) checks the freed device memory."""
 
 import pytest
 import torch
@@ -22,50 +23,61 @@ def _module(tiny_moe_config, **kwargs):
     return module
 
 
-def test_the_setting_parses_and_a_bad_value_names_the_key(tiny_moe_config):
+def test_the_settings_parse_and_a_bad_value_names_the_key(tiny_moe_config):
     assert [offload.parse_setting(v) for v in ("auto", "AUTO", True, False, "true", "false")] == ["auto", "auto", True, False,
                                                                                                  True, False]
-    with pytest.raises(UserError, match="offload_reference: expected auto, true or false, got 'sometimes'"):
-        offload.parse_setting("sometimes")
+    with pytest.raises(UserError, match="model.init_args.offload_optimizer: expected auto, true or false, got 'sometimes'"):
+        offload.parse_setting("sometimes", "offload_optimizer")
     with pytest.raises(UserError, match="offload_reference"):
         _module(tiny_moe_config, offload_reference=1.5)
-    assert _module(tiny_moe_config, offload_reference="true").hparams.offload_reference is True
+    module = _module(tiny_moe_config, offload_reference="true", offload_optimizer="false")
+    assert module.hparams.offload_reference is True and module.hparams.offload_optimizer is False
 
 
-def test_auto_offloads_when_the_steps_kv_reaches_the_reference(tiny_moe_config, monkeypatch):
+def test_kv_bytes_and_the_auto_rules(tiny_moe_config, monkeypatch):
     module = _module(tiny_moe_config)
-    ref = module.ref_model
     # 2 layers x (K + V) x 1 KV head x head_dim 16 x 4 B (fp32) = 256 B a token
     assert offload.kv_bytes_per_token(module.model) == 256
-    ref_bytes = sum(p.numel() for p in ref.parameters()) * 4
-    assert offload.parameter_bytes(ref) == ref_bytes
-    # on a CPU: auto never offloads, true is an error naming the key and the reason
-    assert not offload.wants_offload("auto", ref, module.model, rows=10**6, tokens_per_row=10**6)
-    with pytest.raises(UserError, match="offload_reference: true, but .* on cpu, not CUDA"):
-        offload.wants_offload(True, ref, module.model, rows=1, tokens_per_row=1)
-    monkeypatch.setattr(offload, "unsupported", lambda m: None)  # as if on a GPU
-    tokens = -(-ref_bytes // 256)  # the fewest KV tokens that weigh as much as the reference
-    assert offload.wants_offload("auto", ref, module.model, rows=1, tokens_per_row=tokens)
-    assert not offload.wants_offload("auto", ref, module.model, rows=1, tokens_per_row=tokens - 1)
-    # a sampler with a memory budget: offload only when the full-length KV would not fit it
-    assert offload.wants_offload("auto", ref, module.model, rows=4, tokens_per_row=100, kv_budget=4 * 100 * 256 - 1)
-    assert not offload.wants_offload("auto", ref, module.model, rows=4, tokens_per_row=100, kv_budget=4 * 100 * 256)
-    assert not offload.wants_offload("auto", ref, module.model, rows=10**6, tokens_per_row=10**6, kv_budget=float("inf"))
-    assert offload.wants_offload(True, ref, module.model, rows=1, tokens_per_row=1)
-    assert not offload.wants_offload(False, ref, module.model, rows=10**6, tokens_per_row=10**6)
-    assert not offload.wants_offload("auto", None, module.model, rows=10**6, tokens_per_row=10**6)  # beta 0
+    ref = list(module.ref_model.parameters())
+    ref_bytes = sum(p.numel() for p in ref) * 4
+    assert offload.nbytes(ref) == ref_bytes
+    opt = [torch.zeros(10), torch.zeros(30)]  # 160 B of optimizer state
+    plan = offload.plan_offload
+    # on a CPU: auto never moves anything; true is an error naming the key and the reason
+    assert plan("auto", "auto", ref, opt, kv_need=10**12, kv_budget=0) == (False, False)
+    with pytest.raises(UserError, match="offload_reference: true, but the reference cannot be offloaded: .* on cpu, not CUDA"):
+        plan(True, False, ref, opt, kv_need=1, kv_budget=None)
+    with pytest.raises(UserError, match="offload_optimizer: true, but the optimizer state cannot"):
+        plan(False, True, ref, opt, kv_need=1, kv_budget=None)
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)  # as if on a GPU
+    # a budget (the paged engine): the reference moves when the KV does not fit; the optimizer state when it still
+    # does not fit with half (fraction 0.5) of the reference's bytes added
+    assert plan("auto", "auto", ref, opt, kv_need=1000, kv_budget=1000) == (False, False)
+    assert plan("auto", "auto", ref, opt, kv_need=1001, kv_budget=1000, fraction=0.5) == (True, False)
+    edge = 1000 + ref_bytes // 2
+    assert plan("auto", "auto", ref, opt, kv_need=edge, kv_budget=1000, fraction=0.5) == (True, False)
+    assert plan("auto", "auto", ref, opt, kv_need=edge + 1, kv_budget=1000, fraction=0.5) == (True, True)
+    assert plan(False, "auto", ref, opt, kv_need=1001, kv_budget=1000) == (False, True)  # nothing else moved
+    assert plan("auto", "auto", ref, opt, kv_need=10**12, kv_budget=float("inf")) == (False, False)  # kv_cache_gib set
+    # no budget (other samplers): the reference when the KV weighs as much; never the optimizer state
+    assert plan("auto", "auto", ref, opt, kv_need=ref_bytes, kv_budget=None) == (True, False)
+    assert plan("auto", "auto", ref, opt, kv_need=ref_bytes - 1, kv_budget=None) == (False, False)
+    assert plan(True, True, ref, opt, kv_need=0, kv_budget=None) == (True, True)
+    assert plan("auto", True, [], [], kv_need=10**12, kv_budget=0) == (False, False)  # beta 0, step 0: nothing to move
 
 
-def test_round_trip_keeps_the_weights_and_copies_only_written_ones(tiny_moe_config, monkeypatch):
+def test_round_trip_keeps_the_values_and_copies_only_written_tensors(tiny_moe_config, monkeypatch):
     from callbacks.reference import refresh_reference
 
     module = _module(tiny_moe_config)
-    ref, total = module.ref_model, offload.parameter_bytes(module.ref_model)
-    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    monkeypatch.setattr(offload, "unsupported", lambda m: None)
-    moved = offload.HostOffload(ref)
-    moved.to_host()
+    ref = module.ref_model
     params = list(ref.parameters())
+    total = offload.nbytes(params)
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    moved = offload.HostOffload.of_module(ref)
+    assert moved.same_tensors(list(ref.parameters())) and not moved.same_tensors(params[:-1])
+    moved.to_host()
     assert moved.on_host and all(p.data_ptr() == h.data_ptr() for p, h in zip(params, moved.host))
     assert moved.copied_bytes == total
     moved.to_device()
@@ -83,9 +95,25 @@ def test_round_trip_keeps_the_weights_and_copies_only_written_ones(tiny_moe_conf
     for (n, p), h in zip(ref.named_parameters(), moved.host):
         assert torch.equal(h, before[n] + 1.0), n  # the host holds the refreshed weights
     moved.to_device()
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="cannot offload the optimizer state: the optimizer state holds no tensors"):
+        offload.HostOffload([], "the optimizer state")
 
 
-def _step(module, monkeypatch, seen):
+def test_optimizer_state_tensors_are_the_moments_and_master_weights():
+    from r1lightning.optim import MasterWeightAdamW
+
+    w = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([w], lr=0.1)
+    assert offload.optimizer_state_tensors(opt) == []  # no state before the first step
+    w.grad = torch.ones_like(w)
+    opt.step()
+    state = offload.optimizer_state_tensors(opt)
+    assert sorted(offload.nbytes([t]) for t in state) == [24, 24, 24]  # master, exp_avg, exp_avg_sq: 6 fp32 each
+    assert all(t.dtype == torch.float32 and t.shape == (3, 2) for t in state)
+
+
+def _steps(module, monkeypatch, seen):
     from r1lightning.rollout import Rollout
 
     tok = module.tokenizer
@@ -96,36 +124,44 @@ def _step(module, monkeypatch, seen):
     completion_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
 
     def generate(prompt_ids, prompt_mask, params, sampler=None):
-        seen.append(module._ref_offload is not None and module._ref_offload.on_host)
+        seen.append({name: kept.on_host for name, kept in module._offloads.items()})
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.zeros(len(ids), dtype=torch.bool))
 
     monkeypatch.setattr(module, "generate", generate)
-    opt = torch.optim.SGD(module.model.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(module.model.parameters(), lr=0.01)
     module.optimizers = lambda: opt
     module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
     module.manual_backward = lambda loss: loss.backward()
-    logged = {}
-    monkeypatch.setattr(module, "log_step", lambda rollout, total, scores, keep, stats, *a: logged.update(stats))
+    logged = []
+    monkeypatch.setattr(module, "log_step", lambda rollout, total, scores, keep, stats, *a: logged.append(dict(stats)))
     prompts = tok(["1+2=", "2+2="], return_tensors="pt", padding=True, padding_side="left")
     batch = {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"], "columns": {"answer": ["3", "4"]}}
-    module.training_step(batch, 0)
-    module.training_step(batch, 1)  # the second step's reference KL sees the first step's update
+    for i in range(3):  # step 2 samples with AdamW's moments of step 1 on the host, step 3 with those of step 2
+        module.training_step(batch, i)
     return logged, {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 
-def test_a_step_with_the_reference_offloaded_equals_one_without(tiny_moe_config, monkeypatch):
-    monkeypatch.setattr(offload, "unsupported", lambda m: None)
+def test_steps_with_the_reference_and_optimizer_offloaded_equal_steps_without(tiny_moe_config, monkeypatch):
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
     out = {}
     for setting in (False, True):
         seen = []
-        module = _module(tiny_moe_config, offload_reference=setting)
-        out[setting] = _step(module, monkeypatch, seen)
-        assert seen == [setting, setting]  # sampled with the reference on the host, or not
-        assert out[setting][0]["reference_offloaded"] == float(setting)
-        if setting:
-            assert not module._ref_offload.on_host  # back for the reference pass
+        module = _module(tiny_moe_config, offload_reference=setting, offload_optimizer=setting)
+        out[setting] = _steps(module, monkeypatch, seen)
+        if setting:  # step 1: no optimizer state yet; then both on the host while sampling, back for the update
+            assert seen == [{"reference": True}, {"reference": True, "optimizer": True}, {"reference": True, "optimizer": True}]
+            assert not any(kept.on_host for kept in module._offloads.values())
+            # the moments were copied to the host before steps 2 and 3; the frozen reference only once
+            assert module._offloads["optimizer"].copied_bytes == 2 * offload.nbytes(module._offloads["optimizer"].tensors)
+            assert module._offloads["reference"].copied_bytes == offload.nbytes(module._offloads["reference"].tensors)
+        else:
+            assert seen == [{}, {}, {}]
+        logged = out[setting][0]
+        assert [s["offload/reference"] for s in logged] == [float(setting)] * 3
+        assert [s["offload/optimizer"] for s in logged] == [0.0] + [float(setting)] * 2
     (s0, w0), (s1, w1) = out[False], out[True]
-    assert s0["kl"] > 0  # the reference really entered the loss
-    for k in ("loss", "kl", "grad_norm", "entropy"):
-        assert s1[k] == s0[k], k
+    assert s0[-1]["kl"] > 0  # the reference really entered the loss
+    for a, b in zip(s0, s1):
+        for k in ("loss", "kl", "grad_norm", "entropy"):
+            assert a[k] == b[k], k
     assert all(torch.equal(w1[n], w0[n]) for n in w0)

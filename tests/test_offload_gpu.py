@@ -1,5 +1,5 @@
-"""The reference's host offload on CUDA frees its weights' device memory and brings back the same
-weights (`pytest -m gpu`; skipped without CUDA)."""
+"""Host offload on CUDA frees the device memory of what it moves and brings back the same values
+(`pytest -m gpu`; skipped without CUDA)."""
 
 import pytest
 import torch
@@ -9,8 +9,18 @@ from r1lightning import offload
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_offload_frees_the_reference_and_restores_it_exactly(tiny_moe_config):
+def _freed_by(moved) -> int:
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    moved.to_host()
+    torch.cuda.synchronize()
+    return allocated - torch.cuda.memory_allocated()
+
+
+def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_exactly(tiny_moe_config):
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from r1lightning.optim import MasterWeightAdamW
 
     cfg = dict(tiny_moe_config, hidden_size=256, moe_intermediate_size=256, intermediate_size=512, vocab_size=4096)
     model_type = cfg.pop("model_type")
@@ -19,16 +29,26 @@ def test_offload_frees_the_reference_and_restores_it_exactly(tiny_moe_config):
     ids = torch.randint(0, 4096, (2, 64), device="cuda")
     with torch.no_grad():
         before = ref(input_ids=ids).logits
-    assert offload.unsupported(ref) is None
-    moved = offload.HostOffload(ref)
-    torch.cuda.synchronize()
-    allocated = torch.cuda.memory_allocated()
-    moved.to_host()
-    torch.cuda.synchronize()
-    freed = allocated - torch.cuda.memory_allocated()
-    assert abs(freed - offload.parameter_bytes(ref)) < 0.01 * offload.parameter_bytes(ref)
+    params = list(ref.parameters())
+    assert offload.unsupported(params) is None
+    moved = offload.HostOffload.of_module(ref)
+    freed = _freed_by(moved)
+    assert abs(freed - offload.nbytes(params)) < 0.01 * offload.nbytes(params)
     assert all(p.device.type == "cpu" and p.is_pinned() for p in ref.parameters())
     moved.to_device()
     with torch.no_grad():
         after = ref(input_ids=ids).logits
     assert torch.equal(after, before)
+
+    opt = MasterWeightAdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = offload.optimizer_state_tensors(opt)
+    snapshot = [t.clone() for t in state]
+    moved = offload.HostOffload(state, "the optimizer state")
+    freed = _freed_by(moved)
+    assert abs(freed - offload.nbytes(state)) < 0.01 * offload.nbytes(state)  # fp32 master + two moments
+    moved.to_device()
+    assert all(torch.equal(t, s) for t, s in zip(offload.optimizer_state_tensors(opt), snapshot))
+    opt.step()  # the optimizer runs on the restored tensors
