@@ -23,7 +23,8 @@ import torch
 
 from r1lightning.errors import UserError
 from r1lightning.logprobs import (
-    LOGPROB_IMPLS, LayoutCache, liger_available, pack_rows, pack_sequences, padded_layout, plan_micro_batches,
+    LOGPROB_IMPLS, LayoutCache, grown_token_budget, liger_available, pack_rows, pack_sequences, padded_layout,
+    plan_micro_batches,
 )
 from r1lightning.losses import (
     global_count,
@@ -84,6 +85,7 @@ class GRPOModule(PolicyModule):
         max_flat_steps: int | None = 50,
         offload_reference: bool | str = "auto",
         offload_optimizer: bool | str = "auto",
+        grow_micro_batches: bool = False,
         **kwargs,
     ):
         """
@@ -137,6 +139,10 @@ class GRPOModule(PolicyModule):
             offload_optimizer: the same for the optimizer's state (moments, master weights), copied to the
                 host and back each step it moves. `auto`: when the KV still would not fit the paged
                 engine's budget with the reference moved; never with other samplers.
+            grow_micro_batches: on CUDA, from the second step, raise the reference and update passes' token
+                budget above `micro_batch_tokens` to fill memory the step's rollout already peaked at (0.8 of
+                it, at the activation bytes per token measured in the previous update), so long sequences
+                share micro-batches without raising the step's peak. Not yet timed.
             kwargs: shared options of `PolicyModule` (warmup_steps, lr_schedule, export_dir, ...).
         """
         reject_moved(type(self), kwargs)
@@ -171,6 +177,7 @@ class GRPOModule(PolicyModule):
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
         self._offloads: dict[str, HostOffload] = {}  # "reference", "optimizer": host copies kept across steps
+        self._token_cost: float | None = None  # activation bytes per micro-batch token, from the last update
 
     def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal
@@ -274,33 +281,57 @@ class GRPOModule(PolicyModule):
         return rollout, total, scores, (~flat).repeat_interleave(G)
 
     # -- 4: log-probs ----------------------------------------------------------------------------
-    def micro_batches(self, rollout: Rollout, mask: torch.Tensor | None = None) -> list[list[int]]:
+    def micro_batches(self, rollout: Rollout, mask: torch.Tensor | None = None, token_budget: int | None = None) -> list[list[int]]:
         """Row indices of each forward/backward. Packed: rows with a loss (`mask`), bucketed by length
-        under `micro_batch_tokens`; padded: consecutive rows. Under several processes every rank
-        gets the same number of micro-batches (FSDP/DDP run collectives in each forward/backward);
-        an empty list is a forward whose loss counts zero."""
+        under `token_budget` (default `micro_batch_tokens`); padded: consecutive rows. Under several
+        processes every rank gets the same number of micro-batches (FSDP/DDP run collectives in each
+        forward/backward); an empty list is a forward whose loss counts zero."""
         h = self.hparams
+        budget = token_budget or h.micro_batch_tokens
         n = rollout.completion_ids.shape[0]
         if h.packing:
             active = range(n) if mask is None else mask.sum(-1).nonzero().squeeze(-1).tolist()
             active = list(active)
             lengths = (rollout.prompt_mask[active].sum(-1) + rollout.completion_mask[active].sum(-1)).tolist()
-            micro = [[active[k] for k in mb] for mb in plan_micro_batches(lengths, h.micro_batch_tokens, h.micro_batch_size)]
+            micro = [[active[k] for k in mb] for mb in plan_micro_batches(lengths, budget, h.micro_batch_size)]
         else:
             width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
-            size = h.micro_batch_size or max(1, h.micro_batch_tokens // width)
+            size = h.micro_batch_size or max(1, budget // width)
             micro = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
         return micro + [[] for _ in range(self._max_across_ranks(len(micro)) - len(micro))]
+
+    def input_tokens(self, rollout: Rollout, micro: list[list[int]]) -> list[int]:
+        """Each micro-batch's model input in tokens, padding included (what its activations scale with)."""
+        lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
+        if self.hparams.packing:
+            return [len(pack_rows([lengths[i] for i in rows])) * max(lengths[i] for i in rows) if rows else 0 for rows in micro]
+        width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+        return [len(rows) * width for rows in micro]
 
     def padding_fraction(self, rollout: Rollout, micro: list[list[int]]) -> float:
         """Share of the update's input tokens that are padding (0 when every row is packed full)."""
         lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
         real = sum(lengths[i] for rows in micro for i in rows)
-        if self.hparams.packing:
-            padded = sum(len(pack_rows([lengths[i] for i in rows])) * max(lengths[i] for i in rows) for rows in micro if rows)
-        else:
-            padded = sum(len(rows) for rows in micro) * (rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1])
+        padded = sum(self.input_tokens(rollout, micro))
         return 1.0 - real / padded if padded else 0.0
+
+    def token_budget(self, rollout_peak_bytes: float | None) -> int:
+        """This step's micro-batch token budget (`grow_micro_batches`)."""
+        h = self.hparams
+        if not h.grow_micro_batches or self._token_cost is None or rollout_peak_bytes is None:
+            return h.micro_batch_tokens
+        headroom = rollout_peak_bytes - torch.cuda.memory_allocated(self.device) - self._gradient_bytes()
+        return grown_token_budget(h.micro_batch_tokens, headroom, self._token_cost)
+
+    def _gradient_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+    def learn_token_cost(self, base_bytes: int, peak_bytes: int, tokens: list[int]) -> None:
+        """Activation bytes per input token of the update just run: its peak less what it held at the start and
+        the gradients, over its largest micro-batch (learned from micro-batches of at least 1,024 tokens)."""
+        largest = max(tokens, default=0)
+        if largest >= 1024:
+            self._token_cost = max(1.0, (peak_bytes - base_bytes - self._gradient_bytes()) / largest)
 
     def _max_across_ranks(self, count: int) -> int:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -388,7 +419,9 @@ class GRPOModule(PolicyModule):
         mask = mask * keep.unsqueeze(1)
 
         t1 = time.perf_counter()
-        micro = self.micro_batches(rollout, mask)
+        rollout_peak = peaks.get("memory/rollout_GiB")
+        budget = self.token_budget(None if rollout_peak is None else rollout_peak * 2**30)
+        micro = self.micro_batches(rollout, mask, budget)
         self.prepare_layouts(rollout, micro)
         old_logp = None
         if h.use_sampler_logprobs and rollout.logprobs is None:
@@ -403,6 +436,7 @@ class GRPOModule(PolicyModule):
         kinds = self.kind_metrics(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
 
         t2 = time.perf_counter()
+        base = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         stats = self.optimise(rollout, advantages, mask, old_logp, ref_logp, micro)
         t_train = time.perf_counter() - t2
         stats["update/padding"] = self.padding_fraction(rollout, micro)
@@ -411,7 +445,10 @@ class GRPOModule(PolicyModule):
         # sampled with the reference / the optimizer state on the host
         stats["offload/reference"] = float("reference" in offloads)
         stats["offload/optimizer"] = float("optimizer" in offloads)
+        stats["update/token_budget"] = float(budget)
         self._memory_peak("update", peaks)
+        if h.grow_micro_batches and "memory/update_GiB" in peaks:
+            self.learn_token_cost(base, peaks["memory/update_GiB"] * 2**30, self.input_tokens(rollout, micro))
         peaks.pop("memory/before_GiB", None)
         stats.update(peaks)
 

@@ -333,6 +333,20 @@ def plan_micro_batches(lengths: list[int], token_budget: int, max_sequences: int
     return batches
 
 
+# Share of the measured headroom a grown budget may fill: the per-token cost comes from the previous
+# step's largest micro-batch, and the allocator needs slack for fragmentation.
+GROW_MARGIN = 0.8
+
+
+def grown_token_budget(default: int, headroom_bytes: float, bytes_per_token: float, margin: float = GROW_MARGIN) -> int:
+    """The update's token budget when it may fill memory the rollout already used: `headroom_bytes` (the
+    rollout's peak less what the update holds besides activations) over the measured `bytes_per_token`,
+    times `margin`; never below `default`."""
+    if bytes_per_token <= 0 or headroom_bytes <= 0:
+        return default
+    return max(default, int(margin * headroom_bytes / bytes_per_token))
+
+
 def pack_rows(lengths: list[int]) -> list[list[int]]:
     """First-fit decreasing into rows as wide as the longest sequence. Returns positions into `lengths`."""
     width = max(lengths)

@@ -248,6 +248,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     overrides["offload_reference"] = overrides["offload_optimizer"] = offload
+    overrides["grow_micro_batches"] = args.ours_grow_micro_batches
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=cudnn), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
@@ -310,6 +311,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
                         "reference_offloaded": float(m.get("train/offload/reference", 0.0)),
                         "optimizer_offloaded": float(m.get("train/offload/optimizer", 0.0)),
+                        "token_budget": float(m.get("train/update/token_budget", 0.0)),
                         # whether freeing the KV for the update needed a full gc.collect() (a cycle held it)
                         "release_collected": getattr(engine, "last_release_collected", None),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
@@ -325,7 +327,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "offload_optimizer": h.offload_optimizer, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
@@ -705,6 +707,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
     ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")
     ap.add_argument("--ours-micro-batch-tokens", type=int, default=None, help="ours: override the default token budget")
+    ap.add_argument("--ours-grow-micro-batches", action="store_true",
+                    help="ours: grow_micro_batches (the update's token budget fills memory the rollout already used)")
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
     ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
                     help="ours: override the paged engine's attention (auto takes gather under --compile)")
