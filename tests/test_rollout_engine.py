@@ -515,3 +515,44 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp
     assert isinstance(sampler, PagedSampler) and sampler.last_stats["admitted"] >= 8
     assert not sampler._state  # released for the update of the last step
     assert 0 < cli.trainer.logged_metrics["train/completions/mean_length"] <= 6
+
+
+def test_a_grpo_fit_with_everything_offloaded_while_sampling_follows_the_same_trajectory(tmp_path, tiny_moe_config, monkeypatch):
+    """Through LightningCLI and Lightning's optimizer wrapper, with dynamic sampling and mu = 2: the reference and
+    AdamW's state on the host for every rollout (forced; on a CPU `auto` never moves them) give the same weights."""
+    import json
+
+    from r1lightning import offload
+    from r1lightning.cli import R1CLI
+    from tests.test_grpo import ROWS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    weights, start = {}, None
+    for setting in (False, True):
+        config = {
+            "seed_everything": 0,
+            "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                        "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
+            "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
+                "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+                "rewards": [{"fn": "tests.trl_style_reward.text_hash_reward", "weight": 1.0}],
+                "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
+                "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
+                "dynamic_sampling": True, "dynamic_sampling_rounds": 1,
+                "offload_reference": setting, "offload_optimizer": setting}},
+            "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
+        }
+        (tmp_path / "grpo.yaml").write_text(json.dumps(config))
+        cli = R1CLI(args=["fit", "-c", "grpo.yaml", "--trainer.max_steps", "0"])  # the initial weights
+        start = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
+        cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
+        assert cli.trainer.global_step == 4
+        metrics = cli.trainer.logged_metrics
+        # steps 2-4 sampled with AdamW's moments (of the steps before) on the host
+        assert float(metrics["train/offload/reference"]) == float(metrics["train/offload/optimizer"]) == float(setting)
+        assert len(cli.model.optimizers().optimizer.state) > 0
+        weights[setting] = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
+    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
+    assert not all(torch.equal(weights[True][n], start[n]) for n in start)  # and they did train
