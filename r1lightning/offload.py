@@ -82,13 +82,16 @@ class HostOffload:
     in place (`t.data`), so every holder (modules, the optimizer) sees the move.
 
     Nothing else may hold the tensors' device storage: it is freed on `to_host`. The host copy of a
-    tensor not written since its last copy (its version counter) is reused without copying."""
+    tensor not written since its last copy (its version counter) is reused without copying; in-place
+    ops (`copy_`, `lerp_`, optimizers' updates, `load_state_dict`) count as writes, writes through
+    `t.data` would not (nothing in the project writes that way)."""
 
     def __init__(self, tensors: list[Tensor], what: str = "the reference"):
         reason = unsupported(tensors, what)
         if reason:
             raise UserError(f"cannot offload {what}: {reason}")
         self.tensors = list(tensors)
+        self.what = what
         self.device = self.tensors[0].device
         self.host: list[Tensor | None] = [None] * len(self.tensors)
         self.versions: list[int | None] = [None] * len(self.tensors)  # at the last host copy
@@ -105,16 +108,28 @@ class HostOffload:
     def to_host(self) -> None:
         if self.on_host:
             return
+        if any(h is None for h in self.host):
+            self._allocate_host()
         for i, t in enumerate(self.tensors):
-            if self.host[i] is None:
-                # pinned: the copies run asynchronously at full link speed
-                self.host[i] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.device.type == "cuda")
             if self.versions[i] != t._version:  # written since the last copy (or never copied)
                 self.host[i].copy_(t.data, non_blocking=True)
                 self.copied_bytes += t.numel() * t.element_size()
             t.data = self.host[i]  # the device tensor is freed once the copy above has run (stream order)
             self.versions[i] = t._version
         self.on_host = True
+
+    def _allocate_host(self) -> None:
+        pin = self.device.type == "cuda"  # pinned: the copies run asynchronously at full link speed
+        try:
+            for i, t in enumerate(self.tensors):
+                if self.host[i] is None:
+                    self.host[i] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+        except RuntimeError as err:
+            self.host = [None] * len(self.tensors)
+            key = "offload_reference" if self.what == "the reference" else "offload_optimizer"
+            raise UserError(f"model.init_args.{key}: cannot hold {self.what} in host memory "
+                            f"({nbytes(self.tensors) / 2**30:.1f} GiB{', pinned' if pin else ''}): "
+                            f"{str(err).splitlines()[0]}; set it to false") from None
 
     def to_device(self) -> None:
         if not self.on_host:

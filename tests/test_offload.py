@@ -95,7 +95,17 @@ def test_round_trip_keeps_the_values_and_copies_only_written_tensors(tiny_moe_co
     for (n, p), h in zip(ref.named_parameters(), moved.host):
         assert torch.equal(h, before[n] + 1.0), n  # the host holds the refreshed weights
     moved.to_device()
+    state = offload.HostOffload([torch.zeros(4, 3)], "the optimizer state")
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory\nmore")
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(UserError, match=r"^model.init_args.offload_optimizer: cannot hold the optimizer state in host memory "
+                                        r"\(0.0 GiB\): CUDA error: out of memory; set it to false$"):
+        state.to_host()
     monkeypatch.undo()
+    assert not state.on_host and state.host == [None]  # nothing half-moved
     with pytest.raises(UserError, match="cannot offload the optimizer state: the optimizer state holds no tensors"):
         offload.HostOffload([], "the optimizer state")
 
