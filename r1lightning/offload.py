@@ -19,15 +19,10 @@ only when the KV still does not fit without the reference.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from r1lightning.errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 def parse_setting(value, key: str = "offload_reference") -> str | bool:
     """`auto`, true or false (YAML), with a one-line error naming the key."""
@@ -39,14 +34,11 @@ def parse_setting(value, key: str = "offload_reference") -> str | bool:
 
 
 def kv_bytes_per_token(model) -> int:
-    """Bytes of K and V one token adds over all layers, in the dtype the model samples in."""
-    c = model.config.get_text_config()
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    return 2 * c.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """Bytes of K and V one token adds over all layers, in the dtype the paged engine would store."""
+    from r1lightning.rollout.paged import PagedSampler
+
+    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, next(model.parameters()).device)
+    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def unsupported(tensors: list[Tensor], what: str = "it") -> str | None:
