@@ -34,19 +34,24 @@ def tiny_module(tiny_moe_config, sampling: dict | None = None, loss: dict | None
     return module
 
 
-def test_trl_reward_from_yaml_gets_the_dataset_columns(prompts_file, tmp_path, tiny_moe_config, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = {
+def grpo_fit_config(tiny_moe_config, train_file, rewards: list[dict], **model_args) -> dict:
+    """A 4-step CPU `fit` config of the tiny MoE: G 4, 6 new tokens, mu 2, dynamic sampling, 2 prompts a batch."""
+    init_args = {"policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
+                 "rewards": rewards, "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2,
+                 "micro_batch_size": 3, "dynamic_sampling": True, "dynamic_sampling_rounds": 1, **model_args}
+    return {
         "seed_everything": 0,
         "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
-        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
-            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
-            "rewards": [{"fn": "tests.trl_style_reward.my_reward", "weight": 1.0}, {"fn": "format", "weight": 0.5}],
-            "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
-            "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
-        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(prompts_file), "batch_size": 2}},
+        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": init_args},
+        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": str(train_file), "batch_size": 2}},
     }
+
+
+def test_trl_reward_from_yaml_gets_the_dataset_columns(prompts_file, tmp_path, tiny_moe_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = grpo_fit_config(tiny_moe_config, prompts_file,
+                             [{"fn": "tests.trl_style_reward.my_reward", "weight": 1.0}, {"fn": "format", "weight": 0.5}])
     cfg = tmp_path / "grpo.yaml"
     cfg.write_text(json.dumps(config))
     trl_style_reward.CALLS.clear()

@@ -488,26 +488,19 @@ def test_paged_compiled_decode_greedy_matches_generate(attention, tiny_moe_confi
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
 
 
+PAGED_FIT_SAMPLER = {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}}
+
+
 def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp_path, tiny_moe_config, monkeypatch):
     import json
 
     from r1lightning.cli import R1CLI
-    from tests.test_grpo import ROWS
+    from tests.test_grpo import ROWS, grpo_fit_config
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    config = {
-        "seed_everything": 0,
-        "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
-        "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
-            "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
-            "rewards": [{"fn": "format", "weight": 1.0}],
-            "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
-            "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
-            "loss": {"mask_truncated_completions": True}, "dynamic_sampling": True, "dynamic_sampling_rounds": 1}},
-        "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
-    }
+    config = grpo_fit_config(tiny_moe_config, "prompts.jsonl", [{"fn": "format", "weight": 1.0}], sampler=PAGED_FIT_SAMPLER,
+                             loss={"mask_truncated_completions": True})
     (tmp_path / "grpo.yaml").write_text(json.dumps(config))
     cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
     assert cli.trainer.global_step == 4
@@ -524,26 +517,15 @@ def test_a_grpo_fit_with_everything_offloaded_while_sampling_follows_the_same_tr
 
     from r1lightning import offload
     from r1lightning.cli import R1CLI
-    from tests.test_grpo import ROWS
+    from tests.test_grpo import ROWS, grpo_fit_config
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     weights, start = {}, None
     for setting in (False, True):
-        config = {
-            "seed_everything": 0,
-            "trainer": {"max_steps": 4, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-                        "enable_progress_bar": False, "limit_val_batches": 0, "enable_model_summary": False},
-            "model": {"class_path": "r1lightning.grpo.GRPOModule", "init_args": {
-                "policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
-                "rewards": [{"fn": "tests.trl_style_reward.text_hash_reward", "weight": 1.0}],
-                "sampler": {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}},
-                "sampling": {"num_samples": 4, "max_new_tokens": 6}, "num_iterations": 2, "micro_batch_size": 3,
-                "dynamic_sampling": True, "dynamic_sampling_rounds": 1,
-                "offload_reference": setting, "offload_optimizer": setting}},
-            "data": {"class_path": "r1lightning.data.PromptDataModule", "init_args": {"train_files": "prompts.jsonl", "batch_size": 2}},
-        }
+        config = grpo_fit_config(tiny_moe_config, "prompts.jsonl", [{"fn": "tests.trl_style_reward.text_hash_reward", "weight": 1.0}],
+                                 sampler=PAGED_FIT_SAMPLER, offload_reference=setting, offload_optimizer=setting)
         (tmp_path / "grpo.yaml").write_text(json.dumps(config))
         cli = R1CLI(args=["fit", "-c", "grpo.yaml", "--trainer.max_steps", "0"])  # the initial weights
         start = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
