@@ -631,6 +631,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def comparisons(results: dict) -> str:
+    """Issue 13's criteria, from one run's points: for each length and distribution, each `ours*` framework
+    against each TRL one (step time ratio and peak GiB), and each long-tailed point's share of its fixed
+    point's tokens/s. A TRL point bounded from fewer tokens gives a lower bound on the ratio (≥) and on its
+    peak; the peak comparison then holds only where ours is below that bound."""
+    points = {(fw, p["length"], p["dist"]): p for fw, r in results.items() for p in r.get("points", []) if "skipped" not in p}
+    lines = ["| length | dist | ours | other | other s / ours s | peak GiB: ours vs other | ours peak ≤ other's |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (fw, length, dist), p in sorted(points.items(), key=lambda x: (x[0][1], x[0][2], x[0][0])):
+        if not fw.startswith("ours"):
+            continue
+        for other in sorted(f for f in results if f.startswith("trl")):
+            q = points.get((other, length, dist))
+            if q is None:
+                continue
+            bound = "bound_from_tokens" in q
+            their_s, their_peak = (q["step_s_lower"], q["peak_GiB_lower"]) if bound else (q["step_s"], q["peak_GiB"])
+            ge = "≥ " if bound else ""
+            below = p["peak_GiB"] <= their_peak
+            verdict = "yes" if below else ("not shown" if bound else "no")
+            lines.append(f"| {length:,} | {dist} | {fw} | {other} | {ge}{their_s / p['step_s']:.2f}× "
+                         f"| {p['peak_GiB']:.1f} vs {ge}{their_peak:.1f} | {verdict} |")
+    shares = []
+    for (fw, length, dist), p in sorted(points.items(), key=lambda x: (x[0][1], x[0][0])):
+        fixed = points.get((fw, length, "fixed"))
+        if dist == "lognormal" and fixed is not None and "bound_from_tokens" not in p and p.get("completion_tok_s"):
+            total = "–" if not (p.get("total_tok_s") and fixed.get("total_tok_s")) else f"{100 * p['total_tok_s'] / fixed['total_tok_s']:.1f} %"
+            shares.append(f"| {length:,} | {fw} | {p['settings']['prompts']} vs {fixed['settings']['prompts']} "
+                          f"| {100 * p['completion_tok_s'] / fixed['completion_tok_s']:.1f} % | {total} |")
+    if shares:
+        lines += ["", "| length | framework | prompts (long-tailed vs fixed) | completion tokens/s share | prompt + completion tokens/s share |",
+                  "| --- | --- | --- | --- | --- |"] + shares
+    return "\n".join(lines)
+
+
 def head_bench(args) -> dict:
     """The LM head alone: per-token log-probs + entropy, forward and backward, for `--head-tokens`
     tokens of the model's hidden/vocab shape (bf16): chunked PyTorch vs liger-kernel vs full logits."""
@@ -768,6 +803,8 @@ def main(argv=None):
         release(args.device)
     print()
     print(table(out["results"]))
+    print()
+    print(comparisons(out["results"]))
     return out
 
 

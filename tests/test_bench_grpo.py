@@ -60,3 +60,27 @@ def test_trl_bounds_from_a_shorter_generation():
     # and each of the 4 rows still appends 100 tokens x 0.25 GiB of KV
     assert got["peak_GiB_lower"] == pytest.approx(10.0 + 4 * 100 * 0.25)
     assert got["decode_step_ms_floor"] == pytest.approx(10.0)
+
+
+def test_comparisons_give_ratios_bounds_and_long_tailed_shares():
+    def point(length, dist, step_s, peak, prompts=16, tok_s=None, total=None):
+        return {"length": length, "dist": dist, "step_s": step_s, "peak_GiB": peak, "settings": {"prompts": prompts},
+                "completion_tok_s": tok_s, "total_tok_s": total}
+
+    results = {  # numbers like session 9's (docs/benchmarks.md), from two of its runs
+        "ours_megablocks": {"points": [point(256, "fixed", 6.62, 67.9, tok_s=4949, total=7424),
+                                       point(256, "lognormal", 10.72, 68.3, prompts=46, tok_s=3175, total=7662),
+                                       point(4096, "fixed", 120.65, 118.3)]},
+        "trl_megablocks": {"points": [point(256, "fixed", 16.88, 69.1),
+                                      {"length": 4096, "dist": "fixed", "bound_from_tokens": 512, "step_s_lower": 243.07,
+                                       "peak_GiB_lower": 118.0}]},
+        "trl": {"points": [point(256, "fixed", 34.73, 69.7), {"length": 1024, "dist": "fixed", "skipped": "time"}]},
+    }
+    text = bench_grpo.comparisons(results)
+    assert "| 256 | fixed | ours_megablocks | trl_megablocks | 2.55× | 67.9 vs 69.1 | yes |" in text
+    assert "| 256 | fixed | ours_megablocks | trl | 5.25× | 67.9 vs 69.7 | yes |" in text
+    # a bound: the ratio is at least 2.01x, and a peak above the bound's floor proves nothing either way
+    assert "| 4,096 | fixed | ours_megablocks | trl_megablocks | ≥ 2.01× | 118.3 vs ≥ 118.0 | not shown |" in text
+    # 3,175 / 4,949 of the completion tokens/s, 7,662 / 7,424 of all tokens/s
+    assert "| 256 | ours_megablocks | 46 vs 16 | 64.2 % | 103.2 % |" in text
+    assert "1,024" not in text  # a skipped point compares with nothing
