@@ -34,6 +34,26 @@ def tiny_module(tiny_moe_config, sampling: dict | None = None, loss: dict | None
     return module
 
 
+def record_gradients(module) -> dict:
+    """Run `module`'s manual optimisation without an optimizer: each optimizer step records the accumulated
+    gradients (by parameter name) into the returned dict instead of stepping."""
+    grads = {}
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+        def step(self):
+            grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
+
+        def zero_grad(self, set_to_none=True):
+            module.model.zero_grad()
+
+    module.optimizers = lambda: Opt()
+    module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
+    module.manual_backward = lambda loss: loss.backward()
+    return grads
+
+
 def grpo_fit_config(tiny_moe_config, train_file, rewards: list[dict], **model_args) -> dict:
     """A 4-step CPU `fit` config of the tiny MoE: G 4, 6 new tokens, mu 2, dynamic sampling, 2 prompts a batch."""
     init_args = {"policy": {"class_path": "r1lightning.Policy", "init_args": {"config": tiny_moe_config, "tokenizer": "char"}},
@@ -93,20 +113,7 @@ def test_micro_batching_gives_the_same_update_as_one_batch(tiny_moe_config, aggr
         rollout = _fixed_rollout(module)
         advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
         module.trainer = None
-        grads = {}
-
-        class Opt:  # records the accumulated gradient instead of stepping
-            param_groups = [{"lr": 0.0}]
-
-            def step(self):
-                grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
-
-            def zero_grad(self, set_to_none=True):
-                module.model.zero_grad()
-
-        module.optimizers = lambda: Opt()
-        module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
-        module.manual_backward = lambda loss: loss.backward()
+        grads = record_gradients(module)
         ref = module.frozen_logprobs(rollout, module.ref_model)
         module.optimise(rollout, advantages, rollout.completion_mask.float(), None, ref)
         results.append(grads)
@@ -126,20 +133,7 @@ def test_prepared_layouts_are_built_once_per_micro_batch_and_give_the_same_updat
         mask = rollout.completion_mask.float()
         mask[5] = 0  # a row without a loss is in no micro-batch
         module.trainer = None
-        grads, builds = {}, []
-
-        class Opt:
-            param_groups = [{"lr": 0.0}]
-
-            def step(self):
-                grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
-
-            def zero_grad(self, set_to_none=True):
-                module.model.zero_grad()
-
-        module.optimizers = lambda: Opt()
-        module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
-        module.manual_backward = lambda loss: loss.backward()
+        grads, builds = record_gradients(module), []
         build = module._build_layout
         module._build_layout = lambda r, rows: builds.append(list(rows)) or build(r, rows)
         micro = module.micro_batches(rollout, mask)
@@ -380,19 +374,7 @@ def test_logged_loss_and_clip_fractions_are_the_whole_batch_values_over_micro_ba
         assert any(len(module.layout(rollout, rows).input_ids) < len(rows) for rows in micro)  # rows hold 2+ sequences
     logp = module.frozen_logprobs(rollout, module.model, micro)
     old = logp + torch.tensor([-0.5, 0.5, -0.5, 0.5, 0.0, 0.5, 0.5, -0.5])[:, None]  # ratio e^0.5 or e^-0.5 (or 1)
-
-    class Opt:
-        param_groups = [{"lr": 0.0}]
-
-        def step(self):
-            pass
-
-        def zero_grad(self, set_to_none=True):
-            module.model.zero_grad()
-
-    module.optimizers = lambda: Opt()
-    module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
-    module.manual_backward = lambda loss: loss.backward()
+    record_gradients(module)
     stats = module.optimise(rollout, advantages, mask, old, None, micro)
     want_loss, want = grpo_loss(logp, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.2)
     assert 0.3 < float(want["clip_ratio/region_mean"]) <= 1.0

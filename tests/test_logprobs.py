@@ -166,20 +166,9 @@ def _module(tiny_moe_config, attn="sdpa", **kwargs):
 
 def _update(module, rollout, advantages, mask, old=None):
     """One `optimise` call; returns (stats, accumulated gradients, ref log-probs)."""
-    grads = {}
+    from tests.test_grpo import record_gradients
 
-    class Opt:
-        param_groups = [{"lr": 0.0}]
-
-        def step(self):
-            grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
-
-        def zero_grad(self, set_to_none=True):
-            module.model.zero_grad()
-
-    module.optimizers = lambda: Opt()
-    module.lr_schedulers = lambda: type("S", (), {"step": lambda self: None})()
-    module.manual_backward = lambda loss: loss.backward()
+    grads = record_gradients(module)
     micro = module.micro_batches(rollout, mask)
     ref = module.frozen_logprobs(rollout, module.ref_model, micro)
     stats = module.optimise(rollout, advantages, mask, old, ref, micro)
