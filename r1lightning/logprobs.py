@@ -271,10 +271,8 @@ class Layout:
         return self.input_ids.numel()
 
     def to(self, device) -> Layout:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Layout(move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.positions),
-                      move(self.targets), move(self.dest_row), move(self.dest_col), n=self.n, C=self.C,
-                      real_tokens=self.real_tokens)
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, Tensor)})
 
     def scatter(self, values: Tensor) -> Tensor:
         """[M] -> [n, C], zero where nothing was computed."""
