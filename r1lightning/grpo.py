@@ -35,13 +35,14 @@ from r1lightning.losses import (
 )
 from r1lightning.micro_batching import MicroBatching
 from r1lightning.module import PolicyModule, checkpointing_on
-from r1lightning.offload import HostOffload, free_bytes, kv_bytes_per_token, optimizer_state_tensors, plan_offload
+from r1lightning.offload import HostOffload, optimizer_state_tensors, plan_offload
 from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer, TrainerState
 from r1lightning.rollout import Rollout, Sampler
 from r1lightning.rollout.base import replace_rows
+from r1lightning.rollout.paged import kv_bytes_per_token
 from lightning.pytorch.cli import OptimizerCallable
 
 log = logging.getLogger(__name__)
@@ -202,13 +203,11 @@ class GRPOModule(MicroBatching, PolicyModule):
             return {}
         rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
         tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
-        need = rows * tokens * kv_bytes_per_token(self.model)
-        # a sampler that sizes its KV from free memory: what it would get with everything on the device
-        budget, fraction = None, getattr(self.sampler, "kv_memory_fraction", None)
-        if fraction is not None and self.device.type == "cuda":
-            budget = float("inf") if getattr(self.sampler, "kv_cache_gib", None) is not None else fraction * free_bytes(self.device)
+        need = rows * tokens * kv_bytes_per_token(self.model, self.device)
+        # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
+        budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
         move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget,
-                                          fraction or 1.0)
+                                          getattr(self.sampler, "kv_memory_fraction", 1.0))
         out = {}
         for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
             if move:

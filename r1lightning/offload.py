@@ -33,14 +33,6 @@ def parse_setting(value, key: str = "offload_reference") -> str | bool:
     return value
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of K and V one token adds over all layers, in the dtype the paged engine would store."""
-    from r1lightning.rollout.paged import PagedSampler
-
-    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, next(model.parameters()).device)
-    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
 def unsupported(tensors: list[Tensor], what: str = "it") -> str | None:
     """Why `HostOffload` cannot move these tensors (None when it can)."""
     if not tensors:
@@ -170,7 +162,3 @@ def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], 
     move_opt = decide(optimizer_setting, optimizer, "offload_optimizer", "the optimizer state", fits_after)
     return move_ref, move_opt
 
-
-def free_bytes(device) -> int:
-    """What a new allocation could get on `device`: free on the device plus blocks torch holds unused."""
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -536,22 +536,15 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound
     trainer.add_callback(Timer())
     reset_peak(device)
     trainer.train()
-    kv_per_token = kv_bytes_per_token(trainer.model)
+    from r1lightning.rollout.paged import kv_bytes_per_token
+
+    # K and V per generated token, what transformers' cache keeps (the shape the paged engine sizes blocks by)
+    kv_per_token = kv_bytes_per_token(trainer.model, next(trainer.model.parameters()).device)
     del trainer
     point = summarize(length, dist, rec, 1, settings(args, length, dist), {"micro_batch": micro})
     if bound:
         point.update(trl_bounds(rec[1:] or rec, length, bound, args.prompts * args.G, kv_per_token))
     return point
-
-
-def kv_bytes_per_token(model) -> int:
-    """K and V of one token over all layers, in the model's dtype: what transformers' cache keeps per
-    generated token (the shape the paged engine sizes its blocks by)."""
-    from r1lightning.rollout import PagedSampler
-
-    device = next(model.parameters()).device
-    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device)
-    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: int, window: int = 32) -> dict:

@@ -88,12 +88,6 @@ def weight_bytes_per_step(model) -> dict:
     return out
 
 
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2  # K and V, bf16
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -350,6 +344,7 @@ def main(argv=None):
 
     from r1lightning.moe import apply_moe_backend, megablocks_status
     from r1lightning.rollout import StaticCacheSampler
+    from r1lightning.rollout.paged import kv_bytes_per_token
 
     start = time.perf_counter()
     left = lambda: args.time_budget - (time.perf_counter() - start)  # noqa: E731
@@ -366,7 +361,7 @@ def main(argv=None):
     if mb_ok:
         apply_moe_backend(model, "megablocks")  # registers the implementation
     wb = weight_bytes_per_step(model)
-    kvt = kv_bytes_per_token(model)
+    kvt = kv_bytes_per_token(model, next(model.parameters()).device)
     results["weight_bytes"] = wb
     results["kv_bytes_per_token"] = kvt
     P, C = args.prompt_len, args.new_tokens

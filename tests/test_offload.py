@@ -12,6 +12,7 @@ from r1lightning.grpo import GRPOModule
 from r1lightning.options import GRPOLossOptions, SamplingOptions
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward
+from r1lightning.rollout.paged import kv_bytes_per_token
 
 
 def _module(tiny_moe_config, **kwargs):
@@ -37,7 +38,7 @@ def test_the_settings_parse_and_a_bad_value_names_the_key(tiny_moe_config):
 def test_kv_bytes_and_the_auto_rules(tiny_moe_config, monkeypatch):
     module = _module(tiny_moe_config)
     # 2 layers x (K + V) x 1 KV head x head_dim 16 x 4 B (fp32) = 256 B a token
-    assert offload.kv_bytes_per_token(module.model) == 256
+    assert kv_bytes_per_token(module.model, module.device) == 256
     ref = list(module.ref_model.parameters())
     ref_bytes = sum(p.numel() for p in ref) * 4
     assert offload.nbytes(ref) == ref_bytes

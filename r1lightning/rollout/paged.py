@@ -136,6 +136,12 @@ class _PagedState:
         self.dummy_base = 0
 
 
+def kv_bytes_per_token(model, device) -> int:
+    """Bytes of K and V one token adds over all layers, in the dtype the engine stores them."""
+    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device)
+    return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class PagedSampler(StaticCacheSampler):
     """Continuous batching with paged KV; see the module docstring. Takes the static engine's options
     (`cuda_graphs`, `decode_experts`, `sync_every`, `min_new_tokens`, `return_logprobs`, `compile`,
@@ -225,10 +231,21 @@ class PagedSampler(StaticCacheSampler):
             dtype = next(model.parameters()).dtype
         return c.num_hidden_layers, heads, head_dim, dtype
 
+    def memory_budget(self, device) -> float | None:
+        """Bytes the pool may take when sized from free memory: `kv_memory_fraction` of what is free on the
+        device, cached unused by torch's allocator, or held by a pool about to be replaced. Infinite when
+        its size is fixed (`kv_cache_gib`: freeing memory would not grow it); None off CUDA (no bound)."""
+        if self.kv_cache_gib is not None:
+            return float("inf")
+        if device.type != "cuda":
+            return None
+        free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                + sum(st.cache.nbytes() for st in self._state.values()))
+        return self.kv_memory_fraction * free
+
     def _pool_blocks(self, model, device, S, blocks_per_seq, trash_blocks) -> tuple[int, int]:
         """(blocks in the pool, bytes per block) under the budget."""
-        layers, heads, head_dim, dtype = self._kv_shape(model, device)
-        per_block = 2 * layers * heads * head_dim * self.block_size * torch.empty((), dtype=dtype).element_size()
+        per_block = kv_bytes_per_token(model, device) * self.block_size
         need = S * blocks_per_seq + trash_blocks
         if self.kv_cache_gib is not None:
             blocks = int(self.kv_cache_gib * GIB // per_block)
@@ -236,12 +253,10 @@ class PagedSampler(StaticCacheSampler):
         else:
             blocks = need
             where = "the KV pool"
-            if device.type == "cuda":
-                # free on the device + cached by torch's allocator + a pool about to be replaced
-                free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-                        - torch.cuda.memory_allocated(device) + sum(st.cache.nbytes() for st in self._state.values()))
-                blocks = min(need, int(free * self.kv_memory_fraction // per_block))
-                where = f"kv_memory_fraction {self.kv_memory_fraction} of {free / GIB:.1f} GiB free"
+            budget = self.memory_budget(device)
+            if budget is not None:
+                blocks = min(need, int(budget // per_block))
+                where = f"kv_memory_fraction {self.kv_memory_fraction} of {budget / self.kv_memory_fraction / GIB:.1f} GiB free"
         if blocks - trash_blocks < blocks_per_seq:
             raise UserError(f"{where} holds {max(blocks - trash_blocks, 0) * self.block_size} KV tokens "
                             f"({per_block / self.block_size / 1024:.0f} KiB each); one sequence (prompt + max_new_tokens, "
