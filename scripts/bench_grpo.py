@@ -327,7 +327,9 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference, "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches, "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference,
+             "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches,
+             "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
     del trainer, module, sampler
