@@ -197,13 +197,37 @@ class ForcedLengths:
         return Rollout(r.prompt_ids, r.prompt_mask, ids, keep.long(), lengths >= self.length, logprobs)
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`NAME:key=value,key=value` (`--ours-variants`): GRPOModule arguments, `engine.*` for the paged engine's,
+    `policy.*` for Policy's; values read as YAML (`engine.compile=default`, `micro_batch_tokens=16384`)."""
+    import yaml
+
+    name, _, spec = text.partition(":")
+    pairs = [kv for kv in spec.split(",") if kv]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if not name or bad:
+        raise SystemExit(f"--ours-variants {text!r}: expected NAME:key=value,... ({bad[0] if bad else 'no name'})")
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def split_variant(variant: dict) -> tuple[dict, dict, dict]:
+    """A variant's settings as (GRPOModule, engine, Policy) keyword arguments."""
+    parts = {"engine": {}, "policy": {}, "module": {}}
+    for key, value in variant.items():
+        scope, _, rest = key.partition(".")
+        parts[scope if rest and scope in parts else "module"][rest if rest and scope in parts else key] = value
+    return parts["module"], parts["engine"], parts["policy"]
+
+
 def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str, save, cudnn: bool = False,
-             offload="auto"):
+             offload="auto", variant: dict | None = None):
     from r1lightning.rollout import PagedSampler, StaticCacheSampler
+
+    module_kw, engine_kw, policy_kw = split_variant(variant or {})
 
     model, backend = build(args, device, megablocks, args.ours_megablocks_kernels)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    result = {"backend": backend, "megablocks_kernels": args.ours_megablocks_kernels, "points": []}
+    result = {"backend": backend, "megablocks_kernels": args.ours_megablocks_kernels, "variant": variant or {}, "points": []}
     points, failed = result["points"], False
     for length in args.lengths:
         # One engine per length: after the first distribution's warm-up at full length it stays warm.
@@ -211,7 +235,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
             extra = {} if args.ours_admit_batch is None else {"admit_batch": args.ours_admit_batch}
             if args.ours_attention:
                 extra["attention"] = args.ours_attention  # e.g. pool with --compile: the kernel inside the compiled step
-            engine = PagedSampler(min_new_tokens=length, compile=args.compile, **extra)
+            engine = PagedSampler(min_new_tokens=length, **{"compile": args.compile, **extra, **engine_kw})
         else:
             engine = StaticCacheSampler(min_new_tokens=length, kv_bucket=64, keep_cache=not args.free_cache,
                                         compile=args.compile)
@@ -222,7 +246,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
                 continue
             try:
                 points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name,
-                                         cudnn, offload))
+                                         cudnn, offload, module_kw, policy_kw))
                 warm = True
             except torch.cuda.OutOfMemoryError as err:
                 failed = True
@@ -236,7 +260,8 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
     return result
 
 
-def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False, offload="auto"):
+def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False, offload="auto",
+               module_kw=None, policy_kw=None):
     import lightning as L
 
     args = point_args(args, length, dist)
@@ -249,8 +274,10 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     overrides["offload_reference"] = overrides["offload_optimizer"] = offload
     overrides["grow_micro_batches"] = args.ours_grow_micro_batches
+    overrides.update(module_kw or {})
+    policy_kw = {"cudnn_attention": cudnn, **(policy_kw or {})}
     module = GRPOModule(
-        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, cudnn_attention=cudnn), rewards=[Reward("bench_parity")],
+        Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, **policy_kw), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
         sampler=sampler, sampling=SamplingOptions(num_samples=args.G, max_new_tokens=length, temperature=TEMPERATURE, top_p=TOP_P),
         loss=GRPOLossOptions(beta=args.beta), num_iterations=MU, max_grad_norm=MAX_GRAD_NORM, router_aux_loss_coef=0.0, lr_schedule="constant",
@@ -327,7 +354,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": cudnn, "offload_reference": h.offload_reference,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": policy_kw["cudnn_attention"], "offload_reference": h.offload_reference,
              "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches,
              "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
@@ -575,7 +602,8 @@ def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: 
 def summarize(length, dist, rec, warmup, setting, extra) -> dict:
     timed = rec[warmup:] or rec  # a warm-up step runs at the full length
     med = {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
-    med.update({k: statistics.median(s[k] for s in timed) for k in ("rollout_decode_s", "rollout_prefill_s", "rollout_capture_s")
+    med.update({k: statistics.median(s[k] for s in timed) for k in ("rollout_decode_s", "rollout_prefill_s", "rollout_capture_s",
+                                                                   "micro_batches", "token_budget")
                 if all(isinstance(s.get(k), (int, float)) for s in timed)})
     tokens = [s.get("completion_tokens") for s in timed]
     tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
@@ -739,6 +767,9 @@ def main(argv=None):
     ap.add_argument("--ours-micro-batch-tokens", type=int, default=None, help="ours: override the default token budget")
     ap.add_argument("--ours-grow-micro-batches", action="store_true",
                     help="ours: grow_micro_batches (the update's token budget fills memory the rollout already used)")
+    ap.add_argument("--ours-variants", nargs="+", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="ours: run each ours framework once per variant (named FRAMEWORK:NAME; `NAME:` alone = defaults), "
+                         "with these GRPOModule / `engine.*` / `policy.*` arguments, to time settings in one process")
     ap.add_argument("--ours-admit-batch", type=int, default=None, help="ours: override the paged engine's admit_batch")
     ap.add_argument("--ours-attention", default=None, choices=["auto", "pool", "gather"],
                     help="ours: override the paged engine's attention (auto takes gather under --compile)")
@@ -778,24 +809,27 @@ def main(argv=None):
     for fw in args.frameworks:
         megablocks, liger, cudnn = "megablocks" in fw, fw.endswith("liger"), fw.endswith("_cudnn")
 
-        def save(result, fw=fw):  # after every point, so a crash or a time limit keeps what ran
-            out["results"][fw] = result
+        def save(result, label=fw):  # after every point, so a crash or a time limit keeps what ran
+            out["results"][label] = result
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1, default=str)
 
-        try:
-            if fw.startswith("ours"):
-                run_ours(args, args.device, tok, tokdir, megablocks, liger, fw, save, cudnn,
-                         False if fw.endswith("_no_offload") else "auto")
-            else:
-                run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
-        except Exception as err:
-            import traceback
+        runs = [(fw, None)] if not fw.startswith("ours") else \
+            [(fw if v is None else f"{fw}:{v}", spec) for v, spec in [parse_variant(t) for t in args.ours_variants] or [(None, {})]]
+        for label, variant in runs:  # a failed run does not stop the next
+            try:
+                if fw.startswith("ours"):
+                    run_ours(args, args.device, tok, tokdir, megablocks, liger, label, lambda result, label=label: save(result, label),
+                             cudnn, False if fw.endswith("_no_offload") else "auto", variant)
+                else:
+                    run_trl(args, args.device, tok, tokdir, megablocks, fw, save)
+            except Exception as err:
+                import traceback
 
-            traceback.print_exc()
-            print(f"# {fw} failed: {type(err).__name__}: {err}", flush=True)
-        release(args.device)
+                traceback.print_exc()
+                print(f"# {label} failed: {type(err).__name__}: {err}", flush=True)
+            release(args.device)
     print()
     print(table(out["results"]))
     print()

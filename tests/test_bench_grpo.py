@@ -84,3 +84,16 @@ def test_comparisons_give_ratios_bounds_and_long_tailed_shares():
     # 3,175 / 4,949 of the completion tokens/s, 7,662 / 7,424 of all tokens/s
     assert "| 256 | ours_megablocks | 46 vs 16 | 64.2 % | 103.2 % |" in text
     assert "1,024" not in text  # a skipped point compares with nothing
+
+
+def test_variants_time_settings_side_by_side(tmp_path):
+    out = bench_grpo.main(["--frameworks", "ours_megablocks", *TINY, "--prompts", "2", "--lengths", "16", "--reps", "1",
+                           "--ours-variants", "base:", "small:micro_batch_tokens=40,engine.admit_batch=3",
+                           "--workdir", str(tmp_path / "work")])
+    base, small = out["results"]["ours_megablocks:base"], out["results"]["ours_megablocks:small"]
+    assert base["variant"] == {} and small["variant"] == {"micro_batch_tokens": 40, "engine.admit_batch": 3}
+    assert base["points"][0]["micro_batch_tokens"] == 8192 and small["points"][0]["micro_batch_tokens"] == 40
+    # 16 sequences of 16 + 16 tokens: one micro-batch under 8,192 tokens, one sequence each under 40
+    assert base["points"][0]["micro_batches"] == 1 and small["points"][0]["micro_batches"] == 16
+    with pytest.raises(SystemExit, match="expected NAME:key=value"):
+        bench_grpo.parse_variant("small:micro_batch_tokens")
