@@ -47,6 +47,10 @@ from lightning.pytorch.cli import OptimizerCallable
 
 log = logging.getLogger(__name__)
 
+# The reference pass's token budget over the update's when `reference_micro_batch_tokens` is unset: a
+# forward without autograd holds about a quarter of the update's bytes per token (see its docstring).
+REFERENCE_BUDGET_FACTOR = 4
+
 # Two Lightning warnings that do not apply to GRPO, silenced once here:
 # - the frozen reference (`ref_model`, beta > 0) is in eval mode on purpose; Lightning counts its modules;
 # - with manual optimisation, ModelCheckpoint(every_n_train_steps) saves the state after the optimizer
@@ -73,6 +77,7 @@ class GRPOModule(MicroBatching, PolicyModule):
         num_iterations: int = 1,
         micro_batch_tokens: int = 8192,
         micro_batch_size: int | None = None,
+        reference_micro_batch_tokens: int | None = None,
         packing: bool = True,
         logprob_impl: str = "chunked",
         dynamic_sampling: bool = False,
@@ -111,6 +116,13 @@ class GRPOModule(MicroBatching, PolicyModule):
                 < 1.5 GiB: the update peaks near 68 GiB (TRL 1.16 at 256 tokens: 69.7), and an
                 8k-token completion (8,320 tokens with its prompt) runs alone.
             micro_batch_size: optional cap on sequences per forward/backward (None: tokens only).
+            reference_micro_batch_tokens: tokens per forward of the reference pass (no gradients), default
+                4 x the update's budget. A forward without autograd keeps no activations across layers: one
+                layer's transients at a time (~130 KiB a token at the OLMoE shape, 8 expert copies of the
+                input, gate, up and output), so 32,768 tokens hold ~4 GiB, what the update's 8,192 hold
+                with their saved layer inputs and one recomputed layer. Larger forwards give each expert
+                more rows per GEMM. The old-policy pass (mu > 1) keeps the update's micro-batches, so
+                its log-probs equal the first iteration's bit for bit and the ratio starts at exactly 1.
             packing: lay the sequences of a micro-batch end to end in rows (position ids restart per
                 sequence, no padding inside a row, attention never crosses sequences); False runs the
                 rows as sampled (left-padded prompt, right-padded completion), `micro_batch_size` rows
@@ -150,6 +162,8 @@ class GRPOModule(MicroBatching, PolicyModule):
         super().__init__(policy, optimizer, **kwargs)
         if micro_batch_tokens < 1:
             raise UserError(f"model.micro_batch_tokens: must be >= 1, got {micro_batch_tokens}")
+        if reference_micro_batch_tokens is not None and reference_micro_batch_tokens < 1:
+            raise UserError(f"model.reference_micro_batch_tokens: must be >= 1 or null, got {reference_micro_batch_tokens}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise UserError(f"model.micro_batch_size: must be >= 1 or null, got {micro_batch_size}")
         if logprob_impl not in LOGPROB_IMPLS:
@@ -318,7 +332,10 @@ class GRPOModule(MicroBatching, PolicyModule):
         rollout_peak = peaks.get("memory/rollout_GiB")
         budget = self.token_budget(None if rollout_peak is None else rollout_peak * 2**30)
         micro = self.micro_batches(rollout, mask, budget)
-        self.prepare_layouts(rollout, micro)
+        ref_micro = None
+        if self.ref_model is not None:
+            ref_micro = self.micro_batches(rollout, mask, h.reference_micro_batch_tokens or REFERENCE_BUDGET_FACTOR * budget)
+        self.prepare_layouts(rollout, micro + (ref_micro or []))
         old_logp = None
         if h.use_sampler_logprobs and rollout.logprobs is None:
             # Falling back to the current log-probs would make the ratio 1: clipping would never act.
@@ -326,7 +343,7 @@ class GRPOModule(MicroBatching, PolicyModule):
                             "log-probs; enable them on the sampler (return_logprobs: true) or set use_sampler_logprobs: false")
         if h.num_iterations > 1 or h.use_sampler_logprobs:
             old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
-        ref_logp = self.frozen_logprobs(rollout, self.ref_model, micro) if self.ref_model is not None else None
+        ref_logp = self.frozen_logprobs(rollout, self.ref_model, ref_micro) if self.ref_model is not None else None
         t_ref = time.perf_counter() - t1
         self._memory_peak("reference", peaks)
         kinds = self.kind_metrics(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
@@ -338,6 +355,8 @@ class GRPOModule(MicroBatching, PolicyModule):
         stats["update/padding"] = self.padding_fraction(rollout, micro)
         stats.update(kinds)  # logged with the rest after the update: Lightning dropped keys first logged before it
         stats["update/micro_batches"] = float(len(micro))
+        if ref_micro is not None:
+            stats["reference/micro_batches"] = float(len(ref_micro))
         # sampled with the reference / the optimizer state on the host
         stats["offload/reference"] = float("reference" in offloads)
         stats["offload/optimizer"] = float("optimizer" in offloads)

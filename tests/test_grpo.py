@@ -41,6 +41,7 @@ def record_gradients(module) -> dict:
 
     class Opt:
         param_groups = [{"lr": 0.0}]
+        state: dict = {}  # no moments to offload
 
         def step(self):
             grads.update({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
@@ -183,6 +184,8 @@ def test_bad_options_are_rejected(tiny_moe_config):
         GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], temperature=0.7)
     with pytest.raises(ValueError, match="unknown|not registered|accuraccy"):
         Reward("accuraccy")
+    with pytest.raises(ValueError, match="^model.reference_micro_batch_tokens: must be >= 1 or null, got 0$"):
+        GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")], reference_micro_batch_tokens=0)
 
 
 def test_update_recomputes_checkpointed_layers_while_the_policy_stays_in_eval_mode(tiny_moe_config):
@@ -381,3 +384,30 @@ def test_logged_loss_and_clip_fractions_are_the_whole_batch_values_over_micro_ba
     torch.testing.assert_close(torch.tensor(stats["loss"]), want_loss, rtol=1e-5, atol=1e-6)
     for k, v in want.items():
         torch.testing.assert_close(torch.tensor(stats[k]), v, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_pass_runs_larger_micro_batches_and_gives_the_same_update(tiny_moe_config, monkeypatch):
+    """The reference pass (no gradients) packs 4 x the update's token budget by default: here one forward
+    instead of the update's two, with the same reference log-probs (fp32, 1e-6), hence the same KL and the
+    same gradients as a reference pass over the update's own micro-batches."""
+    runs = {}
+    for ref_tokens in (None, 160):
+        module = tiny_module(tiny_moe_config, micro_batch_size=None, micro_batch_tokens=160,
+                             reference_micro_batch_tokens=ref_tokens, router_aux_loss_coef=0.0)
+        with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
+            for p in module.ref_model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        rollout = _ragged_rollout()
+        monkeypatch.setattr(module, "generate", lambda *a, sampler=None, rollout=rollout: rollout)
+        grads, logged = record_gradients(module), {}
+        monkeypatch.setattr(module, "log_step", lambda rollout, total, scores, keep, stats, *a: logged.update(stats))
+        batch = {"prompt_ids": rollout.prompt_ids[::4], "prompt_mask": rollout.prompt_mask[::4], "columns": {"answer": ["1", "2"]}}
+        module.training_step(batch, 0)
+        runs[ref_tokens] = grads, logged
+    (g_big, big), (g_same, same) = runs[None], runs[160]
+    assert (big["update/micro_batches"], big["reference/micro_batches"]) == (2, 1)
+    assert (same["update/micro_batches"], same["reference/micro_batches"]) == (2, 2)
+    assert same["kl"] > 1e-4 and big["kl"] == pytest.approx(same["kl"], rel=1e-6)
+    assert g_big.keys() == g_same.keys() and g_big
+    for name in g_big:
+        torch.testing.assert_close(g_big[name], g_same[name], rtol=1e-5, atol=1e-7)
