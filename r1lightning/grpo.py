@@ -35,6 +35,7 @@ from r1lightning.losses import (
 )
 from r1lightning.micro_batching import MicroBatching
 from r1lightning.module import PolicyModule, checkpointing_on
+from r1lightning import offload
 from r1lightning.offload import HostOffload, optimizer_state_tensors, plan_offload
 from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
@@ -75,7 +76,7 @@ class GRPOModule(MicroBatching, PolicyModule):
         sampling: SamplingOptions = SamplingOptions(num_samples=8),
         loss: GRPOLossOptions = GRPOLossOptions(),
         num_iterations: int = 1,
-        micro_batch_tokens: int = 8192,
+        micro_batch_tokens: int = 32768,
         micro_batch_size: int | None = None,
         reference_micro_batch_tokens: int | None = None,
         packing: bool = True,
@@ -106,15 +107,14 @@ class GRPOModule(MicroBatching, PolicyModule):
             micro_batch_tokens: tokens per forward/backward (prompt + completion, padding included);
                 the rest is gradient accumulation. Sequences are bucketed by length, longest first,
                 and a sequence longer than this gets a forward of its own. From bytes, for the
-                OLMoE-1B-7B shape (6.9 B parameters) on one H200 (~139 GiB): the update's static part
-                is 5 x 12.9 GiB (bf16 weights, gradients, AdamW's two moments, the reference) = 64.4
-                GiB; a token in a forward/backward holds ~0.35 MiB of activations with gradient
-                checkpointing (16 saved layer inputs of 4 KiB, one recomputed layer of ~130 KiB and
-                its gradients) and ~2.5 MiB without (16 layers x ~150 KiB: attention q/k/v/out 20
-                KiB; 8 expert copies of the input, gate, up, product, output ~130 KiB; bf16). 8,192
-                tokens thus take ~3 GiB (~20 GiB without checkpointing) and the chunked LM head
-                < 1.5 GiB: the update peaks near 68 GiB (TRL 1.16 at 256 tokens: 69.7), and an
-                8k-token completion (8,320 tokens with its prompt) runs alone.
+                OLMoE-1B-7B shape (6.9 B parameters) on one H200 (~139 GiB): the update holds 4 x 12.9
+                GiB (bf16 weights, gradients, AdamW's two moments; the reference waits on the host,
+                `offload_reference`) = 51.6 GiB; a token in a forward/backward holds ~0.2 MiB of
+                activations with gradient checkpointing at 384-token sequences (measured: +4.6 GiB of peak
+                from 8,192 to 32,768 tokens) and ~0.55 MiB at 4,224 (~2.5 MiB without checkpointing).
+                32,768 tokens therefore peak near 60 GiB at 256-token completions (TRL 1.16 + MegaBlocks
+                experts: 69.1) and under the rollout's peak at 4k+; larger micro-batches give each
+                expert's GEMM more rows (256 tokens, one H200: update 2.43 s at 8,192, 1.58 s at 32,768).
             micro_batch_size: optional cap on sequences per forward/backward (None: tokens only).
             reference_micro_batch_tokens: tokens per forward of the reference pass (no gradients), default
                 4 x the update's budget. A forward without autograd keeps no activations across layers: one
@@ -142,11 +142,15 @@ class GRPOModule(MicroBatching, PolicyModule):
                 had all-equal rewards on average: no advantage, nothing to learn (None: never stop).
             max_reward_failures: a reward function that fails on every sample (raises, or returns NaN or a
                 non-number) this many steps in a row stops the run with an error naming it.
-            offload_reference: keep the frozen reference's weights in pinned host memory while sampling,
-                so the KV cache has their room (`r1lightning.offload`); back on the GPU for the reference
-                pass. `auto`: on CUDA with an unsharded reference, in steps whose KV at full length would not
-                fit the sampler's memory budget otherwise (`PagedSampler`; other samplers: KV at least the
-                reference's size); true: every step; false: never.
+            offload_reference: keep the frozen reference's weights in pinned host memory outside the
+                reference pass (`r1lightning.offload`): the update and the rollout get their room. `auto`
+                (on CUDA with an unsharded reference; otherwise never): parked on the host after each
+                reference pass (no copy while the reference is unchanged), copied back in the background
+                while the policy samples, or after sampling in steps whose KV at full length would not
+                fit the sampler's memory budget with it there (`PagedSampler`; other samplers: KV at
+                least the reference's size); a host that cannot pin it keeps it on the GPU, with a
+                warning. true: as auto, and also after sampling in every step, and a failure is an
+                error; false: never.
             offload_optimizer: the same for the optimizer's state (moments, master weights), copied to the
                 host and back each step it moves. `auto`: when the KV still would not fit the paged
                 engine's budget with the reference moved; never with other samplers.
@@ -190,6 +194,7 @@ class GRPOModule(MicroBatching, PolicyModule):
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
         self._offloads: dict[str, HostOffload] = {}  # "reference", "optimizer": host copies kept across steps
+        self._park_failed = False  # auto, and the host could not pin the reference: it stays on the GPU
 
     def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal
@@ -202,6 +207,31 @@ class GRPOModule(MicroBatching, PolicyModule):
         if self.loss.beta > 0 and self.ref_model is None:
             # The reference is the policy as training starts (R1: refreshed by a callback).
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def parked_reference(self) -> HostOffload | None:
+        """The reference's host copy when it lives on the host between reference passes (`offload_reference`
+        auto or true, on CUDA, unsharded): the update and the rollout get its room; it comes back in the
+        background while the rollout runs (or after it, when the rollout needs the room). None otherwise."""
+        h = self.hparams
+        if self.ref_model is None or h.offload_reference is False or self._park_failed:
+            return None
+        tensors = list(self.ref_model.parameters())
+        if offload.unsupported(tensors) is not None:
+            return None
+        kept = self._offloads.get("reference")
+        if kept is None or not kept.same_tensors(tensors):
+            kept = self._offloads["reference"] = HostOffload(tensors, "the reference")
+        return kept
+
+    def park_reference(self, parked: HostOffload) -> None:
+        """The reference to the host for the update; under `auto`, a host that cannot pin it keeps it here."""
+        try:
+            parked.to_host()
+        except UserError as err:
+            if self.hparams.offload_reference is True:
+                raise
+            self._park_failed = True
+            log.warning("offload_reference: auto keeps the reference on the GPU: %s", err)
 
     def rollout_offloads(self, batch) -> dict[str, HostOffload]:
         """What this step's rollout keeps on the host (`offload_reference`, `offload_optimizer`)."""
@@ -303,10 +333,13 @@ class GRPOModule(MicroBatching, PolicyModule):
         self._memory_peak("before", peaks)
         t0 = time.perf_counter()
         offloads = self.rollout_offloads(batch)
+        parked = self.parked_reference()
         for moved in offloads.values():
             moved.to_host()
         if offloads and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the freed blocks go to the KV pool allocated next
+        if parked is not None and "reference" not in offloads:
+            parked.to_device(background=True)  # beside the rollout; the reference pass waits for it
         try:
             rollout, columns, total, scores = self.rollout(batch)
             keep = torch.ones_like(total, dtype=torch.bool)
@@ -343,7 +376,11 @@ class GRPOModule(MicroBatching, PolicyModule):
                             "log-probs; enable them on the sampler (return_logprobs: true) or set use_sampler_logprobs: false")
         if h.num_iterations > 1 or h.use_sampler_logprobs:
             old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
+        if parked is not None:
+            parked.wait()
         ref_logp = self.frozen_logprobs(rollout, self.ref_model, ref_micro) if self.ref_model is not None else None
+        if parked is not None:
+            self.park_reference(parked)  # its room goes to the update; no copy while the reference is unchanged
         t_ref = time.perf_counter() - t1
         self._memory_peak("reference", peaks)
         kinds = self.kind_metrics(rollout, columns, scores, old_logp if old_logp is not None else rollout.logprobs, ref_logp)
@@ -360,6 +397,7 @@ class GRPOModule(MicroBatching, PolicyModule):
         # sampled with the reference / the optimizer state on the host
         stats["offload/reference"] = float("reference" in offloads)
         stats["offload/optimizer"] = float("optimizer" in offloads)
+        stats["offload/reference_update"] = float(parked is not None and parked.on_host)  # the update ran without it
         stats["update/token_budget"] = float(budget)
         self._memory_peak("update", peaks)
         if h.grow_micro_batches and "memory/update_GiB" in peaks:

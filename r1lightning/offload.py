@@ -81,6 +81,8 @@ class HostOffload:
         self.versions: list[int | None] = [None] * len(self.tensors)  # at the last host copy
         self.on_host = False
         self.copied_bytes = 0  # to the host, over this object's life (tests, logs)
+        self._stream = None  # the side stream of background copies back (created on first use)
+        self._ready = None  # recorded there after a background `to_device`; `wait` makes the step wait on it
 
     @classmethod
     def of_module(cls, module: torch.nn.Module, what: str = "the reference") -> "HostOffload":
@@ -92,6 +94,7 @@ class HostOffload:
     def to_host(self) -> None:
         if self.on_host:
             return
+        self.wait()  # a background copy back must land before the device copy is read or freed
         if any(h is None for h in self.host):
             self._allocate_host()
         for i, t in enumerate(self.tensors):
@@ -120,15 +123,35 @@ class HostOffload:
                             f"({nbytes(self.tensors) / 2**30:.1f} GiB{', pinned' if pin else ''}): "
                             f"{str(err).splitlines()[0]}; set it to false") from None
 
-    def to_device(self) -> None:
+    def to_device(self, background: bool = False) -> None:
+        """Back to the device. `background`: copy on a side stream, so the copy runs beside what the
+        current stream does next (the rollout); `wait()` before anything reads the tensors. The device
+        memory comes from the current stream's pool, so once freed again it serves that stream's work."""
         if not self.on_host:
             return
+        background = background and self.device.type == "cuda"  # elsewhere the copy just runs now
+        main = torch.cuda.current_stream(self.device) if background else None
+        if background:
+            self._stream = self._stream or torch.cuda.Stream(self.device)
+            self._stream.wait_stream(main)  # the blocks handed out may still be read by queued work
         for i, t in enumerate(self.tensors):
             dev = torch.empty(t.shape, dtype=t.dtype, device=self.device)
-            dev.copy_(self.host[i], non_blocking=True)
+            if background:
+                with torch.cuda.stream(self._stream):
+                    dev.copy_(self.host[i], non_blocking=True)
+                dev.record_stream(self._stream)  # freed later: not reused before this copy ran
+            else:
+                dev.copy_(self.host[i], non_blocking=True)
             t.data = dev
             self.versions[i] = t._version
+        self._ready = self._stream.record_event() if background else None
         self.on_host = False
+
+    def wait(self) -> None:
+        """The current stream waits for a background `to_device` (nothing when there was none)."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
 
 
 def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], optimizer: list[Tensor],

@@ -153,26 +153,51 @@ def _steps(module, monkeypatch, seen):
 
 
 def test_steps_with_the_reference_and_optimizer_offloaded_equal_steps_without(tiny_moe_config, monkeypatch):
+    """false: nothing moves. auto (a sampler without a budget, a KV smaller than the reference): the reference
+    is parked on the host for each update and is back on the device for sampling. true: it stays on the host
+    through sampling too, and the optimizer state joins it there while sampling. The steps are the same."""
     monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
     out = {}
-    for setting in (False, True):
+    for setting in (False, "auto", True):
         seen = []
         module = _module(tiny_moe_config, offload_reference=setting, offload_optimizer=setting)
         out[setting] = _steps(module, monkeypatch, seen)
-        if setting:  # step 1: no optimizer state yet; then both on the host while sampling, back for the update
+        logged = out[setting][0]
+        if setting is True:  # step 1: no optimizer state yet; then both on the host while sampling
             assert seen == [{"reference": True}, {"reference": True, "optimizer": True}, {"reference": True, "optimizer": True}]
-            assert not any(kept.on_host for kept in module._offloads.values())
             # the moments were copied to the host before steps 2 and 3; the frozen reference only once
             assert module._offloads["optimizer"].copied_bytes == 2 * offload.nbytes(module._offloads["optimizer"].tensors)
-            assert module._offloads["reference"].copied_bytes == offload.nbytes(module._offloads["reference"].tensors)
+        elif setting == "auto":
+            assert seen == [{"reference": False}] * 3
         else:
             assert seen == [{}, {}, {}]
-        logged = out[setting][0]
-        assert [s["offload/reference"] for s in logged] == [float(setting)] * 3
-        assert [s["offload/optimizer"] for s in logged] == [0.0] + [float(setting)] * 2
-    (s0, w0), (s1, w1) = out[False], out[True]
+        if setting:  # after each reference pass the reference waits on the host; the optimizer state is back
+            assert module._offloads["reference"].on_host and not getattr(module._offloads.get("optimizer"), "on_host", False)
+            assert module._offloads["reference"].copied_bytes == offload.nbytes(module._offloads["reference"].tensors)
+        assert [s["offload/reference"] for s in logged] == [float(setting is True)] * 3
+        assert [s["offload/optimizer"] for s in logged] == [0.0] + [float(setting is True)] * 2
+        assert [s["offload/reference_update"] for s in logged] == [float(bool(setting))] * 3
+    s0, w0 = out[False]
     assert s0[-1]["kl"] > 0  # the reference really entered the loss
-    for a, b in zip(s0, s1):
-        for k in ("loss", "kl", "grad_norm", "entropy"):
-            assert a[k] == b[k], k
-    assert all(torch.equal(w1[n], w0[n]) for n in w0)
+    for setting in ("auto", True):
+        s1, w1 = out[setting]
+        for a, b in zip(s0, s1):
+            for k in ("loss", "kl", "grad_norm", "entropy"):
+                assert a[k] == b[k], (setting, k)
+        assert all(torch.equal(w1[n], w0[n]) for n in w0)
+
+
+def test_a_host_that_cannot_pin_the_reference_keeps_it_on_the_gpu_under_auto(tiny_moe_config, monkeypatch, caplog):
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+
+    def cannot(self):
+        raise UserError("model.init_args.offload_reference: cannot hold the reference in host memory (0.0 GiB): no; set it to false")
+
+    monkeypatch.setattr(offload.HostOffload, "_allocate_host", cannot)
+    module = _module(tiny_moe_config, offload_reference="auto")
+    logged, _ = _steps(module, monkeypatch, [])
+    assert [s["offload/reference_update"] for s in logged] == [0.0] * 3 and module._park_failed
+    assert "auto keeps the reference on the GPU" in caplog.text
+    module = _module(tiny_moe_config, offload_reference=True)
+    with pytest.raises(UserError, match="cannot hold the reference in host memory"):
+        _steps(module, monkeypatch, [])

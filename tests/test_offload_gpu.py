@@ -52,3 +52,30 @@ def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_e
     moved.to_device()
     assert all(torch.equal(t, s) for t, s in zip(offload.optimizer_state_tensors(opt), snapshot))
     opt.step()  # the optimizer runs on the restored tensors
+
+
+def test_background_copy_back_runs_beside_other_work_and_gives_the_same_values(tiny_moe_config):
+    """`to_device(background=True)` copies on a side stream while the current stream works; after `wait()` the
+    reference computes exactly what it did, and parking it again frees its device memory without a copy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(tiny_moe_config, hidden_size=256, moe_intermediate_size=256, intermediate_size=512, vocab_size=4096)
+    model_type = cfg.pop("model_type")
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, 4096, (2, 64), device="cuda")
+    with torch.no_grad():
+        before = ref(input_ids=ids).logits
+    moved = offload.HostOffload.of_module(ref)
+    moved.to_host()
+    copied = moved.copied_bytes
+    x = torch.randn(4096, 4096, device="cuda")
+    moved.to_device(background=True)
+    for _ in range(20):  # the current stream is busy while the copy runs on the side stream
+        x = torch.tanh(x @ x)
+    moved.wait()
+    with torch.no_grad():
+        after = ref(input_ids=ids).logits
+    assert torch.equal(after, before)
+    assert abs(_freed_by(moved) - offload.nbytes(list(ref.parameters()))) < 0.01 * offload.nbytes(list(ref.parameters()))
+    assert moved.copied_bytes == copied  # unchanged weights: parked again without a copy
