@@ -35,15 +35,13 @@ from r1lightning.losses import (
 )
 from r1lightning.micro_batching import MicroBatching
 from r1lightning.module import PolicyModule, checkpointing_on
-from r1lightning import offload
-from r1lightning.offload import HostOffload, optimizer_state_tensors, plan_offload
+from r1lightning.offload import HostOffload, StepOffloads
 from r1lightning.offload import parse_setting as parse_offload
 from r1lightning.options import GRPOLossOptions, SamplingOptions, coerce, moved_into, reject_moved
 from r1lightning.policy import Policy
 from r1lightning.rewards import Reward, RewardComposer, TrainerState
 from r1lightning.rollout import Rollout, Sampler
 from r1lightning.rollout.base import replace_rows
-from r1lightning.rollout.paged import kv_bytes_per_token
 from lightning.pytorch.cli import OptimizerCallable
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
-class GRPOModule(MicroBatching, PolicyModule):
+class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
     # The flat arguments of earlier versions and where they went (a config naming one fails with
     # "`model.init_args.temperature` moved: use `model.init_args.sampling.temperature`").
     moved_arguments = {**moved_into(SamplingOptions, "sampling", renamed={"num_generations": "num_samples"}),
@@ -208,59 +206,6 @@ class GRPOModule(MicroBatching, PolicyModule):
             # The reference is the policy as training starts (R1: refreshed by a callback).
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def parked_reference(self) -> HostOffload | None:
-        """The reference's host copy when it lives on the host between reference passes (`offload_reference`
-        auto or true, on CUDA, unsharded): the update and the rollout get its room; it comes back in the
-        background while the rollout runs (or after it, when the rollout needs the room). None otherwise."""
-        h = self.hparams
-        if self.ref_model is None or h.offload_reference is False or self._park_failed:
-            return None
-        tensors = list(self.ref_model.parameters())
-        if offload.unsupported(tensors) is not None:
-            return None
-        kept = self._offloads.get("reference")
-        if kept is None or not kept.same_tensors(tensors):
-            kept = self._offloads["reference"] = HostOffload(tensors, "the reference")
-        return kept
-
-    def park_reference(self, parked: HostOffload) -> None:
-        """The reference to the host for the update; under `auto`, a host that cannot pin it keeps it here."""
-        try:
-            parked.to_host()
-        except UserError as err:
-            if self.hparams.offload_reference is True:
-                raise
-            self._park_failed = True
-            log.warning("offload_reference: auto keeps the reference on the GPU: %s", err)
-
-    def rollout_offloads(self, batch) -> dict[str, HostOffload]:
-        """What this step's rollout keeps on the host (`offload_reference`, `offload_optimizer`)."""
-        h = self.hparams
-        reference = list(self.ref_model.parameters()) if self.ref_model is not None else []
-        optimizer = []
-        if h.offload_optimizer is not False:
-            try:
-                optimizer = optimizer_state_tensors(self.optimizers())
-            except RuntimeError:  # no trainer attached (a step called by hand): no optimizer state to move
-                pass
-        if not reference and not optimizer:
-            return {}
-        rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
-        tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
-        need = rows * tokens * kv_bytes_per_token(self.model, self.device)
-        # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
-        budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
-        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget,
-                                          getattr(self.sampler, "kv_memory_fraction", 1.0))
-        out = {}
-        for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
-            if move:
-                kept = self._offloads.get(name)
-                if kept is None or not kept.same_tensors(tensors):  # first use, or new state (a resume)
-                    kept = self._offloads[name] = HostOffload(tensors, f"the {name}")
-                out[name] = kept
-        return out
-
     # -- 1-3: rollouts, rewards, advantages ------------------------------------------------------
     def trainer_state(self) -> TrainerState:
         """Progress as TRL's reward functions read it (`trainer_state.global_step`, ...)."""
@@ -330,6 +275,7 @@ class GRPOModule(MicroBatching, PolicyModule):
     def training_step(self, batch, batch_idx):
         h = self.hparams
         peaks: dict[str, float] = {}
+        self.next_step_shapes()
         self._memory_peak("before", peaks)
         t0 = time.perf_counter()
         offloads = self.rollout_offloads(batch)
@@ -429,37 +375,43 @@ class GRPOModule(MicroBatching, PolicyModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         for _ in range(h.num_iterations):
             for rows in micro:
-                dummy = not rows  # this rank has fewer micro-batches than another: same collectives, no loss
-                rows = rows or [0]
-                idx = self.rows_index(rollout, rows)
-                logp, entropy, aux = self.completion_logprobs(rollout, rows, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[idx]
-                ref = ref_logp[idx] if ref_logp is not None else None
-                o = self.loss
-                loss, metrics = grpo_loss(
-                    logp, old, advantages[idx], mask[idx], ref, beta=o.beta, epsilon_low=o.epsilon_low,
-                    epsilon_high=o.epsilon_high, delta=o.delta, aggregation=o.aggregation,
-                    importance_sampling_level=o.importance_sampling_level, **norm,
-                )
-                if aux is not None:
-                    loss = loss + self.aux_coef * aux / len(micro)
-                if dummy:
-                    self.manual_backward(loss * 0.0)
-                    continue
-                self.manual_backward(loss)
-                # Summed on the device and read once after the step: a float() here would make the
-                # host wait for this micro-batch's backward before queueing the next forward.
-                m = mask[idx]
-                weight = m.sum() / local_tokens  # token-weighted average of micro-batch means
-                metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach() * weight / h.num_iterations
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach() / h.num_iterations
+                with self.attention_for(rollout, rows):  # its forward and backward get the same SDPA kernels
+                    self._accumulate(rollout, rows, advantages, mask, old_logp, ref_logp, norm, local_tokens, sums, len(micro))
             if h.max_grad_norm:
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
+
+    def _accumulate(self, rollout, rows, advantages, mask, old_logp, ref_logp, norm, local_tokens, sums, n_micro) -> None:
+        """One micro-batch's forward and backward (gradients accumulate) and its metric sums."""
+        h = self.hparams
+        dummy = not rows  # this rank has fewer micro-batches than another: same collectives, no loss
+        rows = rows or [0]
+        idx = self.rows_index(rollout, rows)
+        logp, entropy, aux = self.completion_logprobs(rollout, rows, with_entropy=True)
+        old = logp.detach() if old_logp is None else old_logp[idx]
+        ref = ref_logp[idx] if ref_logp is not None else None
+        o = self.loss
+        loss, metrics = grpo_loss(
+            logp, old, advantages[idx], mask[idx], ref, beta=o.beta, epsilon_low=o.epsilon_low,
+            epsilon_high=o.epsilon_high, delta=o.delta, aggregation=o.aggregation,
+            importance_sampling_level=o.importance_sampling_level, **norm,
+        )
+        if aux is not None:
+            loss = loss + self.aux_coef * aux / n_micro
+        if dummy:
+            self.manual_backward(loss * 0.0)
+            return
+        self.manual_backward(loss)
+        # Summed on the device and read once after the step: a float() here would make the
+        # host wait for this micro-batch's backward before queueing the next forward.
+        m = mask[idx]
+        weight = m.sum() / local_tokens  # token-weighted average of micro-batch means
+        metrics["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() * weight / h.num_iterations
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach() / h.num_iterations
 
     # -- metrics (names as in TRL) ---------------------------------------------------------------
     def log_step(self, rollout, total, scores, keep, stats, t_rollout, t_ref, t_train):

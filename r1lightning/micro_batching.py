@@ -8,8 +8,11 @@ reused by the old-policy, reference and update passes, which therefore see ident
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from r1lightning.cudnn_gate import RecurringShapes, cudnn_attention
 from r1lightning.logprobs import LayoutCache, grown_token_budget, pack_rows, pack_sequences, padded_layout, plan_micro_batches
 from r1lightning.rollout import Rollout
 
@@ -20,6 +23,21 @@ class MicroBatching:
 
     _layouts: LayoutCache | None = None
     _token_cost: float | None = None  # activation bytes per micro-batch token, learned from the last update
+    _cudnn_shapes: RecurringShapes | None = None  # Policy.cudnn_attention auto: shapes from earlier steps
+
+    def next_step_shapes(self) -> None:
+        """A new step for `attention_for` (Policy.cudnn_attention auto)."""
+        if getattr(self.policy, "cudnn_attention", False) == "auto":
+            self._cudnn_shapes = self._cudnn_shapes or RecurringShapes()
+            self._cudnn_shapes.next_step()
+
+    def attention_for(self, rollout: Rollout, rows: list[int]):
+        """The SDPA kernels of one micro-batch's pass, its forward and backward (`r1lightning.cudnn_gate`):
+        with `auto`, cuDNN when the micro-batch's input shape ran in an earlier step."""
+        if self._cudnn_shapes is None:
+            return contextlib.nullcontext()
+        shape = tuple(self.layout(rollout, rows or [0]).input_ids.shape)
+        return cudnn_attention(self._cudnn_shapes.allow(shape))
 
     def micro_batches(self, rollout: Rollout, mask: torch.Tensor | None = None, token_budget: int | None = None) -> list[list[int]]:
         """Row indices of each forward/backward. Packed: rows with a loss (`mask`), bucketed by length
@@ -115,7 +133,8 @@ class MicroBatching:
         micro = self.micro_batches(rollout) if micro is None else micro
         out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
         for rows in micro:
-            logp, _, _ = self.completion_logprobs(rollout, rows or [0], model)
+            with self.attention_for(rollout, rows):
+                logp, _, _ = self.completion_logprobs(rollout, rows or [0], model)
             if rows:
                 out[self.rows_index(rollout, rows)] = logp
         return out

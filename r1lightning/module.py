@@ -227,7 +227,7 @@ class PolicyModule(L.LightningModule):
         # device thread) and in the samplers; `teardown` puts the previous value back.
         if getattr(self, "_prev_cudnn_sdp", None) is None:
             self._prev_cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(self.policy.cudnn_attention)
+        torch.backends.cuda.enable_cudnn_sdp(self.policy.cudnn_attention is True)  # auto: per micro-batch (GRPO)
 
     def teardown(self, stage: str) -> None:
         if getattr(self, "_prev_cudnn_sdp", None) is not None:

@@ -19,10 +19,15 @@ only when the KV still does not fit without the reference.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from r1lightning.errors import UserError
+from r1lightning.rollout.paged import kv_bytes_per_token
+
+log = logging.getLogger(__name__)
 
 def parse_setting(value, key: str = "offload_reference") -> str | bool:
     """`auto`, true or false (YAML), with a one-line error naming the key."""
@@ -184,4 +189,67 @@ def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], 
         fits_after = True
     move_opt = decide(optimizer_setting, optimizer, "offload_optimizer", "the optimizer state", fits_after)
     return move_ref, move_opt
+
+
+
+class StepOffloads:
+    """What a GRPO step keeps on the host, and when (`GRPOModule` mixes this in). Needs `hparams`
+    (offload_reference, offload_optimizer), `ref_model`, `model`, `sampler`, `sampling`, `device` and
+    `optimizers()` from the module."""
+
+    _offloads: dict  # "reference", "optimizer": HostOffload, kept across steps (set by the module)
+    _park_failed = False  # auto, and the host could not pin the reference: it stays on the GPU
+
+    def parked_reference(self) -> HostOffload | None:
+        """The reference's host copy when it lives on the host between reference passes (`offload_reference`
+        auto or true, on CUDA, unsharded): the update and the rollout get its room; it comes back in the
+        background while the rollout runs (or after it, when the rollout needs the room). None otherwise."""
+        h = self.hparams
+        if self.ref_model is None or h.offload_reference is False or self._park_failed:
+            return None
+        tensors = list(self.ref_model.parameters())
+        if unsupported(tensors) is not None:
+            return None
+        kept = self._offloads.get("reference")
+        if kept is None or not kept.same_tensors(tensors):
+            kept = self._offloads["reference"] = HostOffload(tensors, "the reference")
+        return kept
+
+    def park_reference(self, parked: HostOffload) -> None:
+        """The reference to the host for the update; under `auto`, a host that cannot pin it keeps it here."""
+        try:
+            parked.to_host()
+        except UserError as err:
+            if self.hparams.offload_reference is True:
+                raise
+            self._park_failed = True
+            log.warning("offload_reference: auto keeps the reference on the GPU: %s", err)
+
+    def rollout_offloads(self, batch) -> dict[str, HostOffload]:
+        """What this step's rollout keeps on the host (`offload_reference`, `offload_optimizer`)."""
+        h = self.hparams
+        reference = list(self.ref_model.parameters()) if self.ref_model is not None else []
+        optimizer = []
+        if h.offload_optimizer is not False:
+            try:
+                optimizer = optimizer_state_tensors(self.optimizers())
+            except RuntimeError:  # no trainer attached (a step called by hand): no optimizer state to move
+                pass
+        if not reference and not optimizer:
+            return {}
+        rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
+        tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
+        need = rows * tokens * kv_bytes_per_token(self.model, self.device)
+        # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
+        budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
+        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget,
+                                          getattr(self.sampler, "kv_memory_fraction", 1.0))
+        out = {}
+        for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
+            if move:
+                kept = self._offloads.get(name)
+                if kept is None or not kept.same_tensors(tensors):  # first use, or new state (a resume)
+                    kept = self._offloads[name] = HostOffload(tensors, f"the {name}")
+                out[name] = kept
+        return out
 

@@ -45,7 +45,7 @@ class Policy:
         trust_remote_code: bool = False,
         revision: str | None = None,
         gradient_checkpointing: bool = False,
-        cudnn_attention: bool = False,
+        cudnn_attention: bool | str = "auto",
     ):
         """
         Args:
@@ -65,12 +65,14 @@ class Policy:
                 the trainer's `precision`.
             attn_implementation: passed to transformers (`sdpa`, `eager`, `flash_attention_2`).
             gradient_checkpointing: recompute activations in backward to save memory.
-            cudnn_attention: let SDPA pick its cuDNN kernel while this policy trains (CUDA only).
-                Off by default: cuDNN builds an execution plan for every new shape, and the update's
-                micro-batches change shape every step under variable lengths; on an H200 that cost
-                3.2 ms of CPU per attention call, 2.8 s of a 12 s GRPO step (long-tailed 256-token
-                completions, 2026-11-30). SDPA then uses flash (causal rows) or memory-efficient
-                (packed rows) kernels, which need no per-shape plan.
+            cudnn_attention: let SDPA pick its cuDNN kernel while this policy trains (CUDA only). cuDNN
+                builds an execution plan for every new shape (3.2 ms of CPU per attention call on an
+                H200: 2.8 s of a 12 s GRPO step with long-tailed 256-token completions, whose packed
+                micro-batches change shape every step), and is otherwise the fastest kernel here (a
+                fixed-length 256-token GRPO step: 5.48 s with it, 6.07 s without, 2026-11-30). `auto`:
+                GRPO's micro-batches use it when their shape recurred from an earlier step
+                (`r1lightning.cudnn_gate`), flash or memory-efficient attention otherwise and in every
+                other pass; true: always; false: never.
         """
         if (name_or_path is None) == (config is None):
             raise UserError("policy: give exactly one of `name_or_path` or `config`")
@@ -87,7 +89,9 @@ class Policy:
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self.gradient_checkpointing = gradient_checkpointing
-        self.cudnn_attention = bool(cudnn_attention)
+        if not (cudnn_attention == "auto" or isinstance(cudnn_attention, bool)):
+            raise UserError(f"{KEY}.cudnn_attention: expected auto, true or false, got {cudnn_attention!r}")
+        self.cudnn_attention = cudnn_attention
 
     def build_tokenizer(self):
         name = self.tokenizer_name or self.name_or_path

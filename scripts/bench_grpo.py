@@ -275,7 +275,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     overrides["offload_reference"] = overrides["offload_optimizer"] = offload
     overrides["grow_micro_batches"] = args.ours_grow_micro_batches
     overrides.update(module_kw or {})
-    policy_kw = {"cudnn_attention": cudnn, **(policy_kw or {})}
+    policy_kw = {**({"cudnn_attention": True} if cudnn else {}), **(policy_kw or {})}  # else the Policy default
     module = GRPOModule(
         Policy(config={"model_type": "olmoe"}, tokenizer=tokdir, **policy_kw), rewards=[Reward("bench_parity")],
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device == "cuda"),
@@ -338,6 +338,9 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "padding": float(m["train/update/padding"]), "micro_batches": float(m["train/update/micro_batches"]),
                         "reference_offloaded": float(m.get("train/offload/reference", 0.0)),
                         "optimizer_offloaded": float(m.get("train/offload/optimizer", 0.0)),
+                        # the update ran with the reference parked on the host (offload_reference auto)
+                        "reference_parked": float(m.get("train/offload/reference_update", 0.0)),
+                        "reference_micro_batches": float(m.get("train/reference/micro_batches", 0.0)),
                         "token_budget": float(m.get("train/update/token_budget", 0.0)),
                         # whether freeing the KV for the update needed a full gc.collect() (a cycle held it)
                         "release_collected": getattr(engine, "last_release_collected", None),
@@ -354,7 +357,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, train_dataloaders=loader)
-    extra = {"engine": type(engine).__name__, "cudnn_attention": policy_kw["cudnn_attention"], "offload_reference": h.offload_reference,
+    extra = {"engine": type(engine).__name__, "cudnn_attention": module.policy.cudnn_attention, "offload_reference": h.offload_reference,
              "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches,
              "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
@@ -603,7 +606,7 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
     timed = rec[warmup:] or rec  # a warm-up step runs at the full length
     med = {k: statistics.median(s[k] for s in timed) for k in ("step_s", "rollout_s", "reference_s", "update_s")}
     med.update({k: statistics.median(s[k] for s in timed) for k in ("rollout_decode_s", "rollout_prefill_s", "rollout_capture_s",
-                                                                   "micro_batches", "token_budget")
+                                                                   "micro_batches", "reference_micro_batches", "token_budget")
                 if all(isinstance(s.get(k), (int, float)) for s in timed)})
     tokens = [s.get("completion_tokens") for s in timed]
     tok_s = [t / s["step_s"] for t, s in zip(tokens, timed) if t is not None]
@@ -619,7 +622,8 @@ def summarize(length, dist, rec, warmup, setting, extra) -> dict:
             "padding": statistics.mean(pads) if pads else None, "warmup_step_s": rec[0]["step_s"] if warmup else None,
             "peak_GiB": max(s["peak_GiB"] for s in timed), "settings": setting, **extra,
             # ours: timed steps that sampled with the reference on the host (offload_reference: auto)
-            **{k: sum(s[k] for s in timed) for k in ("reference_offloaded", "optimizer_offloaded") if all(k in s for s in timed)},
+            **{k: sum(s[k] for s in timed) for k in ("reference_offloaded", "optimizer_offloaded", "reference_parked")
+               if all(k in s for s in timed)},
             **{f"{phase}_GiB": max(s[f"{phase}_GiB"] for s in timed)  # ours: the peak of each phase
                for phase in ("rollout", "reference", "update") if all(f"{phase}_GiB" in s for s in timed)}}
 
@@ -729,7 +733,7 @@ def head_bench(args) -> dict:
     return out
 
 
-# `_cudnn`: ours with SDPA's cuDNN kernel allowed (Policy.cudnn_attention), to time the default against it;
+# `_cudnn`: ours with SDPA's cuDNN kernel always allowed (Policy.cudnn_attention true; the default is auto);
 # `_no_offload`: ours with offload_reference and offload_optimizer false (both stay on the GPU while sampling)
 FRAMEWORKS = ["ours", "ours_megablocks", "ours_liger", "ours_megablocks_liger", "ours_megablocks_cudnn",
               "ours_megablocks_no_offload", "trl", "trl_megablocks"]

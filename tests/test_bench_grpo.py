@@ -26,7 +26,7 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     # prompt + completion tokens per second counts the 16-token prompts too
     assert fixed["total_tok_s"] == pytest.approx(fixed["completion_tok_s"] * (32 + 16) / 32, rel=0.05)
     assert tailed["completion_tokens"] == pytest.approx(fixed["completion_tokens"], rel=0.15)
-    assert fixed["cudnn_attention"] is False  # the default; `ours_megablocks_cudnn` allows it
+    assert fixed["cudnn_attention"] == "auto"  # the default; `ours_megablocks_cudnn` sets true
     # the default, which on a CPU never offloads; `ours_megablocks_no_offload` sets false
     assert fixed["offload_reference"] == fixed["offload_optimizer"] == "auto"
     assert fixed["reference_offloaded"] == tailed["reference_offloaded"] == fixed["optimizer_offloaded"] == 0
@@ -92,8 +92,8 @@ def test_variants_time_settings_side_by_side(tmp_path):
                            "--workdir", str(tmp_path / "work")])
     base, small = out["results"]["ours_megablocks:base"], out["results"]["ours_megablocks:small"]
     assert base["variant"] == {} and small["variant"] == {"micro_batch_tokens": 40, "engine.admit_batch": 3}
-    assert base["points"][0]["micro_batch_tokens"] == 8192 and small["points"][0]["micro_batch_tokens"] == 40
-    # 16 sequences of 16 + 16 tokens: one micro-batch under 8,192 tokens, one sequence each under 40
+    assert base["points"][0]["micro_batch_tokens"] == 32768 and small["points"][0]["micro_batch_tokens"] == 40
+    # 16 sequences of 16 + 16 tokens: one micro-batch under 32,768 tokens, one sequence each under 40
     assert base["points"][0]["micro_batches"] == 1 and small["points"][0]["micro_batches"] == 16
     with pytest.raises(SystemExit, match="expected NAME:key=value"):
         bench_grpo.parse_variant("small:micro_batch_tokens")

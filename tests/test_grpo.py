@@ -411,3 +411,51 @@ def test_reference_pass_runs_larger_micro_batches_and_gives_the_same_update(tiny
     assert g_big.keys() == g_same.keys() and g_big
     for name in g_big:
         torch.testing.assert_close(g_big[name], g_same[name], rtol=1e-5, atol=1e-7)
+
+
+def test_cudnn_attention_auto_follows_shapes_that_recur_across_steps(tiny_moe_config, monkeypatch):
+    """Policy.cudnn_attention auto: a micro-batch may use cuDNN attention (forward and the backward that
+    recomputes it) only when its input shape ran in an earlier step; within a step every pass over a shape
+    gets the same answer; a shape unseen for more than the window is forgotten."""
+    from r1lightning.cudnn_gate import RecurringShapes
+
+    gate = RecurringShapes(window=2)
+    gate.next_step()
+    assert [gate.allow((4, 10)), gate.allow((4, 10))] == [False, False]  # new this step: no plan built yet
+    gate.next_step()
+    assert [gate.allow((4, 10)), gate.allow((2, 7)), gate.allow((4, 10))] == [True, False, True]
+    gate.next_step()
+    gate.next_step()
+    gate.next_step()  # (4, 10) last ran three steps ago
+    assert not gate.allow((4, 10))
+
+    module = tiny_module(tiny_moe_config, micro_batch_size=None, micro_batch_tokens=160, router_aux_loss_coef=0.0)
+    assert module.policy.cudnn_attention == "auto"
+    rollout = _ragged_rollout()
+    monkeypatch.setattr(module, "generate", lambda *a, sampler=None, rollout=rollout: rollout)
+    record_gradients(module)
+    flags = []
+    forward = module.forward_logprobs
+    monkeypatch.setattr(module, "forward_logprobs", lambda *a, **k: flags.append(("f", torch.backends.cuda.cudnn_sdp_enabled()))
+                        or forward(*a, **k))
+    backward = module.manual_backward
+    monkeypatch.setattr(module, "manual_backward", lambda loss: flags.append(("b", torch.backends.cuda.cudnn_sdp_enabled()))
+                        or backward(loss))
+    monkeypatch.setattr(module, "log_step", lambda *a: None)
+    batch = {"prompt_ids": rollout.prompt_ids[::4], "prompt_mask": rollout.prompt_mask[::4], "columns": {"answer": ["1", "2"]}}
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        steps = []
+        for i in range(2):
+            flags.clear()
+            module.training_step(batch, i)
+            steps.append(list(flags))
+            assert torch.backends.cuda.cudnn_sdp_enabled() is False  # restored after each micro-batch
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    # one reference forward (its 4x budget) and two update micro-batches, each a forward and a backward
+    assert [k for k, _ in steps[0]] == ["f", "f", "b", "f", "b"]
+    assert all(not on for _, on in steps[0])  # step 1: every shape is new
+    # step 2: the same rollout, the same shapes: cuDNN for each pass
+    assert all(on for _, on in steps[1])
