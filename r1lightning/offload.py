@@ -242,8 +242,11 @@ class StepOffloads:
         need = rows * tokens * kv_bytes_per_token(self.model, self.device)
         # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
         budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
-        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget,
-                                          getattr(self.sampler, "kv_memory_fraction", 1.0))
+        fraction = getattr(self.sampler, "kv_memory_fraction", 1.0)
+        parked = self._offloads.get("reference")
+        if budget is not None and parked is not None and parked.on_host:  # it counts as here: it comes back otherwise
+            budget -= fraction * nbytes(parked.tensors)
+        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget, fraction)
         out = {}
         for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
             if move:

@@ -201,3 +201,29 @@ def test_a_host_that_cannot_pin_the_reference_keeps_it_on_the_gpu_under_auto(tin
     module = _module(tiny_moe_config, offload_reference=True)
     with pytest.raises(UserError, match="cannot hold the reference in host memory"):
         _steps(module, monkeypatch, [])
+
+
+def test_a_parked_reference_counts_against_the_rollouts_budget(tiny_moe_config, monkeypatch):
+    """The paged engine's budget is measured from free memory; with the reference parked on the host that free
+    memory includes its bytes, which come back for sampling unless the plan keeps it away: so the plan takes
+    them off the budget, and decides as it would with the reference on the device."""
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    module = _module(tiny_moe_config)
+    batch = {"prompt_ids": torch.zeros(2, 5, dtype=torch.long)}
+    need = 2 * 4 * (5 + 12) * kv_bytes_per_token(module.model, module.device)  # B x G rows of P + C tokens
+    ref_bytes = offload.nbytes(list(module.ref_model.parameters()))
+
+    class Budget:
+        kv_memory_fraction = 0.5
+        free = need
+
+        def memory_budget(self, device):
+            return self.free
+
+    module.sampler = Budget()
+    assert module.rollout_offloads(batch) == {}  # the KV fits with the reference on the device
+    module.parked_reference().to_host()
+    Budget.free = need + 0.5 * ref_bytes  # the engine would see the reference's bytes free
+    assert module.rollout_offloads(batch) == {}
+    Budget.free = need + 0.5 * ref_bytes - 1
+    assert list(module.rollout_offloads(batch)) == ["reference"]
