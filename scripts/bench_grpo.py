@@ -392,7 +392,8 @@ def run_trl(args, device, tok, tokdir, megablocks: bool, name: str, save):
     for length in args.lengths:
         for dist in args.trl_length_dist or args.length_dist:
             predicted = None if last is None else last[1] * length / last[0]
-            bound = args.trl_bound_tokens if args.trl_bound_tokens and length > args.trl_bound_tokens and dist == "fixed" else None
+            bound = args.trl_bound_tokens if args.trl_bound_tokens and length > args.trl_bound_tokens and dist == "fixed" \
+                and (not args.trl_bound_for or name in args.trl_bound_for) else None
             if failed:
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
             elif bound is None and predicted is not None and predicted > args.max_step_s:
@@ -791,6 +792,8 @@ def main(argv=None):
     ap.add_argument("--trl-bound-tokens", type=int, default=None, metavar="N",
                     help="TRL: fixed-length points longer than N run N tokens and report lower bounds at their length "
                          "(rollout from the measured per-step rate, peak memory from the KV still to come)")
+    ap.add_argument("--trl-bound-for", nargs="+", default=None, choices=["trl", "trl_megablocks"],
+                    help="TRL: the frameworks --trl-bound-tokens applies to (default: both)")
     ap.add_argument("--head-tokens", type=int, nargs="*", default=[],
                     help="first time the LM head alone (chunked / liger / full logits) at these token counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
