@@ -160,7 +160,8 @@ class HostOffload:
 
 
 def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], optimizer: list[Tensor],
-                 kv_need: int, kv_budget: float | None, fraction: float = 1.0) -> tuple[bool, bool]:
+                 kv_need: int, kv_budget: float | None, fraction: float = 1.0,
+                 reference_parked: bool = False) -> tuple[bool, bool]:
     """(offload the reference, offload the optimizer state) for one rollout.
 
     `kv_need`: the step's KV at full length. `kv_budget`: what the sampler's KV could have with both on
@@ -168,12 +169,13 @@ def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], 
     bytes freed being added to it. `auto` moves the reference when the KV does not fit the budget (or,
     without a budget, is at least the reference's size), then the optimizer state when it still does
     not fit (never without a budget). True / false: always / never; true on something that cannot move
-    is an error naming the key."""
+    is an error naming the key. `reference_parked`: the reference waits on the host now (moved from CUDA
+    before), so it can move whatever device its tensors report."""
 
-    def decide(setting, tensors, key, what, fits_without):
+    def decide(setting, tensors, key, what, fits_without, parked=False):
         if setting is False or not tensors:
             return False
-        reason = unsupported(tensors, what)
+        reason = None if parked else unsupported(tensors, what)  # parked: it moved before, from CUDA
         if setting is True:
             if reason:
                 raise UserError(f"model.init_args.{key}: true, but {what} cannot be offloaded: {reason}")
@@ -182,7 +184,7 @@ def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], 
 
     ref_bytes = nbytes(reference) if reference else 0
     fits = kv_need < ref_bytes if kv_budget is None else kv_need <= kv_budget
-    move_ref = decide(reference_setting, reference, "offload_reference", "the reference", fits)
+    move_ref = decide(reference_setting, reference, "offload_reference", "the reference", fits, reference_parked)
     if kv_budget is not None:
         fits_after = kv_need <= kv_budget + fraction * (ref_bytes if move_ref else 0)
     else:
@@ -208,9 +210,11 @@ class StepOffloads:
         if self.ref_model is None or h.offload_reference is False or self._park_failed:
             return None
         tensors = list(self.ref_model.parameters())
+        kept = self._offloads.get("reference")
+        if kept is not None and kept.same_tensors(tensors) and kept.on_host:
+            return kept  # parked: on the host now, which `unsupported` would refuse
         if unsupported(tensors) is not None:
             return None
-        kept = self._offloads.get("reference")
         if kept is None or not kept.same_tensors(tensors):
             kept = self._offloads["reference"] = HostOffload(tensors, "the reference")
         return kept
@@ -246,7 +250,8 @@ class StepOffloads:
         parked = self._offloads.get("reference")
         if budget is not None and parked is not None and parked.on_host:  # it counts as here: it comes back otherwise
             budget -= fraction * nbytes(parked.tensors)
-        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget, fraction)
+        move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget, fraction,
+                                          reference_parked=parked is not None and parked.on_host and parked.same_tensors(reference))
         out = {}
         for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
             if move:

@@ -15,6 +15,21 @@ from r1lightning.rewards import Reward
 from r1lightning.rollout.paged import kv_bytes_per_token
 
 
+def as_if_on_a_gpu(monkeypatch):
+    """`unsupported` as on a GPU: device tensors can move, tensors living in an offload's host buffer cannot
+    (the real rule refuses them as "on cpu"), whatever the CPU test's tensors report as their device."""
+    buffers = set()
+    allocate = offload.HostOffload._allocate_host
+
+    def allocate_and_remember(self):
+        allocate(self)
+        buffers.update(h.untyped_storage().data_ptr() for h in self.host)
+
+    monkeypatch.setattr(offload.HostOffload, "_allocate_host", allocate_and_remember)
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": "on cpu, not CUDA"
+                        if any(t.untyped_storage().data_ptr() in buffers for t in tensors) else None)
+
+
 def _module(tiny_moe_config, **kwargs):
     torch.manual_seed(0)
     module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")],
@@ -156,7 +171,7 @@ def test_steps_with_the_reference_and_optimizer_offloaded_equal_steps_without(ti
     """false: nothing moves. auto (a sampler without a budget, a KV smaller than the reference): the reference
     is parked on the host for each update and is back on the device for sampling. true: it stays on the host
     through sampling too, and the optimizer state joins it there while sampling. The steps are the same."""
-    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    as_if_on_a_gpu(monkeypatch)
     out = {}
     for setting in (False, "auto", True):
         seen = []
@@ -207,7 +222,7 @@ def test_a_parked_reference_counts_against_the_rollouts_budget(tiny_moe_config, 
     """The paged engine's budget is measured from free memory; with the reference parked on the host that free
     memory includes its bytes, which come back for sampling unless the plan keeps it away: so the plan takes
     them off the budget, and decides as it would with the reference on the device."""
-    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    as_if_on_a_gpu(monkeypatch)
     module = _module(tiny_moe_config)
     batch = {"prompt_ids": torch.zeros(2, 5, dtype=torch.long)}
     need = 2 * 4 * (5 + 12) * kv_bytes_per_token(module.model, module.device)  # B x G rows of P + C tokens
@@ -227,3 +242,41 @@ def test_a_parked_reference_counts_against_the_rollouts_budget(tiny_moe_config, 
     assert module.rollout_offloads(batch) == {}
     Budget.free = need + 0.5 * ref_bytes - 1
     assert list(module.rollout_offloads(batch)) == ["reference"]
+
+
+def test_auto_parks_the_reference_then_keeps_it_away_for_a_long_rollout_and_back_for_its_pass(tiny_moe_config, monkeypatch):
+    """The order of the 8,192-token benchmark: a short first step (the KV fits: the reference comes back for
+    sampling, is parked after its pass), then long steps (the KV does not fit: it stays on the host through
+    sampling and comes back for its pass). The reference pass always finds it on the device; the steps equal
+    steps without offloading."""
+    as_if_on_a_gpu(monkeypatch)
+    runs = {}
+    for setting in (False, "auto"):
+        module = _module(tiny_moe_config, offload_reference=setting, offload_optimizer=False)
+
+        class Budget:  # the first step's KV fits, the later ones' do not
+            kv_memory_fraction = 1.0
+            calls = 0
+
+            def memory_budget(self, device):
+                Budget.calls += 1
+                return float("inf") if Budget.calls == 1 else 0.0
+
+        module.sampler = Budget()
+        at_pass = []
+        frozen = module.frozen_logprobs
+
+        def record(rollout, model, micro=None):
+            if model is module.ref_model and "reference" in module._offloads:
+                at_pass.append(module._offloads["reference"].on_host)
+            return frozen(rollout, model, micro)
+
+        monkeypatch.setattr(module, "frozen_logprobs", record)
+        seen = []
+        runs[setting] = _steps(module, monkeypatch, seen)
+        if setting == "auto":
+            assert seen == [{"reference": False}, {"reference": True}, {"reference": True}]
+            assert at_pass == [False, False, False]
+            assert [s["offload/reference"] for s in runs[setting][0]] == [0.0, 1.0, 1.0]
+    (s0, w0), (s1, w1) = runs[False], runs["auto"]
+    assert [a["kl"] for a in s0] == [b["kl"] for b in s1] and all(torch.equal(w1[n], w0[n]) for n in w0)
