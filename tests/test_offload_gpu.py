@@ -17,10 +17,9 @@ def _freed_by(moved) -> int:
     return allocated - torch.cuda.memory_allocated()
 
 
-def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_exactly(tiny_moe_config):
+def _reference(tiny_moe_config):
+    """A bf16 MoE reference on the GPU, a batch of ids, and its logits on them."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from r1lightning.optim import MasterWeightAdamW
 
     cfg = dict(tiny_moe_config, hidden_size=256, moe_intermediate_size=256, intermediate_size=512, vocab_size=4096)
     model_type = cfg.pop("model_type")
@@ -29,6 +28,13 @@ def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_e
     ids = torch.randint(0, 4096, (2, 64), device="cuda")
     with torch.no_grad():
         before = ref(input_ids=ids).logits
+    return ref, ids, before
+
+
+def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_exactly(tiny_moe_config):
+    from r1lightning.optim import MasterWeightAdamW
+
+    ref, ids, before = _reference(tiny_moe_config)
     params = list(ref.parameters())
     assert offload.unsupported(params) is None
     moved = offload.HostOffload.of_module(ref)
@@ -57,15 +63,7 @@ def test_offload_frees_the_reference_and_the_optimizer_state_and_restores_them_e
 def test_background_copy_back_runs_beside_other_work_and_gives_the_same_values(tiny_moe_config):
     """`to_device(background=True)` copies on a side stream while the current stream works; after `wait()` the
     reference computes exactly what it did, and parking it again frees its device memory without a copy."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(tiny_moe_config, hidden_size=256, moe_intermediate_size=256, intermediate_size=512, vocab_size=4096)
-    model_type = cfg.pop("model_type")
-    torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.bfloat16).cuda().eval()
-    ids = torch.randint(0, 4096, (2, 64), device="cuda")
-    with torch.no_grad():
-        before = ref(input_ids=ids).logits
+    ref, ids, before = _reference(tiny_moe_config)
     moved = offload.HostOffload.of_module(ref)
     moved.to_host()
     copied = moved.copied_bytes
