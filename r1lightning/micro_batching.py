@@ -3,7 +3,9 @@
 `GRPOModule` mixes this in. Sequences with a loss are bucketed by length under a token budget
 (`micro_batch_tokens`, or a grown one with `grow_micro_batches`) and packed into rows
 (`r1lightning.logprobs`); each micro-batch's model input is laid out once per step (`LayoutCache`) and
-reused by the old-policy, reference and update passes, which therefore see identical inputs.
+reused by the old-policy and update passes, which therefore see identical inputs. The reference pass,
+without autograd, runs larger micro-batches of its own (`reference_micro_batch_tokens`), laid out in the
+same cache. `attention_for` picks the SDPA kernels of one micro-batch (`r1lightning.cudnn_gate`).
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
-"""The frozen reference's weights and the optimizer's state in pinned host memory while the policy samples.
+"""The frozen reference's weights and the optimizer's state in pinned host memory when they are not needed.
 
-A GRPO step holds on the GPU, while it samples: the policy, the frozen reference (a second copy of the
-weights, used only after sampling, for the KL term), the optimizer's state (AdamW's two moments, with
-`MasterWeightAdamW` also fp32 master weights; used only in the update) and the KV cache. For long
-completions the KV is the largest: 16 prompts x G 8 x 4,224 tokens of the OLMoE-1B-7B shape is 66 GiB,
-next to 12.9 GiB of bf16 reference weights and 25.8 GiB of bf16 moments (51.6 GiB in fp32). Moving
-them to the host for the rollout gives the KV pool their room: the peak drops where the pool sets it,
-and a pool capped by free memory (8k+ tokens) holds more sequences before it must preempt.
+A GRPO step holds on the GPU: the policy, the frozen reference (a second copy of the weights, used only in
+the reference pass, for the KL term), the optimizer's state (AdamW's two moments, with `MasterWeightAdamW`
+also fp32 master weights; used only in the update), and while it samples the KV cache, in the update the
+gradients and activations. For the OLMoE-1B-7B shape the reference is 12.9 GiB of bf16 weights and the
+moments 25.8 GiB (51.6 GiB in fp32); 16 prompts x G 8 x 4,224 tokens of KV are 66 GiB.
+
+`StepOffloads` (mixed into `GRPOModule`) parks the reference on the host after each reference pass, so the
+update's micro-batches get its room, and copies it back on a side stream while the policy samples
+(`HostOffload.to_device(background=True)`). When the step's KV at full length would not fit the sampler's
+budget with it on the device (`PagedSampler`: `kv_memory_fraction` of the free memory), it stays on the
+host through sampling and comes back after; the optimizer state then joins it there if the KV still does
+not fit. A pool capped by free memory (8k+ tokens) then holds more sequences before it must preempt.
 
 Cost: a tensor's host copy stays valid until something writes it (its version counter tells), so the
-frozen reference goes back to the host without a copy until a `ReferenceModelRefresh`; the optimizer
-state changes every step and is copied both ways. Each step that offloads pays the host-to-device copy
-of what it moved (12.9 GiB of reference at ~50 GB/s: ~0.3 s on an H200; not yet timed), which is why
-`auto` moves the reference only when the step's KV at full length would not fit the sampler's budget
-with it on the device (`PagedSampler`: `kv_memory_fraction` of the free memory), and the optimizer state
-only when the KV still does not fit without the reference.
-"""
+frozen reference is parked without a copy until a `ReferenceModelRefresh`; the optimizer state changes
+every step and is copied both ways each step it moves. What comes back is a host-to-device copy (12.9 GiB of
+reference at ~50 GB/s: ~0.3 s on an H200), beside the rollout or, when the rollout needed the room, after it.
+""""""
 
 from __future__ import annotations
 
