@@ -17,7 +17,7 @@ Cost: a tensor's host copy stays valid until something writes it (its version co
 frozen reference is parked without a copy until a `ReferenceModelRefresh`; the optimizer state changes
 every step and is copied both ways each step it moves. What comes back is a host-to-device copy (12.9 GiB of
 reference at ~50 GB/s: ~0.3 s on an H200), beside the rollout or, when the rollout needed the room, after it.
-""""""
+"""
 
 from __future__ import annotations
 
