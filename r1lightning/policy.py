@@ -69,7 +69,8 @@ class Policy:
                 builds an execution plan for every new shape (3.2 ms of CPU per attention call on an
                 H200: 2.8 s of a 12 s GRPO step with long-tailed 256-token completions, whose packed
                 micro-batches change shape every step), and is otherwise the fastest kernel here (a
-                fixed-length 256-token GRPO step: 5.48 s with it, 6.07 s without, 2026-11-30). `auto`:
+                fixed-length 256-token GRPO step with 8,192-token micro-batches: 5.48 s with it, 6.07 s
+                without; at 32,768-token micro-batches no gain was visible; 2026-11-30). `auto`:
                 GRPO's micro-batches use it when their shape recurred from an earlier step
                 (`r1lightning.cudnn_gate`), flash or memory-efficient attention otherwise and in every
                 other pass; true: always; false: never.
