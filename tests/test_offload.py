@@ -280,3 +280,26 @@ def test_auto_parks_the_reference_then_keeps_it_away_for_a_long_rollout_and_back
             assert [s["offload/reference"] for s in runs[setting][0]] == [0.0, 1.0, 1.0]
     (s0, w0), (s1, w1) = runs[False], runs["auto"]
     assert [a["kl"] for a in s0] == [b["kl"] for b in s1] and all(torch.equal(w1[n], w0[n]) for n in w0)
+
+
+def test_a_refresh_while_the_reference_is_parked_reaches_the_device(tiny_moe_config, monkeypatch):
+    """ReferenceModelRefresh runs after a step's update, when the reference waits on the host: the refresh writes
+    the host copy in place, the next copy back brings the refreshed weights, and parking again needs no copy."""
+    from callbacks.reference import refresh_reference
+
+    as_if_on_a_gpu(monkeypatch)
+    module = _module(tiny_moe_config)
+    parked = module.parked_reference()
+    parked.to_host()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.mul_(0.5)
+    refresh_reference(module.model, module.ref_model)
+    parked.to_device(background=True)
+    parked.wait()
+    policy = dict(module.model.named_parameters())
+    assert all(torch.equal(p, policy[n]) for n, p in module.ref_model.named_parameters())
+    copied = parked.copied_bytes
+    parked.to_host()  # the refresh wrote the host copy itself: it is current, parked again without a copy
+    assert parked.copied_bytes == copied
+    assert all(torch.equal(h, policy[n]) for (n, _), h in zip(module.ref_model.named_parameters(), parked.host))
