@@ -23,8 +23,9 @@ in transformers' `generate`), in ours through the sampler's `forced_lengths` hoo
 (else the completions are cut after sampling and the rollout runs to the full length; the JSON says
 which). Draws depend only on (length, step), so every framework sees the same lengths.
 
-Each (framework, length, distribution) point: one warm-up step at the full fixed length (graphs,
-allocator, optimizer state), then `--reps` timed steps; reported are the median s/step and its
+Each (framework, length, distribution) point: one untimed warm-up step (the first point of a length at
+the full fixed length: graphs, allocator; every point, as each builds a new GRPO module: optimizer state,
+the parked reference's pinned host buffer), then `--reps` timed steps; reported are the median s/step and its
 spread (min-max), completion tokens/s (tokens actually generated / s), the update's padded-token
 waste and the peak GiB over the timed steps. A TRL point whose step would take longer than
 `--max-step-s` (extrapolated linearly from its previous length) is skipped and reported as such;
@@ -245,8 +246,8 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
                 continue
             try:
-                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if warm else 1, length, dist, liger, name,
-                                         cudnn, offload, module_kw, policy_kw))
+                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if args.no_warmup else 1, length, dist, liger,
+                                         name, cudnn, offload, module_kw, policy_kw, full_length_warmup=not warm))
                 warm = True
             except torch.cuda.OutOfMemoryError as err:
                 failed = True
@@ -261,7 +262,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
 
 
 def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, liger, name, cudnn=False, offload="auto",
-               module_kw=None, policy_kw=None):
+               module_kw=None, policy_kw=None, full_length_warmup=True):
     import lightning as L
 
     args = point_args(args, length, dist)
@@ -270,7 +271,8 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     from r1lightning.policy import Policy
     from r1lightning.rewards import Reward, register_reward
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
-    sampler = ForcedLengths(engine, args, length, warmup) if dist == "lognormal" else engine
+    # the engine warms up at the full length once per length; later points' warm-up steps draw lengths as timed ones do
+    sampler = ForcedLengths(engine, args, length, warmup if full_length_warmup else 0) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     overrides["offload_reference"] = overrides["offload_optimizer"] = offload
     overrides["grow_micro_batches"] = args.ours_grow_micro_batches
@@ -764,8 +766,9 @@ def main(argv=None):
                     help="ours: no warm-up step (the timed steps include first-call compilation and allocation; "
                          "for a point whose two steps exceed a time limit, reported as cold)")
     ap.add_argument("--warmup-prompts", type=int, default=None,
-                    help="ours: prompts in the warm-up step (default --prompts); it still runs every completion to the "
-                         "full length (graphs, kernels, allocator at that length), for points too long to run twice")
+                    help="ours: prompts in each point's warm-up step (default --prompts); a length's first warm-up still runs "
+                         "every completion to the full length (graphs, kernels, allocator at that length), for points too "
+                         "long to run twice")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
     ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")

@@ -97,3 +97,13 @@ def test_variants_time_settings_side_by_side(tmp_path):
     assert base["points"][0]["micro_batches"] == 1 and small["points"][0]["micro_batches"] == 16
     with pytest.raises(SystemExit, match="expected NAME:key=value"):
         bench_grpo.parse_variant("small:micro_batch_tokens")
+
+
+def test_every_point_gets_an_untimed_first_step(tmp_path):
+    """A long-tailed point after the fixed one builds a new module: its first step (optimizer state, the parked
+    reference's host buffer on a GPU) is a warm-up, not a timed step; only the length's first runs at full length."""
+    out = bench_grpo.main(["--frameworks", "ours_megablocks", *TINY, "--prompts", "2", "--lengths", "16", "--reps", "1",
+                           "--length-dist", "fixed", "lognormal", "--workdir", str(tmp_path / "work")])
+    fixed, tailed = out["results"]["ours_megablocks"]["points"]
+    assert fixed["warmup_step_s"] is not None and tailed["warmup_step_s"] is not None
+    assert fixed["reps"] == tailed["reps"] == 1
