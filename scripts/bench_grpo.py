@@ -1,5 +1,5 @@
 """GRPO steps on an OLMoE-1B-7B-shaped policy (random init): this project's `GRPOModule` with the
-static-cache engine, driven by a Lightning Trainer, vs TRL's `GRPOTrainer` (no vLLM) on the same
+paged engine (`--engine static`: the static-cache one), driven by a Lightning Trainer, vs TRL's `GRPOTrainer` (no vLLM) on the same
 model, data and settings. Prints seconds per step split into rollout / reference / policy update.
 
     python3 scripts/bench_grpo.py                                   # ours, 256 tokens, H200 defaults
@@ -13,7 +13,9 @@ Settings (every framework, asserted equal): G = 8 completions per prompt, 16 pro
 temperature 1, top-p 1, mu = 1, beta = 0.04 (k3 KL to a frozen reference), bf16 weights, AdamW
 (lr 1e-6, no weight decay), grad-norm clip 1, one optimizer step per generation batch, gradient
 checkpointing. Ours runs its DEFAULT update configuration (token-budget micro-batches, packing,
-chunked log-probs); `--ours-micro-batch-tokens` overrides it for experiments only.
+chunked log-probs); `--ours-micro-batch-tokens` overrides it for experiments only, and
+`--ours-variants NAME:key=value,...` runs each ours framework once per variant (GRPOModule arguments,
+`engine.*` for the paged engine's, `policy.*` for Policy's), to time settings against each other in one process.
 
 Completion lengths: `fixed` runs every completion to the length (EOS suppressed); `lognormal` draws
 each completion's length from a log-normal (median `--lognormal-median` x length, sigma
@@ -39,6 +41,7 @@ step also records the caching allocator's device allocations, frees and retries.
 bounds at its length from the rates measured in that run (`trl_bounds`); for lengths where TRL's
 warm-up and timed steps at full length exceed a time limit. Sound where a decode step's cost grows
 with the KV (long lengths on a GPU); on a small CPU model the per-step noise is larger than the growth.
+`--trl-bound-for trl` bounds plain TRL only, so TRL + MegaBlocks runs its full length in the same process.
 Prompts are random token ids written as words of a synthetic word-level tokenizer (one token per word),
 and the reward is the fraction of even token ids in the completion (cheap and varied).
 """
