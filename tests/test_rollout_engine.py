@@ -512,18 +512,20 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp
 
 def test_a_grpo_fit_with_everything_offloaded_while_sampling_follows_the_same_trajectory(tmp_path, tiny_moe_config, monkeypatch):
     """Through LightningCLI and Lightning's optimizer wrapper, with dynamic sampling and mu = 2: the reference and
-    AdamW's state on the host for every rollout (forced; on a CPU `auto` never moves them) give the same weights."""
+    AdamW's state on the host for every rollout (true), or the reference parked on the host for every update
+    (auto, as on a GPU: the paged engine's CPU budget is unbounded, so nothing moves for sampling) give the same
+    weights as nothing moved."""
     import json
 
-    from r1lightning import offload
     from r1lightning.cli import R1CLI
     from tests.test_grpo import ROWS, grpo_fit_config
+    from tests.test_offload import as_if_on_a_gpu
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)
+    as_if_on_a_gpu(monkeypatch)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     weights, start = {}, None
-    for setting in (False, True):
+    for setting in (False, "auto", True):
         config = grpo_fit_config(tiny_moe_config, "prompts.jsonl", [{"fn": "tests.trl_style_reward.text_hash_reward", "weight": 1.0}],
                                  sampler=PAGED_FIT_SAMPLER, offload_reference=setting, offload_optimizer=setting)
         (tmp_path / "grpo.yaml").write_text(json.dumps(config))
@@ -532,9 +534,10 @@ def test_a_grpo_fit_with_everything_offloaded_while_sampling_follows_the_same_tr
         cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
         assert cli.trainer.global_step == 4
         metrics = cli.trainer.logged_metrics
-        # steps 2-4 sampled with AdamW's moments (of the steps before) on the host
-        assert float(metrics["train/offload/reference"]) == float(metrics["train/offload/optimizer"]) == float(setting)
+        # true: steps 2-4 sampled with AdamW's moments (of the steps before) on the host
+        assert float(metrics["train/offload/reference"]) == float(metrics["train/offload/optimizer"]) == float(setting is True)
+        assert float(metrics["train/offload/reference_update"]) == float(bool(setting))
         assert len(cli.model.optimizers().optimizer.state) > 0
         weights[setting] = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
-    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
+    assert all(torch.equal(weights[s][n], weights[False][n]) for s in ("auto", True) for n in weights[False])
     assert not all(torch.equal(weights[True][n], start[n]) for n in start)  # and they did train
