@@ -192,7 +192,6 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
         self.sampler = sampler or self.val_sampler
         self.ref_model = None
         self._offloads: dict[str, HostOffload] = {}  # "reference", "optimizer": host copies kept across steps
-        self._park_failed = False  # auto, and the host could not pin the reference: it stays on the GPU
 
     def default_callbacks(self) -> list:
         from r1lightning.callbacks import NoLearningSignal

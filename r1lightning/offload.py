@@ -31,6 +31,7 @@ from r1lightning.rollout.paged import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
+
 def parse_setting(value, key: str = "offload_reference") -> str | bool:
     """`auto`, true or false (YAML), with a one-line error naming the key."""
     if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
@@ -195,7 +196,6 @@ def plan_offload(reference_setting, optimizer_setting, reference: list[Tensor], 
     return move_ref, move_opt
 
 
-
 class StepOffloads:
     """What a GRPO step keeps on the host, and when (`GRPOModule` mixes this in). Needs `hparams`
     (offload_reference, offload_optimizer), `ref_model`, `model`, `sampler`, `sampling`, `device` and
@@ -203,6 +203,18 @@ class StepOffloads:
 
     _offloads: dict  # "reference", "optimizer": HostOffload, kept across steps (set by the module)
     _park_failed = False  # auto, and the host could not pin the reference: it stays on the GPU
+
+    def _offload_of(self, name: str, tensors: list[Tensor]) -> HostOffload:
+        """The kept `HostOffload` of `name` ("reference", "optimizer"), new on first use or for new tensors (a resume)."""
+        kept = self._offloads.get(name)
+        if kept is None or not kept.same_tensors(tensors):
+            kept = self._offloads[name] = HostOffload(tensors, f"the {name}")
+        return kept
+
+    def _reference_parked(self, tensors: list[Tensor]) -> bool:
+        """The reference waits on the host now (moved from CUDA before; `unsupported` would refuse it as a host tensor)."""
+        kept = self._offloads.get("reference")
+        return kept is not None and kept.on_host and kept.same_tensors(tensors)
 
     def parked_reference(self) -> HostOffload | None:
         """The reference's host copy when it lives on the host between reference passes (`offload_reference`
@@ -212,14 +224,9 @@ class StepOffloads:
         if self.ref_model is None or h.offload_reference is False or self._park_failed:
             return None
         tensors = list(self.ref_model.parameters())
-        kept = self._offloads.get("reference")
-        if kept is not None and kept.same_tensors(tensors) and kept.on_host:
-            return kept  # parked: on the host now, which `unsupported` would refuse
-        if unsupported(tensors) is not None:
+        if not self._reference_parked(tensors) and unsupported(tensors) is not None:
             return None
-        if kept is None or not kept.same_tensors(tensors):
-            kept = self._offloads["reference"] = HostOffload(tensors, "the reference")
-        return kept
+        return self._offload_of("reference", tensors)
 
     def park_reference(self, parked: HostOffload) -> None:
         """The reference to the host for the update; under `auto`, a host that cannot pin it keeps it here."""
@@ -249,17 +256,10 @@ class StepOffloads:
         # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
         budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
         fraction = getattr(self.sampler, "kv_memory_fraction", 1.0)
-        parked = self._offloads.get("reference")
-        if budget is not None and parked is not None and parked.on_host:  # it counts as here: it comes back otherwise
-            budget -= fraction * nbytes(parked.tensors)
+        parked = bool(reference) and self._reference_parked(reference)
+        if budget is not None and parked:  # its bytes count as here: it comes back unless the plan keeps it away
+            budget -= fraction * nbytes(reference)
         move_ref, move_opt = plan_offload(h.offload_reference, h.offload_optimizer, reference, optimizer, need, budget, fraction,
-                                          reference_parked=parked is not None and parked.on_host and parked.same_tensors(reference))
-        out = {}
-        for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)):
-            if move:
-                kept = self._offloads.get(name)
-                if kept is None or not kept.same_tensors(tensors):  # first use, or new state (a resume)
-                    kept = self._offloads[name] = HostOffload(tensors, f"the {name}")
-                out[name] = kept
-        return out
-
+                                          reference_parked=parked)
+        return {name: self._offload_of(name, tensors)
+                for name, move, tensors in (("reference", move_ref, reference), ("optimizer", move_opt, optimizer)) if move}
