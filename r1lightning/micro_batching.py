@@ -15,7 +15,9 @@ import contextlib
 import torch
 
 from r1lightning.cudnn_gate import RecurringShapes, cudnn_attention
-from r1lightning.logprobs import LayoutCache, grown_token_budget, pack_rows, pack_sequences, padded_layout, plan_micro_batches
+from r1lightning.logprobs import (
+    LayoutCache, grown_token_budget, pack_rows, pack_sequences, padded_layout, plan_micro_batches, sequence_lengths,
+)
 from r1lightning.rollout import Rollout
 
 
@@ -50,29 +52,34 @@ class MicroBatching:
         budget = token_budget or h.micro_batch_tokens
         n = rollout.completion_ids.shape[0]
         if h.packing:
-            active = range(n) if mask is None else mask.sum(-1).nonzero().squeeze(-1).tolist()
-            active = list(active)
-            lengths = (rollout.prompt_mask[active].sum(-1) + rollout.completion_mask[active].sum(-1)).tolist()
-            micro = [[active[k] for k in mb] for mb in plan_micro_batches(lengths, budget, h.micro_batch_size)]
+            active = list(range(n)) if mask is None else mask.sum(-1).nonzero().squeeze(-1).tolist()
+            lengths = self.row_lengths(rollout)
+            micro = [[active[k] for k in mb] for mb in plan_micro_batches([lengths[i] for i in active], budget, h.micro_batch_size)]
         else:
             width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
             size = h.micro_batch_size or max(1, budget // width)
             micro = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
         return micro + [[] for _ in range(self._max_across_ranks(len(micro)) - len(micro))]
 
-    def input_tokens(self, rollout: Rollout, micro: list[list[int]]) -> list[int]:
+    @staticmethod
+    def row_lengths(rollout: Rollout) -> list[int]:
+        """Prompt + completion tokens of each row, without padding, as a host list."""
+        prompt, completion = sequence_lengths(rollout.prompt_mask, rollout.completion_mask)
+        return (prompt + completion).tolist()
+
+    def input_tokens(self, rollout: Rollout, micro: list[list[int]], lengths: list[int] | None = None) -> list[int]:
         """Each micro-batch's model input in tokens, padding included (what its activations scale with)."""
-        lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
         if self.hparams.packing:
+            lengths = self.row_lengths(rollout) if lengths is None else lengths
             return [len(pack_rows([lengths[i] for i in rows])) * max(lengths[i] for i in rows) if rows else 0 for rows in micro]
         width = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
         return [len(rows) * width for rows in micro]
 
     def padding_fraction(self, rollout: Rollout, micro: list[list[int]]) -> float:
         """Share of the update's input tokens that are padding (0 when every row is packed full)."""
-        lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
+        lengths = self.row_lengths(rollout)
         real = sum(lengths[i] for rows in micro for i in rows)
-        padded = sum(self.input_tokens(rollout, micro))
+        padded = sum(self.input_tokens(rollout, micro, lengths))
         return 1.0 - real / padded if padded else 0.0
 
     def token_budget(self, rollout_peak_bytes: float | None) -> int:
