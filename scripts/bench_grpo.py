@@ -219,7 +219,9 @@ def split_variant(variant: dict) -> tuple[dict, dict, dict]:
     parts = {"engine": {}, "policy": {}, "module": {}}
     for key, value in variant.items():
         scope, _, rest = key.partition(".")
-        parts[scope if rest and scope in parts else "module"][rest if rest and scope in parts else key] = value
+        if not (rest and scope in ("engine", "policy")):
+            scope, rest = "module", key
+        parts[scope][rest] = value
     return parts["module"], parts["engine"], parts["policy"]
 
 

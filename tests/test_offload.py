@@ -8,10 +8,6 @@ import torch
 
 from r1lightning import offload
 from r1lightning.errors import UserError
-from r1lightning.grpo import GRPOModule
-from r1lightning.options import GRPOLossOptions, SamplingOptions
-from r1lightning.policy import Policy
-from r1lightning.rewards import Reward
 from r1lightning.rollout.paged import kv_bytes_per_token
 
 
@@ -31,12 +27,11 @@ def as_if_on_a_gpu(monkeypatch):
 
 
 def _module(tiny_moe_config, **kwargs):
-    torch.manual_seed(0)
-    module = GRPOModule(Policy(config=tiny_moe_config, tokenizer="char"), rewards=[Reward("accuracy")],
-                        sampling=SamplingOptions(num_samples=4, max_new_tokens=12), loss=GRPOLossOptions(beta=0.04),
-                        router_aux_loss_coef=0.0, log_completions_every=0, **kwargs)
-    module.configure_model()
-    return module
+    """The tests' tiny GRPO module (tests.test_grpo.tiny_module) with 12 new tokens and micro-batches by tokens only."""
+    from tests.test_grpo import tiny_module
+
+    return tiny_module(tiny_moe_config, sampling={"max_new_tokens": 12}, micro_batch_size=None, router_aux_loss_coef=0.0,
+                       log_completions_every=0, **kwargs)
 
 
 def test_the_settings_parse_and_a_bad_value_names_the_key(tiny_moe_config):
