@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """MoE expert backends on one GPU at OLMoE-1B-7B shape: (a) one MoE layer forward+backward,
-(b) whole-model training step (forward, backward, AdamW), (c) peak memory, and a kernel-time profile.
+(b) whole-model training step (forward, backward, AdamW), (c) peak memory, and a kernel-time profile;
+(d) with `--decode-tokens`, the experts of a decode step: grouped_mm against the Triton decode kernels.
 
     python3 scripts/bench_moe.py                 # Markdown tables on stdout
     python3 scripts/bench_moe.py --json out.json # also write the numbers as JSON ('-' = stdout only)
+    python3 scripts/bench_moe.py --only-decode --decode-tokens 16 128 256   # (d) alone
 
 FLOP counts (stated so the TFLOP/s and MFU can be checked):
   layer:  expert GEMMs only = 3 GEMMs (gate, up, down) x 2 x tokens x top_k x H x F x (1 fwd + 2 bwd)
@@ -221,6 +223,66 @@ def bench_model(args, out):
     torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------- (d)
+
+
+def bench_decode(args, out):
+    """The experts of one decode step: `--decode-layers` OLMoE-shaped experts layers (each its own weights,
+    so nothing stays in L2) called back to back inside one CUDA graph, as the engine's decode step does,
+    for T live slots. `grouped_mm` (today's default) against the Triton kernels at each tile setting;
+    bandwidth = the used experts' weight bytes / time (all 64 experts are used from T ~ 64 on)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    from r1lightning.moe import decode_experts as de
+    from r1lightning.moe import decode_kernel as dk
+
+    cfg = olmoe_config(1)
+    H, F, E, K, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, args.decode_layers
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        layers = [OlmoeExperts(cfg).to(torch.bfloat16) for _ in range(L)]
+    with torch.no_grad():
+        for m in layers:
+            for p in m.parameters():
+                p.normal_(0.0, 0.02)
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.decode_configs]
+    rows = []
+    for T in args.decode_tokens:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        route, ids = torch.randn(T, E, device="cuda").softmax(-1).topk(K, dim=-1)
+        used = int(torch.unique(ids).numel())
+        bytes_read = L * used * 3 * H * F * 2
+        variants = [("grouped_mm", None)] + [("triton " + "x".join(map(str, c)), c) for c in configs]
+        want = None
+        for name, c in variants:
+            if c is None:
+                for m in layers:
+                    m._r1l_decode_mode = "grouped_mm"
+                fn = lambda: [de.decode_experts_forward(m, x, ids, route) for m in layers]  # noqa: E731
+            else:
+                fn = lambda c=c: [dk.kernels(x, m.gate_up_proj, m.down_proj, False, ids, route, *c) for m in layers]  # noqa: E731
+            try:
+                got = fn()[-1].float()
+                if want is None:
+                    want = got
+                err = ((got - want).norm() / want.norm()).item()
+                graph = torch.cuda.CUDAGraph()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    fn()
+                med, times = time_cuda(graph.replay, args.warmup, args.iters)
+                rows.append(dict(tokens=T, variant=name, median_ms=med, min_ms=min(times), max_ms=max(times),
+                                 used_experts=used, gb_per_s=bytes_read / (med / 1e3) / 1e9, rel_err_vs_grouped_mm=err))
+            except Exception as err:  # a tile setting the compiler or the GPU refuses: report it and go on
+                rows.append(dict(tokens=T, variant=name, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+            print(json.dumps(rows[-1]), flush=True)
+    out["decode"] = dict(shape=dict(layers=L, hidden=H, experts=E, top_k=K, ffn=F, dtype="bfloat16"), rows=rows)
+
+
 # ----------------------------------------------------------------------------------------------- profile
 
 BUCKETS = [  # first match wins; kernel names lower-cased
@@ -282,6 +344,17 @@ def profile_steps(step, n):
 def markdown(out):
     lines = [f"date {out['date']}, {out['device']}, torch {out['torch']}, transformers {out['transformers']}, "
              f"megablocks {out['megablocks']}", ""]
+    if "decode" in out:
+        s = out["decode"]["shape"]
+        lines += [f"(d) decode experts, {s['layers']} layers in one CUDA graph: H {s['hidden']}, {s['experts']} experts, "
+                  f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}", "",
+                  "| slots | variant | median ms (min–max) | used experts | GB/s | rel. err. vs grouped_mm |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in out["decode"]["rows"]:
+            lines.append(f"| {r['tokens']} | {r['variant']} | error: {r['error']} |" if "error" in r else
+                         f"| {r['tokens']} | {r['variant']} | {r['median_ms']:.3f} ({r['min_ms']:.3f}–{r['max_ms']:.3f}) | "
+                         f"{r['used_experts']} | {r['gb_per_s']:.0f} | {r['rel_err_vs_grouped_mm']:.1e} |")
+        lines.append("")
     if "layer" in out:
         la = out["layer"]
         s = la["shape"]
@@ -336,8 +409,17 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile", nargs="*", default=["grouped_mm", "megablocks"], help="backends to profile")
+    ap.add_argument("--decode-tokens", type=int, nargs="*", default=[],
+                    help="(d) decode experts: live slots to time grouped_mm against the Triton kernels at (e.g. 16 128 256)")
+    ap.add_argument("--decode-layers", type=int, default=16, help="(d) experts layers in the captured step")
+    ap.add_argument("--decode-configs", nargs="*", default=["64x128x4x3", "32x128x4x3", "128x128x4x3", "64x64x4x4",
+                                                           "64x256x4x3", "128x64x8x4", "32x256x2x4"],
+                    help="(d) Triton tile settings BLOCK_N x BLOCK_K x warps x stages")
+    ap.add_argument("--only-decode", action="store_true", help="run only section (d)")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH ('-': stdout only)")
     args = ap.parse_args(argv)
+    if args.only_decode:
+        args.layer_backends, args.model_backends = [], []
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py needs a CUDA GPU")
     import transformers
@@ -359,6 +441,8 @@ def main(argv=None):
     torch.cuda.empty_cache()
     if args.model_backends:
         bench_model(args, out)
+    if args.decode_tokens:
+        bench_decode(args, out)
     if args.json != "-":
         print(markdown(out))
     if args.json:

@@ -191,7 +191,7 @@ def test_min_new_tokens_suppresses_eos(tiny_moe_config):
     assert out.truncated.all()
 
 
-@pytest.mark.parametrize("mode", ["grouped_mm", "gather"])
+@pytest.mark.parametrize("mode", ["grouped_mm", "gather", "triton"])
 def test_decode_experts_match_transformers_grouped_mm(mode, tiny_moe_config):
     from transformers.integrations.moe import grouped_mm_experts_forward
 

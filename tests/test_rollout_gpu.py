@@ -166,6 +166,30 @@ def test_paged_attention_kernel_equals_reference_bf16_at_olmoe_shapes():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes():
+    from r1lightning.moe import decode_kernel as dk
+    from tests.test_decode_kernel import case
+
+    for T in (1, 16, 128, 256):
+        x, w_in, w_out, ids, route = (t.cuda() for t in case(T, E=64, K=8, H=2048, F=1024, dtype=torch.bfloat16, seed=T))
+        got = dk.kernels(x, w_in, w_out, False, ids, route).float()
+        want = dk.reference(x, w_in, w_out, False, ids, route).float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_graphs_triton_experts_greedy_matches_generate_fp32():
+    model, tok = on_cuda(OLMOE, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 16)
+    params = SamplingParams(16, 0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    engine = PagedSampler(max_slots=4, block_size=16, decode_experts="triton")
+    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["graphs"] >= 1
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+
+
 def test_paged_graphs_kernel_attention_bf16_as_close_to_fp32_as_the_gather(tiny_moe_config):
     # bf16 rounding differs between the kernel (fp32 accumulation over the pool) and SDPA over a bf16
     # copy, so neither equals the other; both are held against the fp32 model's own log-probs

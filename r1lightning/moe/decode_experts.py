@@ -11,6 +11,9 @@ decode there are only T = batch tokens, and two ways that keep every size on the
   weight matrices (duplicates included) and writes the gathered copy. Measured on the OLMoE-shaped
   model at batch 4 (32 rows): 7.80 ms per decode step against grouped_mm's 5.71 (docs/benchmarks.md),
   so `auto` takes it only where `_grouped_mm` cannot run (fp32 on CUDA, unaligned strides).
+* `triton`: `decode_kernel.py`, a grouped GEMM whose tiles are as small as decode's per-expert row
+  counts, with the SwiGLU and the routing weight fused in. SiLU-gated experts without biases only;
+  opt-in until it is timed against `grouped_mm` on the GPU.
 
 Registered with transformers' experts interface as `r1l_decode`; the rollout engine switches the
 model to it around its decode loop and back (prefill keeps the policy's own implementation).
@@ -18,10 +21,15 @@ model to it around its decode loop and back (prefill keeps the policy's own impl
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from r1lightning.moe import decode_kernel
+from r1lightning.moe.megablocks_experts import is_default_silu_gate
+
 NAME = "r1l_decode"
-MODES = ("auto", "grouped_mm", "gather")
+MODES = ("auto", "grouped_mm", "gather", "triton")
 
 
 def _grouped_mm_fn():
@@ -56,6 +64,18 @@ def choose_mode(module, hidden_states: torch.Tensor) -> str:
     return "grouped_mm"
 
 
+def triton_unsupported(module) -> str | None:
+    """Why the `triton` path cannot run this experts module (None when it can)."""
+    if not getattr(module, "has_gate", True) or not is_default_silu_gate(module):
+        return "its experts are not gate|up SiLU-gated (SwiGLU)"
+    if getattr(module, "has_bias", False) or getattr(module, "has_post_expert_norm", False):
+        return "its experts have biases or a post-expert norm"
+    inner = 1 if getattr(module, "is_transposed", False) else -1  # stored [E, in, out] when transposed
+    if not decode_kernel.supports(module.gate_up_proj.shape[inner], module.down_proj.shape[inner]):
+        return "its hidden or expert FFN size is below 16"
+    return None
+
+
 def _proj(x, w, transposed):
     return x @ w if transposed else x @ w.transpose(-2, -1)
 
@@ -74,13 +94,22 @@ def decode_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     # Flags read with defaults: older transformers releases set fewer of them on experts modules.
     has_gate, has_bias = getattr(self, "has_gate", True), getattr(self, "has_bias", False)
     transposed, post_norm = getattr(self, "is_transposed", False), getattr(self, "has_post_expert_norm", False)
+    mode = choose_mode(self, hidden_states)
+    if mode == "triton":
+        reason = triton_unsupported(self)
+        if reason:
+            raise ValueError(f"decode_experts: triton cannot run {type(self).__name__}: {reason}; use grouped_mm")
+        x = hidden_states.to(self.gate_up_proj.dtype)
+        use_kernel = decode_kernel.kernel_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        out = decode_kernel.moe_decode(x, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights.to(torch.float32),
+                                       transposed, use_kernel)
+        return out.to(hidden_states.dtype)
     w_in = self.gate_up_proj if has_gate else self.up_proj
     b_in = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
     w_out, b_out = self.down_proj, (self.down_proj_bias if has_bias else None)
     x = hidden_states.to(w_in.dtype)
     expert_ids = top_k_index.reshape(-1)
     weights = top_k_weights.reshape(-1, 1)
-    mode = choose_mode(self, hidden_states)
 
     if mode == "gather":
         rows = x.repeat_interleave(K, dim=0).unsqueeze(1)  # [S, 1, H]

@@ -236,14 +236,14 @@ class _FusedSwiGLU:
         return swiglu_backward(h, da, want_a)
 
 
-def _is_default_silu_gate(module) -> bool:
+def is_default_silu_gate(module) -> bool:
     gate = getattr(type(module), "_apply_gate", None)
     default = getattr(gate, "__name__", "") == "_default_apply_gate" and "transformers" in getattr(gate, "__module__", "")
     return default and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
 
 
 def choose_gate(module, fused: bool):
-    return _FusedSwiGLU() if fused and _is_default_silu_gate(module) else _TorchGate(module)
+    return _FusedSwiGLU() if fused and is_default_silu_gate(module) else _TorchGate(module)
 
 
 class GroupedGLU(torch.autograd.Function):

@@ -1,0 +1,210 @@
+"""Expert FFNs at decode in two Triton kernels: a small-M grouped GEMM that reads each expert's weights once.
+
+At decode a step has T tokens (the live slots) and P = T·k (token, expert) pairs: at 128 slots, top-8 of
+64 experts, ~16 pairs an expert. The step must stream every used expert's weights (12.9 GB a step on
+the OLMoE shape, ~2.7 ms at the H200's copy rate); `torch._grouped_mm` tiles are built for thousands of
+rows. Here each program takes one `BLOCK_M`-row block of one expert's pairs (`BLOCK_M` 16, so the
+tiles fit the pairs) and one `BLOCK_N` slice of its outputs, and walks the inner dimension:
+
+1. `gate_up`: a = silu(x Wg^T) * (x Wu^T) for a block of pairs, both halves in one program, the
+   SwiGLU in the epilogue in fp32 (one rounding; the unfused path rounds h, then a).
+2. `down`: y = (a Wd^T) * routing weight, stored per pair; the k pairs of a token are summed after.
+
+Shapes are static and nothing waits on the host (graph-safe): the pairs are sorted by expert on the
+device, each expert's run padded to a multiple of `BLOCK_M` inside a buffer sized for the worst case
+(`max_blocks`); a block past the last expert's run has expert -1 and its programs return at once.
+
+`forward` runs the kernels where Triton imports (CUDA; the CPU tests run them under
+`TRITON_INTERPRET=1`), `reference` is the same arithmetic in PyTorch (fp32 GEMMs through the
+same sorted layout). Both run as one custom op so `torch.compile` treats the kernels as opaque.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_M = 16  # pairs per block: ~16 pairs an expert at 128 slots, top-8 of 64
+
+
+def max_blocks(pairs: int, experts: int, block_m: int = BLOCK_M) -> int:
+    """Blocks the padded layout can need: each expert's run rounded up to block_m adds < block_m rows."""
+    return -(-(pairs + experts * (block_m - 1)) // block_m)
+
+
+def align(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK_M):
+    """expert_ids [P] -> (rows [NB·block_m] int32: the pair index at each padded position, P where
+    padding; block_expert [NB] int32: each block's expert, -1 past the last run). Device-side only."""
+    P = expert_ids.numel()
+    dev = expert_ids.device
+    nb = max_blocks(P, experts, block_m)
+    e = expert_ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(experts, dtype=torch.int64, device=dev).scatter_add_(0, e, torch.ones_like(e))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    order = torch.argsort(e, stable=True)
+    sorted_e = e[order]
+    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    dest = (padded_end - padded)[sorted_e] + rank
+    rows = torch.full((nb * block_m,), P, dtype=torch.int32, device=dev)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(nb, device=dev) * block_m
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert = torch.where(block_expert < experts, block_expert, -1).to(torch.int32)
+    return rows, block_expert
+
+
+def _weight_view(w: torch.Tensor, transposed: bool):
+    """(tensor, stride_e, stride_n, stride_k) reading w as W[e, n, k] with y = x @ W[e]^T."""
+    if transposed:  # stored [E, k, n]
+        return w, w.stride(0), w.stride(2), w.stride(1)
+    return w, w.stride(0), w.stride(1), w.stride(2)
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_up(X, W, ROWS, BLOCK_EXPERT, A, P, K_TOP, H, F,
+                stride_x, stride_we, stride_wn, stride_wk, stride_a,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        b = tl.program_id(0)
+        e = tl.load(BLOCK_EXPERT + b)
+        if e < 0:
+            return
+        pair = tl.load(ROWS + b * BM + tl.arange(0, BM))
+        valid = pair < P
+        token = tl.where(valid, pair, 0) // K_TOP
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = n < F
+        kk = tl.arange(0, BK)
+        w_base = W + e.to(tl.int64) * stride_we
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, H, BK):
+            k = k0 + kk
+            k_ok = k < H
+            x = tl.load(X + token[:, None].to(tl.int64) * stride_x + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(w_base + n[None, :] * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            wu = tl.load(w_base + (n[None, :] + F) * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if IEEE:
+                acc_g += tl.dot(x, wg, input_precision="ieee")
+                acc_u += tl.dot(x, wu, input_precision="ieee")
+            else:
+                acc_g += tl.dot(x, wg)
+                acc_u += tl.dot(x, wu)
+        a = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(A + pair[:, None].to(tl.int64) * stride_a + n[None, :], a.to(A.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def down(A, W, ROWS, BLOCK_EXPERT, ROUTE, Y, P, F, H,
+             stride_a, stride_we, stride_wn, stride_wk, stride_y,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        b = tl.program_id(0)
+        e = tl.load(BLOCK_EXPERT + b)
+        if e < 0:
+            return
+        pair = tl.load(ROWS + b * BM + tl.arange(0, BM))
+        valid = pair < P
+        safe = tl.where(valid, pair, 0).to(tl.int64)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = n < H
+        kk = tl.arange(0, BK)
+        w_base = W + e.to(tl.int64) * stride_we
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, F, BK):
+            k = k0 + kk
+            k_ok = k < F
+            a = tl.load(A + safe[:, None] * stride_a + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + n[None, :] * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        route = tl.load(ROUTE + safe, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * route[:, None]
+        tl.store(Y + safe[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+    return gate_up, down
+
+
+def kernel_available() -> bool:
+    """Triton importable (CUDA wheels ship it; CPU wheels do not)."""
+    from r1lightning.rollout.paged_attention import kernel_available as triton_imports
+
+    return triton_imports()
+
+
+def supports(hidden: int, ffn: int) -> bool:
+    """tl.dot needs inner sizes >= 16; the blocks below are clipped to the dimensions."""
+    return hidden >= 16 and ffn >= 16
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, 1 << (n - 1).bit_length()))
+
+
+# Tile sizes and launch settings (BLOCK_N, BLOCK_K, warps, pipeline stages): untuned defaults until
+# `scripts/bench_moe.py --decode-tokens` has timed its grid on the GPU.
+CONFIG = (64, 128, 4, 3)
+
+
+def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None = None, block_k: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None):
+    """x [T, H]; w_in gate|up [E, 2F, H] ([E, H, 2F] if transposed); w_out [E, H, F] ([E, F, H]);
+    expert_ids [T, K]; route [T, K] -> [T, H] in x's dtype. Unset tile/launch settings come from CONFIG."""
+    block_n, block_k, num_warps, num_stages = (v if v is not None else d for v, d in
+                                               zip((block_n, block_k, num_warps, num_stages), CONFIG))
+    launch = dict(num_warps=num_warps, num_stages=num_stages)
+    T, K = expert_ids.shape
+    H = x.shape[-1]
+    E = w_in.shape[0]
+    F = w_out.shape[-1] if not transposed else w_out.shape[1]
+    P = T * K
+    rows, block_expert = align(expert_ids, E)
+    nb = block_expert.numel()
+    gate_up, down = _kernels()
+    ieee = x.dtype == torch.float32
+    x = x.contiguous()
+    a = torch.empty(P, F, dtype=x.dtype, device=x.device)
+    w, se, sn, sk = _weight_view(w_in, transposed)
+    bn, bk = _block(F, block_n), _block(H, block_k)
+    gate_up[(nb, -(-F // bn))](x, w, rows, block_expert, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0),
+                               BM=BLOCK_M, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+    y = torch.empty(P, H, dtype=x.dtype, device=x.device)
+    w, se, sn, sk = _weight_view(w_out, transposed)
+    bn, bk = _block(H, block_n), _block(F, block_k)
+    down[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, F, H, a.stride(0), se, sn, sk,
+                            y.stride(0), BM=BLOCK_M, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+    return y.view(T, K, H).sum(dim=1)
+
+
+def reference(x, w_in, w_out, transposed, expert_ids, route):
+    """The kernels' arithmetic in PyTorch: per pair, fp32 GEMMs, SwiGLU in fp32, one rounding of a,
+    the routing weight on the fp32 down output, one rounding of y, then the sum over k."""
+    T, K = expert_ids.shape
+    e = expert_ids.reshape(-1)
+    xs = x.repeat_interleave(K, dim=0).float()  # [P, H]
+    w1 = (w_in if transposed else w_in.transpose(-2, -1))[e].float()  # [P, H, 2F]
+    h = torch.bmm(xs.unsqueeze(1), w1).squeeze(1)
+    g, u = h.chunk(2, dim=-1)
+    a = (torch.nn.functional.silu(g) * u).to(x.dtype)
+    w2 = (w_out if transposed else w_out.transpose(-2, -1))[e].float()  # [P, F, H]
+    y = torch.bmm(a.float().unsqueeze(1), w2).squeeze(1) * route.reshape(-1, 1).float()
+    return y.to(x.dtype).view(T, K, -1).sum(dim=1)
+
+
+@torch.library.custom_op("r1lightning::moe_decode", mutates_args=())
+def moe_decode(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, expert_ids: torch.Tensor, route: torch.Tensor,
+               transposed: bool, use_kernel: bool) -> torch.Tensor:
+    """`kernels` or `reference` as one opaque op (`torch.compile` fuses around it)."""
+    run = kernels if use_kernel else reference
+    return run(x, w_in, w_out, transposed, expert_ids, route)
+
+
+@moe_decode.register_fake
+def _moe_decode_fake(x, w_in, w_out, expert_ids, route, transposed, use_kernel):
+    return x.new_empty(x.shape)
