@@ -413,8 +413,9 @@ def main(argv=None):
                     help="(d) decode experts: live slots to time grouped_mm against the Triton kernels at (e.g. 16 128 256)")
     ap.add_argument("--decode-layers", type=int, default=16, help="(d) experts layers in the captured step")
     ap.add_argument("--decode-configs", nargs="*", default=["64x128x4x3", "32x128x4x3", "128x128x4x3", "64x64x4x4",
-                                                           "64x256x4x3", "128x64x8x4", "32x256x2x4"],
-                    help="(d) Triton tile settings BLOCK_N x BLOCK_K x warps x stages")
+                                                           "64x256x4x3", "128x64x8x4", "32x256x2x4", "64x128x4x3x16",
+                                                           "64x128x4x3x64"],
+                    help="(d) Triton tile settings BLOCK_N x BLOCK_K x warps x stages [x BLOCK_M, else block_m_for]")
     ap.add_argument("--only-decode", action="store_true", help="run only section (d)")
     ap.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH ('-': stdout only)")
     args = ap.parse_args(argv)

@@ -58,6 +58,11 @@ def test_align_pads_each_expert_run_to_whole_blocks(P, E, block):
     assert block_expert[:used].tolist() == sorted(block_expert[:used].tolist())
 
 
+def test_block_m_follows_the_load():
+    # 1.5x the mean pairs an expert, a power of two in 16..128
+    assert [dk.block_m_for(T * 8, 64) for T in (1, 16, 64, 128, 256, 1024, 4096)] == [16, 16, 16, 32, 64, 128, 128]
+
+
 @pytest.mark.parametrize("T", [1, 5, 33])
 def test_reference_equals_the_per_token_definition(T):
     x, w_in, w_out, ids, route = case(T)
@@ -80,7 +85,7 @@ for T, E, K, H, F, dtype in [(1, 4, 2, 32, 16, torch.float32), (7, 8, 2, 48, 40,
                              (40, 8, 3, 64, 24, torch.float32), (20, 8, 2, 64, 48, torch.float16)]:
     x, w_in, w_out, ids, route = case(T, E, K, H, F, dtype)
     want = dk.reference(x, w_in, w_out, False, ids, route).float()
-    got = dk.kernels(x, w_in, w_out, False, ids, route, block_n=16, block_k=16).float()
+    got = dk.kernels(x, w_in, w_out, False, ids, route, block_n=16, block_k=16, block_m=16).float()
     got_t = dk.kernels(x, w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous(), True, ids, route,
                        block_n=32, block_k=32).float()
     tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -3,8 +3,9 @@
 At decode a step has T tokens (the live slots) and P = T·k (token, expert) pairs: at 128 slots, top-8 of
 64 experts, ~16 pairs an expert. The step must stream every used expert's weights (12.9 GB a step on
 the OLMoE shape, ~2.7 ms at the H200's copy rate); `torch._grouped_mm` tiles are built for thousands of
-rows. Here each program takes one `BLOCK_M`-row block of one expert's pairs (`BLOCK_M` 16, so the
-tiles fit the pairs) and one `BLOCK_N` slice of its outputs, and walks the inner dimension:
+rows. Here each program takes one `block_m`-row block of one expert's pairs and one `BLOCK_N` slice of
+its outputs, and walks the inner dimension. An expert whose pairs span two blocks has its weights read
+twice, so `block_m` is sized to the load (`block_m_for`: 1.5× the mean pairs an expert, at least 16):
 
 1. `gate_up`: a = silu(x Wg^T) * (x Wu^T) for a block of pairs, both halves in one program, the
    SwiGLU in the epilogue in fp32 (one rounding; the unfused path rounds h, then a).
@@ -25,7 +26,14 @@ import functools
 
 import torch
 
-BLOCK_M = 16  # pairs per block: ~16 pairs an expert at 128 slots, top-8 of 64
+BLOCK_M = 16  # the smallest block: tl.dot's least inner size
+
+
+def block_m_for(pairs: int, experts: int) -> int:
+    """Rows a block: a power of two >= 1.5x the mean pairs an expert (16..128). At 128 slots, top-8 of 64,
+    an expert gets Binomial(128, 1/8) pairs (16 ± 3.7): 32-row blocks hold nearly every expert's in one."""
+    want = max(1, -(-3 * pairs // (2 * experts)))
+    return min(128, max(BLOCK_M, 1 << (want - 1).bit_length()))
 
 
 def max_blocks(pairs: int, experts: int, block_m: int = BLOCK_M) -> int:
@@ -153,9 +161,10 @@ CONFIG = (64, 128, 4, 3)
 
 
 def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None = None, block_k: int | None = None,
-            num_warps: int | None = None, num_stages: int | None = None):
+            num_warps: int | None = None, num_stages: int | None = None, block_m: int | None = None):
     """x [T, H]; w_in gate|up [E, 2F, H] ([E, H, 2F] if transposed); w_out [E, H, F] ([E, F, H]);
-    expert_ids [T, K]; route [T, K] -> [T, H] in x's dtype. Unset tile/launch settings come from CONFIG."""
+    expert_ids [T, K]; route [T, K] -> [T, H] in x's dtype. Unset tile/launch settings come from CONFIG
+    and `block_m_for`."""
     block_n, block_k, num_warps, num_stages = (v if v is not None else d for v, d in
                                                zip((block_n, block_k, num_warps, num_stages), CONFIG))
     launch = dict(num_warps=num_warps, num_stages=num_stages)
@@ -164,7 +173,8 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     E = w_in.shape[0]
     F = w_out.shape[-1] if not transposed else w_out.shape[1]
     P = T * K
-    rows, block_expert = align(expert_ids, E)
+    bm = block_m or block_m_for(P, E)
+    rows, block_expert = align(expert_ids, E, bm)
     nb = block_expert.numel()
     gate_up, down = _kernels()
     ieee = x.dtype == torch.float32
@@ -173,12 +183,12 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     w, se, sn, sk = _weight_view(w_in, transposed)
     bn, bk = _block(F, block_n), _block(H, block_k)
     gate_up[(nb, -(-F // bn))](x, w, rows, block_expert, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0),
-                               BM=BLOCK_M, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+                               BM=bm, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_out, transposed)
     bn, bk = _block(H, block_n), _block(F, block_k)
     down[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, F, H, a.stride(0), se, sn, sk,
-                            y.stride(0), BM=BLOCK_M, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+                            y.stride(0), BM=bm, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
     return y.view(T, K, H).sum(dim=1)
 
 
