@@ -1,5 +1,6 @@
 """The Triton decode-experts kernels (`moe/decode_kernel.py`): the padded layout, the PyTorch reference
-against a per-token loop, and the kernels against the reference under the Triton interpreter."""
+against a per-token loop, and the kernels (the one-program layout too) against the reference under the
+Triton interpreter."""
 
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ INTERPRETED = r"""
 import torch
 from r1lightning.moe import decode_kernel as dk
 from tests.test_decode_kernel import case, per_token
-worst = {}
+for P, E, bm in [(1, 4, 16), (37, 8, 16), (64, 64, 16), (200, 8, 32), (2048, 64, 64)]:
+    ids = torch.randint(0, E, (P,), generator=torch.Generator().manual_seed(P))
+    want, got = dk.align(ids, E, bm), dk.align_on_device(ids, E, bm)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]), (P, E, bm)
 for T, E, K, H, F, dtype in [(1, 4, 2, 32, 16, torch.float32), (7, 8, 2, 48, 40, torch.float32),
                              (40, 8, 3, 64, 24, torch.float32), (20, 8, 2, 64, 48, torch.float16)]:
     x, w_in, w_out, ids, route = case(T, E, K, H, F, dtype)

@@ -172,6 +172,8 @@ def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes():
 
     for T in (1, 16, 128, 256):
         x, w_in, w_out, ids, route = (t.cuda() for t in case(T, E=64, K=8, H=2048, F=1024, dtype=torch.bfloat16, seed=T))
+        bm = dk.block_m_for(T * 8, 64)
+        assert all(torch.equal(a, b) for a, b in zip(dk.align(ids, 64, bm), dk.align_on_device(ids, 64, bm)))
         got = dk.kernels(x, w_in, w_out, False, ids, route).float()
         want = dk.reference(x, w_in, w_out, False, ids, route).float()
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

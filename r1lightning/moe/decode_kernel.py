@@ -12,8 +12,10 @@ twice, so `block_m` is sized to the load (`block_m_for`: 1.5× the mean pairs an
 2. `down`: y = (a Wd^T) * routing weight, stored per pair; the k pairs of a token are summed after.
 
 Shapes are static and nothing waits on the host (graph-safe): the pairs are sorted by expert on the
-device, each expert's run padded to a multiple of `BLOCK_M` inside a buffer sized for the worst case
-(`max_blocks`); a block past the last expert's run has expert -1 and its programs return at once.
+device, each expert's run padded to a multiple of `block_m` inside a buffer sized for the worst case
+(`max_blocks`); a block past the last expert's run has expert -1 and its programs return at once. That
+layout is one Triton program (`align_on_device`: histogram, scans, a sort of ≤ a few thousand keys)
+rather than `align`'s ~15 small PyTorch kernels, which inside a captured step cost a few µs each, per layer.
 
 `forward` runs the kernels where Triton imports (CUDA; the CPU tests run them under
 `TRITON_INTERPRET=1`), `reference` is the same arithmetic in PyTorch (fp32 GEMMs through the
@@ -76,6 +78,34 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def align_kernel(IDS, ROWS, BLOCK_EXPERT, STARTS, P, E, NB,
+                     BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, NBB: tl.constexpr, FILL: tl.constexpr):  # fmt: skip
+        # `align` in one program (one launch instead of ~15 small ones per layer): the same layout.
+        i = tl.arange(0, PB)
+        live = i < P
+        ids = tl.load(IDS + i, mask=live, other=E)  # padding lanes count in the spare bin E
+        e = tl.arange(0, EB)
+        counts = tl.where(e < E, tl.histogram(ids, EB), 0)
+        padded = (counts + BM - 1) // BM * BM
+        padded_end = tl.cumsum(padded, 0)
+        tl.store(STARTS + e, tl.cumsum(counts, 0) - counts)  # each run's first pair in sorted order
+        tl.store(STARTS + EB + e, padded_end - padded)  # and its first padded position
+        for r in range(0, NB * BM, FILL):
+            f = r + tl.arange(0, FILL)
+            tl.store(ROWS + f, tl.full([FILL], 0, tl.int32) + P, mask=f < NB * BM)
+        b = tl.arange(0, NBB)
+        before = tl.sum((padded_end[None, :] <= (b * BM)[:, None]).to(tl.int32), 1)  # searchsorted, right
+        tl.store(BLOCK_EXPERT + b, tl.where(before < E, before, -1), mask=b < NB)
+        tl.debug_barrier()
+        key = tl.sort(ids.to(tl.int64) * PB + i)  # by expert, then pair index: a stable sort
+        se = (key // PB).to(tl.int32)
+        pair = (key % PB).to(tl.int32)
+        ok = se < E
+        first = tl.load(STARTS + se, mask=ok, other=0)
+        pstart = tl.load(STARTS + EB + se, mask=ok, other=0)
+        tl.store(ROWS + pstart + (i - first), pair, mask=ok)
+
+    @triton.jit
     def gate_up(X, W, ROWS, BLOCK_EXPERT, A, P, K_TOP, H, F,
                 stride_x, stride_we, stride_wn, stride_wk, stride_a,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
@@ -136,7 +166,22 @@ def _kernels():
         acc = acc * route[:, None]
         tl.store(Y + safe[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
-    return gate_up, down
+    return align_kernel, gate_up, down
+
+
+def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK_M):
+    """`align` as one Triton program (P up to a few thousand pairs at decode); same outputs."""
+    P = expert_ids.numel()
+    nb = max_blocks(P, experts, block_m)
+    dev = expert_ids.device
+    rows = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
+    eb = 1 << experts.bit_length()  # a power of two > experts: bin `experts` takes the padding lanes
+    starts = torch.empty(2 * eb, dtype=torch.int32, device=dev)
+    pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
+    _kernels()[0][(1,)](expert_ids.reshape(-1).to(torch.int32), rows, block_expert, starts, P, experts, nb,
+                        BM=block_m, PB=pow2(P), EB=eb, NBB=pow2(nb), FILL=1024)  # fmt: skip
+    return rows, block_expert
 
 
 def kernel_available() -> bool:
@@ -174,9 +219,9 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     F = w_out.shape[-1] if not transposed else w_out.shape[1]
     P = T * K
     bm = block_m or block_m_for(P, E)
-    rows, block_expert = align(expert_ids, E, bm)
+    rows, block_expert = align_on_device(expert_ids, E, bm)
     nb = block_expert.numel()
-    gate_up, down = _kernels()
+    align_kernel, gate_up, down = _kernels()
     ieee = x.dtype == torch.float32
     x = x.contiguous()
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)
