@@ -108,7 +108,7 @@ def _kernels():
     @triton.jit
     def gate_up(X, W, ROWS, BLOCK_EXPERT, A, P, K_TOP, H, F,
                 stride_x, stride_we, stride_wn, stride_wk, stride_a,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
         b = tl.program_id(0)
         e = tl.load(BLOCK_EXPERT + b)
         if e < 0:
@@ -125,9 +125,16 @@ def _kernels():
         for k0 in range(0, H, BK):
             k = k0 + kk
             k_ok = k < H
-            x = tl.load(X + token[:, None].to(tl.int64) * stride_x + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(w_base + n[None, :] * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            wu = tl.load(w_base + (n[None, :] + F) * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            x_ptr = X + token[:, None].to(tl.int64) * stride_x + k[None, :]  # padding rows read token 0, never stored
+            wg_ptr = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
+            if EVEN:  # tiles divide the matrices: no masks, so the loads vectorise
+                x = tl.load(x_ptr)
+                wg = tl.load(wg_ptr)
+                wu = tl.load(wg_ptr + F * stride_wn)
+            else:
+                x = tl.load(x_ptr, mask=k_ok[None, :], other=0.0)
+                wg = tl.load(wg_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                wu = tl.load(wg_ptr + F * stride_wn, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             if IEEE:
                 acc_g += tl.dot(x, wg, input_precision="ieee")
                 acc_u += tl.dot(x, wu, input_precision="ieee")
@@ -140,7 +147,7 @@ def _kernels():
     @triton.jit
     def down(A, W, ROWS, BLOCK_EXPERT, ROUTE, Y, P, F, H,
              stride_a, stride_we, stride_wn, stride_wk, stride_y,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
         b = tl.program_id(0)
         e = tl.load(BLOCK_EXPERT + b)
         if e < 0:
@@ -156,8 +163,14 @@ def _kernels():
         for k0 in range(0, F, BK):
             k = k0 + kk
             k_ok = k < F
-            a = tl.load(A + safe[:, None] * stride_a + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + n[None, :] * stride_wn + k[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            a_ptr = A + safe[:, None] * stride_a + k[None, :]
+            w_ptr = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
+            if EVEN:
+                a = tl.load(a_ptr)
+                w = tl.load(w_ptr)
+            else:
+                a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             if IEEE:
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
@@ -228,12 +241,12 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     w, se, sn, sk = _weight_view(w_in, transposed)
     bn, bk = _block(F, block_n), _block(H, block_k)
     gate_up[(nb, -(-F // bn))](x, w, rows, block_expert, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0),
-                               BM=bm, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+                               BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=F % bn == 0 and H % bk == 0, **launch)  # fmt: skip
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_out, transposed)
     bn, bk = _block(H, block_n), _block(F, block_k)
     down[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, F, H, a.stride(0), se, sn, sk,
-                            y.stride(0), BM=bm, BN=bn, BK=bk, IEEE=ieee, **launch)  # fmt: skip
+                            y.stride(0), BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=H % bn == 0 and F % bk == 0, **launch)  # fmt: skip
     return y.view(T, K, H).sum(dim=1)
 
 
