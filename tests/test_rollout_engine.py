@@ -464,9 +464,10 @@ def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config, monkeypat
 
 
 @pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
-@pytest.mark.parametrize("attention", ["gather", "pool"])
-def test_paged_compiled_decode_greedy_matches_generate(attention, tiny_moe_config):
-    # pool: attention from the KV pool is one opaque op (paged_attention.paged_decode) inside the compiled step
+@pytest.mark.parametrize("attention,experts", [("gather", "auto"), ("pool", "auto"), ("pool", "triton")])
+def test_paged_compiled_decode_greedy_matches_generate(attention, experts, tiny_moe_config):
+    # pool: attention from the KV pool is one opaque op (paged_attention.paged_decode) inside the compiled step;
+    # triton: so are the experts (decode_kernel.moe_decode), which choose their path when they run, untraced
     torch._dynamo.reset()
     model, tok = build(tiny_moe_config)
     ids, mask = encode(tok, RAGGED)
@@ -476,7 +477,7 @@ def test_paged_compiled_decode_greedy_matches_generate(attention, tiny_moe_confi
     from torch._dynamo.utils import counters
 
     counters.clear()
-    engine = PagedSampler(compile="default", max_slots=4, block_size=4, attention=attention)
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4, attention=attention, decode_experts=experts)
     ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["attention"] == attention
     # the tail ran narrower (compaction) on a step compiled twice at most: static, then width-dynamic

@@ -21,8 +21,6 @@ model to it around its decode loop and back (prefill keeps the policy's own impl
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from r1lightning.moe import decode_kernel
@@ -100,9 +98,8 @@ def decode_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         if reason:
             raise ValueError(f"decode_experts: triton cannot run {type(self).__name__}: {reason}; use grouped_mm")
         x = hidden_states.to(self.gate_up_proj.dtype)
-        use_kernel = decode_kernel.kernel_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         out = decode_kernel.moe_decode(x, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights.to(torch.float32),
-                                       transposed, use_kernel)
+                                       transposed)
         return out.to(hidden_states.dtype)
     w_in = self.gate_up_proj if has_gate else self.up_proj
     b_in = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None

@@ -25,6 +25,7 @@ same sorted layout). Both run as one custom op so `torch.compile` treats the ker
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -265,14 +266,20 @@ def reference(x, w_in, w_out, transposed, expert_ids, route):
     return y.to(x.dtype).view(T, K, -1).sum(dim=1)
 
 
+def use_kernel(x: torch.Tensor) -> bool:
+    """The Triton kernels on CUDA where Triton imports, and on the CPU under the Triton interpreter."""
+    return kernel_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @torch.library.custom_op("r1lightning::moe_decode", mutates_args=())
 def moe_decode(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, expert_ids: torch.Tensor, route: torch.Tensor,
-               transposed: bool, use_kernel: bool) -> torch.Tensor:
-    """`kernels` or `reference` as one opaque op (`torch.compile` fuses around it)."""
-    run = kernels if use_kernel else reference
+               transposed: bool) -> torch.Tensor:
+    """`kernels` or `reference` as one opaque op: `torch.compile` fuses around it, and the choice
+    (which imports Triton) is made when it runs, not traced."""
+    run = kernels if use_kernel(x) else reference
     return run(x, w_in, w_out, transposed, expert_ids, route)
 
 
 @moe_decode.register_fake
-def _moe_decode_fake(x, w_in, w_out, expert_ids, route, transposed, use_kernel):
+def _moe_decode_fake(x, w_in, w_out, expert_ids, route, transposed):
     return x.new_empty(x.shape)
