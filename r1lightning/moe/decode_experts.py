@@ -98,8 +98,7 @@ def decode_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         if reason:
             raise ValueError(f"decode_experts: triton cannot run {type(self).__name__}: {reason}; use grouped_mm")
         x = hidden_states.to(self.gate_up_proj.dtype)
-        out = decode_kernel.moe_decode(x, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights.to(torch.float32),
-                                       transposed)
+        out = decode_kernel.moe_decode(x, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, transposed)
         return out.to(hidden_states.dtype)
     w_in = self.gate_up_proj if has_gate else self.up_proj
     b_in = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None

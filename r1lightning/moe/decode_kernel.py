@@ -84,7 +84,7 @@ def _kernels():
         # `align` in one program (one launch instead of ~15 small ones per layer): the same layout.
         i = tl.arange(0, PB)
         live = i < P
-        ids = tl.load(IDS + i, mask=live, other=E)  # padding lanes count in the spare bin E
+        ids = tl.load(IDS + i, mask=live, other=E).to(tl.int32)  # padding lanes count in the spare bin E
         e = tl.arange(0, EB)
         counts = tl.where(e < E, tl.histogram(ids, EB), 0)
         padded = (counts + BM - 1) // BM * BM
@@ -193,8 +193,9 @@ def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK
     eb = 1 << experts.bit_length()  # a power of two > experts: bin `experts` takes the padding lanes
     starts = torch.empty(2 * eb, dtype=torch.int32, device=dev)
     pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
-    _kernels()[0][(1,)](expert_ids.reshape(-1).to(torch.int32), rows, block_expert, starts, P, experts, nb,
-                        BM=block_m, PB=pow2(P), EB=eb, NBB=pow2(nb), FILL=1024)  # fmt: skip
+    pb = pow2(P)
+    _kernels()[0][(1,)](expert_ids.reshape(-1), rows, block_expert, starts, P, experts, nb,
+                        BM=block_m, PB=pb, EB=eb, NBB=pow2(nb), FILL=1024, num_warps=8 if pb >= 1024 else 4)  # fmt: skip
     return rows, block_expert
 
 
