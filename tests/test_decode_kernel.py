@@ -4,15 +4,11 @@ Triton interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from r1lightning.moe import decode_kernel as dk
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def per_token(x, w_in, w_out, ids, route):
@@ -102,12 +98,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU torch wheels do not ship it)")
+@needs_triton
 def test_kernels_equal_reference_under_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    run_interpreted(INTERPRETED)
 
 
 def test_paged_engine_with_triton_experts_matches_generate(tiny_moe_config):

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,6 +14,7 @@ from r1lightning.moe.megablocks_experts import (
     SyncFreeKernels, TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm,
 )
 from r1lightning.moe.tiny import TINY_CONFIGS, tiny_moe_model
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
 
@@ -252,7 +249,7 @@ def test_megablocks_glue_bf16_and_autocast():
     assert y.dtype == torch.float32 and rel(y, ref) < 2e-2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CUDA machines have it)")
+@needs_triton
 def test_fused_swiglu_in_triton_interpreter():
     """The Triton SwiGLU kernels, run by Triton's CPU interpreter, against torch's silu(g) * u."""
     code = textwrap.dedent("""
@@ -272,6 +269,4 @@ def test_fused_swiglu_in_triton_interpreter():
             assert swiglu_backward(h.detach(), da, False)[1] is None
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    run_interpreted(code)

@@ -2,16 +2,12 @@
 contiguous sequence, and the Triton kernel against the reference (Triton's CPU interpreter where
 Triton is installed; `tests/test_rollout_gpu.py` runs it on the GPU in bf16)."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from r1lightning.rollout import paged_attention as pa
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def pooled_case(S=5, Hq=4, Hkv=2, d=32, bs=4, blocks=40, lengths=(1, 4, 5, 10, 7), dtype=torch.float32, seed=0, device="cpu"):
@@ -71,9 +67,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU torch wheels do not ship it)")
+@needs_triton
 def test_kernel_equals_reference_under_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    run_interpreted(INTERPRETED)
