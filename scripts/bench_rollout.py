@@ -312,7 +312,7 @@ def main(argv=None):
     ap.add_argument("--generate-batch", action="store_true", help="also time transformers generate_batch")
     ap.add_argument("--prefill", nargs="+", default=["grouped_mm", "megablocks"],
                     help="experts implementation for the engine's prefill (decode always uses graph-safe grouped_mm)")
-    ap.add_argument("--small-batch", type=int, default=4, help="batch for the decode-experts grouped_mm vs gather check (0: skip)")
+    ap.add_argument("--small-batch", type=int, default=4, help="batch for the decode-experts grouped_mm vs gather vs triton check (0: skip)")
     ap.add_argument("--bucket", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true", help="also time the engine without CUDA graphs")
     ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
@@ -477,7 +477,7 @@ def main(argv=None):
                 print(f"# profile failed: {type(err).__name__}: {err}", flush=True)
         torch.cuda.empty_cache() if device == "cuda" else None
 
-    # -- decode experts at a small batch: grouped_mm vs per-token weight gathering --
+    # -- decode experts at a small batch: grouped_mm vs per-token weight gathering vs the Triton kernels --
     if args.small_batch and left() > 30 and not args.only_dist:
         from r1lightning.moe import decode_experts
 
@@ -485,7 +485,7 @@ def main(argv=None):
         ids = torch.randint(3, args.vocab, (n, P), generator=gen).to(device)
         mask = torch.ones_like(ids)
         model.set_experts_implementation("grouped_mm")
-        for mode in ("grouped_mm", "gather"):
+        for mode in ("grouped_mm", "gather", "triton"):
             sampler = StaticCacheSampler(kv_bucket=args.bucket, min_new_tokens=64, decode_experts=mode, timing=True)
             try:
                 time_engine(model, sampler, ids, mask, 64)
