@@ -168,12 +168,12 @@ def test_paged_attention_kernel_equals_reference_bf16_at_olmoe_shapes():
 
 def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes():
     from r1lightning.moe import decode_kernel as dk
-    from tests.test_decode_kernel import case
+    from tests.test_decode_kernel import case, same_layout
 
     for T in (1, 16, 128, 256):
         x, w_in, w_out, ids, route = (t.cuda() for t in case(T, E=64, K=8, H=2048, F=1024, dtype=torch.bfloat16, seed=T))
         bm = dk.block_m_for(T * 8, 64)
-        assert all(torch.equal(a, b) for a, b in zip(dk.align(ids, 64, bm), dk.align_on_device(ids, 64, bm)))
+        assert same_layout(dk.align(ids, 64, bm), dk.align_on_device(ids, 64, bm), bm)
         got = dk.kernels(x, w_in, w_out, False, ids, route).float()
         want = dk.reference(x, w_in, w_out, False, ids, route).float()
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

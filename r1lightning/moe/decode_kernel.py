@@ -14,8 +14,8 @@ twice, so `block_m` is sized to the load (`block_m_for`: 1.5× the mean pairs an
 Shapes are static and nothing waits on the host (graph-safe): the pairs are sorted by expert on the
 device, each expert's run padded to a multiple of `block_m` inside a buffer sized for the worst case
 (`max_blocks`); a block past the last expert's run has expert -1 and its programs return at once. That
-layout is one Triton program (`align_on_device`: histogram, scans, a sort of ≤ a few thousand keys)
-rather than `align`'s ~15 small PyTorch kernels, which inside a captured step cost a few µs each, per layer.
+layout is one Triton program (`align_on_device`: a histogram, a scan, one atomic counter a pair) rather
+than `align`'s ~15 small PyTorch kernels, which inside a captured step cost a few µs each, per layer.
 
 `forward` runs the kernels where Triton imports (CUDA; the CPU tests run them under
 `TRITON_INTERPRET=1`), `reference` is the same arithmetic in PyTorch (fp32 GEMMs through the
@@ -79,9 +79,11 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def align_kernel(IDS, ROWS, BLOCK_EXPERT, STARTS, P, E, NB,
+    def align_kernel(IDS, ROWS, BLOCK_EXPERT, SCRATCH, P, E, NB,
                      BM: tl.constexpr, PB: tl.constexpr, EB: tl.constexpr, NBB: tl.constexpr, FILL: tl.constexpr):  # fmt: skip
-        # `align` in one program (one launch instead of ~15 small ones per layer): the same layout.
+        # `align` in one program (one launch instead of ~15 small ones per layer). A pair's place inside
+        # its expert's run comes from an atomic counter, so the order within a run may differ from
+        # `align`'s; each row of a block is computed on its own, so the results do not.
         i = tl.arange(0, PB)
         live = i < P
         ids = tl.load(IDS + i, mask=live, other=E).to(tl.int32)  # padding lanes count in the spare bin E
@@ -89,8 +91,8 @@ def _kernels():
         counts = tl.where(e < E, tl.histogram(ids, EB), 0)
         padded = (counts + BM - 1) // BM * BM
         padded_end = tl.cumsum(padded, 0)
-        tl.store(STARTS + e, tl.cumsum(counts, 0) - counts)  # each run's first pair in sorted order
-        tl.store(STARTS + EB + e, padded_end - padded)  # and its first padded position
+        tl.store(SCRATCH + e, padded_end - padded)  # each run's first padded position
+        tl.store(SCRATCH + EB + e, tl.zeros([EB], tl.int32))  # the runs' counters
         for r in range(0, NB * BM, FILL):
             f = r + tl.arange(0, FILL)
             tl.store(ROWS + f, tl.full([FILL], 0, tl.int32) + P, mask=f < NB * BM)
@@ -98,13 +100,9 @@ def _kernels():
         before = tl.sum((padded_end[None, :] <= (b * BM)[:, None]).to(tl.int32), 1)  # searchsorted, right
         tl.store(BLOCK_EXPERT + b, tl.where(before < E, before, -1), mask=b < NB)
         tl.debug_barrier()
-        key = tl.sort(ids.to(tl.int64) * PB + i)  # by expert, then pair index: a stable sort
-        se = (key // PB).to(tl.int32)
-        pair = (key % PB).to(tl.int32)
-        ok = se < E
-        first = tl.load(STARTS + se, mask=ok, other=0)
-        pstart = tl.load(STARTS + EB + se, mask=ok, other=0)
-        tl.store(ROWS + pstart + (i - first), pair, mask=ok)
+        rank = tl.atomic_add(SCRATCH + EB + ids, 1, mask=live)
+        start = tl.load(SCRATCH + ids, mask=live, other=0)
+        tl.store(ROWS + start + rank, i, mask=live)
 
     @triton.jit
     def gate_up(X, W, ROWS, BLOCK_EXPERT, A, P, K_TOP, H, F,
@@ -184,18 +182,18 @@ def _kernels():
 
 
 def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK_M):
-    """`align` as one Triton program (P up to a few thousand pairs at decode); same outputs."""
+    """`align` as one Triton program (P up to a few thousand pairs at decode): the same blocks, each
+    with the same pairs, in an order within a block that may differ."""
     P = expert_ids.numel()
     nb = max_blocks(P, experts, block_m)
     dev = expert_ids.device
     rows = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
     eb = 1 << experts.bit_length()  # a power of two > experts: bin `experts` takes the padding lanes
-    starts = torch.empty(2 * eb, dtype=torch.int32, device=dev)
+    scratch = torch.empty(2 * eb, dtype=torch.int32, device=dev)
     pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
-    pb = pow2(P)
-    _kernels()[0][(1,)](expert_ids.reshape(-1), rows, block_expert, starts, P, experts, nb,
-                        BM=block_m, PB=pb, EB=eb, NBB=pow2(nb), FILL=1024, num_warps=8 if pb >= 1024 else 4)  # fmt: skip
+    _kernels()[0][(1,)](expert_ids.reshape(-1), rows, block_expert, scratch, P, experts, nb,
+                        BM=block_m, PB=pow2(P), EB=eb, NBB=pow2(nb), FILL=1024)  # fmt: skip
     return rows, block_expert
 
 
