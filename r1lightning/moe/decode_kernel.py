@@ -17,9 +17,10 @@ device, each expert's run padded to a multiple of `block_m` inside a buffer size
 layout is one Triton program (`align_on_device`: a histogram, a scan, one atomic counter a pair) rather
 than `align`'s ~15 small PyTorch kernels, which inside a captured step cost a few µs each, per layer.
 
-`forward` runs the kernels where Triton imports (CUDA; the CPU tests run them under
-`TRITON_INTERPRET=1`), `reference` is the same arithmetic in PyTorch (fp32 GEMMs through the
-same sorted layout). Both run as one custom op so `torch.compile` treats the kernels as opaque.
+`kernels` launches the three programs (on CUDA; the CPU tests run them under `TRITON_INTERPRET=1`);
+`reference` is the same arithmetic in PyTorch, pair by pair in fp32 (the CPU path, and the tests'
+yardstick, as `align` is for the layout). `moe_decode`, one custom op, picks between them when it runs,
+so `torch.compile` treats either as opaque and never traces Triton's import.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def max_blocks(pairs: int, experts: int, block_m: int = BLOCK_M) -> int:
 
 def align(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK_M):
     """expert_ids [P] -> (rows [NB·block_m] int32: the pair index at each padded position, P where
-    padding; block_expert [NB] int32: each block's expert, -1 past the last run). Device-side only."""
+    padding; block_expert [NB] int32: each block's expert, -1 past the last run). In PyTorch, no host
+    reads; `align_on_device` is the one-launch version the kernels use."""
     P = expert_ids.numel()
     dev = expert_ids.device
     nb = max_blocks(P, experts, block_m)
@@ -234,7 +236,7 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     bm = block_m or block_m_for(P, E)
     rows, block_expert = align_on_device(expert_ids, E, bm)
     nb = block_expert.numel()
-    align_kernel, gate_up, down = _kernels()
+    _, gate_up, down = _kernels()
     ieee = x.dtype == torch.float32
     x = x.contiguous()
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)
