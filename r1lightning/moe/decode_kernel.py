@@ -1,4 +1,4 @@
-"""Expert FFNs at decode in two Triton kernels: a small-M grouped GEMM that reads each expert's weights once.
+"""Expert FFNs at decode in Triton: a small-M grouped GEMM that reads each expert's weights once.
 
 At decode a step has T tokens (the live slots) and P = T·k (token, expert) pairs: at 128 slots, top-8 of
 64 experts, ~16 pairs an expert. The step must stream every used expert's weights (12.9 GB a step on
@@ -7,9 +7,9 @@ rows. Here each program takes one `block_m`-row block of one expert's pairs and 
 its outputs, and walks the inner dimension. An expert whose pairs span two blocks has its weights read
 twice, so `block_m` is sized to the load (`block_m_for`: 1.5× the mean pairs an expert, at least 16):
 
-1. `gate_up`: a = silu(x Wg^T) * (x Wu^T) for a block of pairs, both halves in one program, the
-   SwiGLU in the epilogue in fp32 (one rounding; the unfused path rounds h, then a).
-2. `down`: y = (a Wd^T) * routing weight, stored per pair; the k pairs of a token are summed after.
+1. gate_up (`expert_gemm`, GATED): a = silu(x Wg^T) * (x Wu^T) for a block of pairs, both halves in
+   one program, the SwiGLU in the epilogue in fp32 (one rounding; the unfused path rounds h, then a).
+2. down (`expert_gemm`): y = (a Wd^T) * routing weight, stored per pair; a token's k pairs are summed after.
 
 Shapes are static and nothing waits on the host (graph-safe): the pairs are sorted by expert on the
 device, each expert's run padded to a multiple of `block_m` inside a buffer sized for the worst case
@@ -107,80 +107,56 @@ def _kernels():
         tl.store(ROWS + start + rank, i, mask=live)
 
     @triton.jit
-    def gate_up(X, W, ROWS, BLOCK_EXPERT, A, P, K_TOP, H, F,
-                stride_x, stride_we, stride_wn, stride_wk, stride_a,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    def expert_gemm(X, W, ROWS, BLOCK_EXPERT, ROUTE, OUT, P, ROW_DIV, KDIM, N,
+                    stride_x, stride_we, stride_wn, stride_wk, stride_o, GATED: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+        # GATED (gate_up): OUT[pair] = silu(x Wg^T) * (x Wu^T), x the pair's token (ROW_DIV = top-k), Wu
+        # N rows below Wg. Else (down): OUT[pair] = (a Wd^T) * route, a the pair's own row (ROW_DIV = 1).
         b = tl.program_id(0)
         e = tl.load(BLOCK_EXPERT + b)
         if e < 0:
             return
         pair = tl.load(ROWS + b * BM + tl.arange(0, BM))
         valid = pair < P
-        token = tl.where(valid, pair, 0) // K_TOP
+        safe = tl.where(valid, pair, 0).to(tl.int64)  # padding rows read pair 0's input, never stored
+        row = safe // ROW_DIV
         n = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_ok = n < F
-        kk = tl.arange(0, BK)
-        w_base = W + e.to(tl.int64) * stride_we
-        acc_g = tl.zeros([BM, BN], tl.float32)
-        acc_u = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, H, BK):
-            k = k0 + kk
-            k_ok = k < H
-            x_ptr = X + token[:, None].to(tl.int64) * stride_x + k[None, :]  # padding rows read token 0, never stored
-            wg_ptr = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
-            if EVEN:  # tiles divide the matrices: no masks, so the loads vectorise
-                x = tl.load(x_ptr)
-                wg = tl.load(wg_ptr)
-                wu = tl.load(wg_ptr + F * stride_wn)
-            else:
-                x = tl.load(x_ptr, mask=k_ok[None, :], other=0.0)
-                wg = tl.load(wg_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-                wu = tl.load(wg_ptr + F * stride_wn, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if IEEE:
-                acc_g += tl.dot(x, wg, input_precision="ieee")
-                acc_u += tl.dot(x, wu, input_precision="ieee")
-            else:
-                acc_g += tl.dot(x, wg)
-                acc_u += tl.dot(x, wu)
-        a = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(A + pair[:, None].to(tl.int64) * stride_a + n[None, :], a.to(A.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def down(A, W, ROWS, BLOCK_EXPERT, ROUTE, Y, P, F, H,
-             stride_a, stride_we, stride_wn, stride_wk, stride_y,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-        b = tl.program_id(0)
-        e = tl.load(BLOCK_EXPERT + b)
-        if e < 0:
-            return
-        pair = tl.load(ROWS + b * BM + tl.arange(0, BM))
-        valid = pair < P
-        safe = tl.where(valid, pair, 0).to(tl.int64)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_ok = n < H
+        n_ok = n < N
         kk = tl.arange(0, BK)
         w_base = W + e.to(tl.int64) * stride_we
         acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, F, BK):
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, KDIM, BK):
             k = k0 + kk
-            k_ok = k < F
-            a_ptr = A + safe[:, None] * stride_a + k[None, :]
+            k_ok = k < KDIM
+            x_ptr = X + row[:, None] * stride_x + k[None, :]
             w_ptr = w_base + n[None, :] * stride_wn + k[:, None] * stride_wk
-            if EVEN:
-                a = tl.load(a_ptr)
+            if EVEN:  # tiles divide the matrices: no masks, so the loads vectorise
+                x = tl.load(x_ptr)
                 w = tl.load(w_ptr)
             else:
-                a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
+                x = tl.load(x_ptr, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
+                acc += tl.dot(x, w, input_precision="ieee")
             else:
-                acc += tl.dot(a, w)
-        route = tl.load(ROUTE + safe, mask=valid, other=0.0).to(tl.float32)
-        acc = acc * route[:, None]
-        tl.store(Y + safe[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+                acc += tl.dot(x, w)
+            if GATED:
+                if EVEN:
+                    wu = tl.load(w_ptr + N * stride_wn)
+                else:
+                    wu = tl.load(w_ptr + N * stride_wn, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                if IEEE:
+                    acc_u += tl.dot(x, wu, input_precision="ieee")
+                else:
+                    acc_u += tl.dot(x, wu)
+        if GATED:
+            out = acc * tl.sigmoid(acc) * acc_u
+        else:
+            out = acc * tl.load(ROUTE + safe, mask=valid, other=0.0).to(tl.float32)[:, None]
+        tl.store(OUT + safe[:, None] * stride_o + n[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
-    return align_kernel, gate_up, down
+    return align_kernel, expert_gemm
 
 
 def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK_M):
@@ -236,19 +212,20 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     bm = block_m or block_m_for(P, E)
     rows, block_expert = align_on_device(expert_ids, E, bm)
     nb = block_expert.numel()
-    _, gate_up, down = _kernels()
+    gemm = _kernels()[1]
     ieee = x.dtype == torch.float32
     x = x.contiguous()
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_in, transposed)
     bn, bk = _block(F, block_n), _block(H, block_k)
-    gate_up[(nb, -(-F // bn))](x, w, rows, block_expert, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0),
-                               BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=F % bn == 0 and H % bk == 0, **launch)  # fmt: skip
+    gemm[(nb, -(-F // bn))](x, w, rows, block_expert, None, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0), GATED=True,
+                            BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=F % bn == 0 and H % bk == 0, **launch)  # fmt: skip
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_out, transposed)
     bn, bk = _block(H, block_n), _block(F, block_k)
-    down[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, F, H, a.stride(0), se, sn, sk,
-                            y.stride(0), BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=H % bn == 0 and F % bk == 0, **launch)  # fmt: skip
+    gemm[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, 1, F, H, a.stride(0), se, sn, sk,
+                            y.stride(0), GATED=False, BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=H % bn == 0 and F % bk == 0,
+                            **launch)  # fmt: skip
     return y.view(T, K, H).sum(dim=1)
 
 
