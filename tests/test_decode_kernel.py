@@ -137,3 +137,6 @@ def test_triton_mode_refuses_experts_it_cannot_compute(tiny_moe_config):
     x, idx, w = torch.randn(2, experts.gate_up_proj.shape[-1]), torch.tensor([[0, 1], [1, 2]]), torch.full((2, 2), 0.5)
     with pytest.raises(ValueError, match="triton cannot run .*biases"):
         decode_experts.decode_experts_forward(experts, x, idx, w)
+    # and the engine says so before its first step, naming the module
+    with pytest.raises(ValueError, match=r"triton cannot run model\.layers\.0\.mlp\.experts .*biases"):
+        decode_experts.set_decode_mode(model, "triton")

@@ -158,5 +158,8 @@ def set_decode_mode(model: torch.nn.Module, mode: str) -> None:
         raise ValueError(f"decode experts mode {mode!r} is not one of {', '.join(MODES)}")
     from r1lightning.moe import experts_modules
 
-    for _, m in experts_modules(model):
+    for name, m in experts_modules(model):
+        reason = triton_unsupported(m) if mode == "triton" else None
+        if reason:  # before any step runs, not at the first decode
+            raise ValueError(f"decode_experts: triton cannot run {name} ({type(m).__name__}): {reason}; use grouped_mm")
         m._r1l_decode_mode = mode
