@@ -44,6 +44,18 @@ def megablocks_status() -> tuple[bool, str]:
     return True, "ok"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Triton importable (CUDA wheels ship it; CPU wheels do not): the one check before any of the
+    project's Triton kernels (decode attention, decode experts, the fused SwiGLU)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def experts_modules(model: torch.nn.Module):
     """Modules built with transformers' `@use_experts_implementation` (fused 3-D expert weights)."""
     for name, module in model.named_modules():

@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from r1lightning.moe.backend import triton_available
+
 BLOCK_M = 16  # the smallest block: tl.dot's least inner size
 
 
@@ -175,13 +177,6 @@ def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK
     return rows, block_expert
 
 
-def kernel_available() -> bool:
-    """Triton importable (CUDA wheels ship it; CPU wheels do not)."""
-    from r1lightning.rollout.paged_attention import kernel_available as triton_imports
-
-    return triton_imports()
-
-
 def supports(hidden: int, ffn: int) -> bool:
     """tl.dot needs inner sizes >= 16; the blocks below are clipped to the dimensions."""
     return hidden >= 16 and ffn >= 16
@@ -246,7 +241,7 @@ def reference(x, w_in, w_out, transposed, expert_ids, route):
 
 def use_kernel(x: torch.Tensor) -> bool:
     """The Triton kernels on CUDA where Triton imports, and on the CPU under the Triton interpreter."""
-    return kernel_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @torch.library.custom_op("r1lightning::moe_decode", mutates_args=())

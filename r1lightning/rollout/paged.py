@@ -46,6 +46,7 @@ from transformers.cache_utils import Cache
 
 from r1lightning.errors import UserError
 from r1lightning.moe import decode_experts
+from r1lightning.moe.backend import triton_available
 from r1lightning.rollout import paged_attention
 from r1lightning.rollout.base import Rollout, completion_mask_from_ids, seeded_rng
 from r1lightning.rollout.engine import (
@@ -318,7 +319,7 @@ class PagedSampler(StaticCacheSampler):
         heads = model.config.get_text_config().num_attention_heads
         _, kv_heads, head_dim, _ = self._kv_shape(model, device)
         group = heads // kv_heads if heads % kv_heads == 0 else 0
-        kernel = (device.type == "cuda" and paged_attention.kernel_available()
+        kernel = (device.type == "cuda" and triton_available()
                   and paged_attention.kernel_supports(head_dim, group, self.block_size))
         if self.attention == "gather" or (self.attention == "auto" and (not kernel or self.compile is not None)):
             return "gather"

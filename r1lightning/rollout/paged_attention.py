@@ -7,7 +7,7 @@ live sequence, so short sequences pay for the longest. The kernel walks each slo
 to that slot's own length and reads each block once: one program per (slot, KV head), the heads of a
 GQA group together, online softmax over blocks of `block_size` tokens (fp32 accumulation).
 
-`kernel` runs on CUDA when Triton imports (`kernel_available`) and the shapes suit it
+`kernel` runs on CUDA when Triton imports (`moe.backend.triton_available`) and the shapes suit it
 (`kernel_supports`); `reference` (gather + masked softmax in fp32) runs elsewhere, and the CPU tests
 compare the kernel with it (under `TRITON_INTERPRET=1` where Triton is installed, and on the GPU).
 `PagedSampler` decides which of the two a call uses and tells the cache (`PagedKV.attention`); both run
@@ -26,17 +26,6 @@ import math
 import torch
 
 ATTN_IMPLEMENTATION = "r1_paged_decode"
-
-
-@functools.cache
-def kernel_available() -> bool:
-    """Triton importable (CUDA wheels ship it; CPU wheels do not)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _pow2(n: int) -> bool:
