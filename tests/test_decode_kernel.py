@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r1lightning.moe import decode_kernel as dk
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_cpu import needs_triton, run_interpreted
 
 
 def per_token(x, w_in, w_out, ids, route):
@@ -140,3 +140,33 @@ def test_triton_mode_refuses_experts_it_cannot_compute(tiny_moe_config):
     # and the engine says so before its first step, naming the module
     with pytest.raises(ValueError, match=r"triton cannot run model\.layers\.0\.mlp\.experts .*biases"):
         decode_experts.set_decode_mode(model, "triton")
+
+
+GEMM_TYPES = dict(X="*bf16", W="*bf16", ROWS="*i32", BLOCK_EXPERT="*i32", ROUTE="*bf16", OUT="*bf16", P="i32", ROW_DIV="i32",
+                  KDIM="i32", N="i32", stride_x="i32", stride_we="i32", stride_wn="i32", stride_wk="i32", stride_o="i32")
+# what the launcher sees as multiples of 16 at the OLMoE shape (pointers, sizes, strides)
+GEMM_ALIGNED = ("X", "W", "ROWS", "BLOCK_EXPERT", "ROUTE", "OUT", "KDIM", "N", "stride_x", "stride_we", "stride_wn", "stride_o")
+
+
+@needs_triton
+def test_kernels_compile_for_hopper():
+    # ahead of time for sm_90 with Triton's own ptxas: what the GPU would build, checked on the CPU
+    from tests.triton_cpu import compile_for_hopper
+
+    align_kernel, gemm = dk._kernels()
+    layout_types = dict(IDS="*i64", ROWS="*i32", BLOCK_EXPERT="*i32", SCRATCH="*i32", P="i32", E="i32", NB="i32")
+    for bm, pb in ((16, 128), (32, 1024), (64, 2048)):
+        assert compile_for_hopper(align_kernel, layout_types, dict(BM=bm, PB=pb, EB=128, NBB=128, FILL=1024)).asm["cubin"]
+    for gated in (True, False):
+        for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 64, 4, 4)):
+            consts = dict(GATED=gated, BM=bm, BN=bn, BK=bk, IEEE=False, EVEN=True, stride_wk=1)
+            if gated:
+                consts["ROUTE"] = None  # gate_up has no routing weights
+            aligned = [a for a in GEMM_ALIGNED if a not in consts]
+            k = compile_for_hopper(gemm, GEMM_TYPES, consts, aligned, warps, stages)
+            # the weights stream through shared memory by asynchronous copies, several tiles in flight
+            assert "async_copy" in k.asm["ttgir"] and k.metadata.shared >= 2 * bk * bn * 2, (consts, k.metadata.shared)
+    # tiles that do not divide the matrices (masked loads), and fp32 with IEEE dots
+    assert compile_for_hopper(gemm, GEMM_TYPES, dict(ROUTE=None, GATED=True, BM=16, BN=32, BK=32, IEEE=False, EVEN=False)).asm["cubin"]
+    fp32 = {name: "*fp32" if t == "*bf16" else t for name, t in GEMM_TYPES.items()}
+    assert compile_for_hopper(gemm, fp32, dict(GATED=False, BM=16, BN=32, BK=32, IEEE=True, EVEN=True)).asm["cubin"]

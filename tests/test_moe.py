@@ -14,7 +14,7 @@ from r1lightning.moe.megablocks_experts import (
     SyncFreeKernels, TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm,
 )
 from r1lightning.moe.tiny import TINY_CONFIGS, tiny_moe_model
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_cpu import needs_triton, run_interpreted
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
 

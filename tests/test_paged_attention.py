@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from r1lightning.rollout import paged_attention as pa
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_cpu import needs_triton, run_interpreted
 
 
 def pooled_case(S=5, Hq=4, Hkv=2, d=32, bs=4, blocks=40, lengths=(1, 4, 5, 10, 7), dtype=torch.float32, seed=0, device="cpu"):
@@ -70,3 +70,17 @@ print("ok")
 @needs_triton
 def test_kernel_equals_reference_under_the_triton_interpreter():
     run_interpreted(INTERPRETED)
+
+
+@needs_triton
+def test_kernel_compiles_for_hopper():
+    # ahead of time for sm_90 (tests/triton_cpu.py): the OLMoE shape (16 heads, no grouping) and a GQA group of 8
+    from tests.triton_cpu import compile_for_hopper
+
+    types = dict(Q="*bf16", K="*bf16", V="*bf16", TABLE="*i64", LENS="*i32", O="*bf16", scale="fp32")
+    types.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
+                                             "stride_ts", "stride_os", "stride_oh")})
+    aligned = [name for name in types if name != "scale"]
+    for group in (1, 8):
+        k = compile_for_hopper(pa._kernel(), types, dict(GROUP=group, GPAD=16, D=128, BS=64, IEEE=False), aligned)
+        assert "async_copy" in k.asm["ttgir"], group  # the blocks' K and V stream through shared memory
