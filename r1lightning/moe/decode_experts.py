@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from r1lightning.moe import decode_kernel
+from r1lightning.moe.backend import triton_available
 from r1lightning.moe.megablocks_experts import is_default_silu_gate
 
 NAME = "r1l_decode"
@@ -68,6 +69,8 @@ def triton_unsupported(module) -> str | None:
         return "its experts are not gate|up SiLU-gated (SwiGLU)"
     if getattr(module, "has_bias", False) or getattr(module, "has_post_expert_norm", False):
         return "its experts have biases or a post-expert norm"
+    if module.gate_up_proj.is_cuda and not triton_available():  # the reference path waits on the host: no graphs
+        return "Triton is not installed"
     inner = 1 if getattr(module, "is_transposed", False) else -1  # stored [E, in, out] when transposed
     if not decode_kernel.supports(module.gate_up_proj.shape[inner], module.down_proj.shape[inner]):
         return "its hidden or expert FFN size is below 16"

@@ -225,18 +225,20 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
 
 
 def reference(x, w_in, w_out, transposed, expert_ids, route):
-    """The kernels' arithmetic in PyTorch: per pair, fp32 GEMMs, SwiGLU in fp32, one rounding of a,
-    the routing weight on the fp32 down output, one rounding of y, then the sum over k."""
+    """The kernels' arithmetic in PyTorch, one expert at a time: fp32 GEMMs, SwiGLU in fp32, one rounding
+    of a, the routing weight on the fp32 down output, one rounding of y, then the sum over k."""
     T, K = expert_ids.shape
     e = expert_ids.reshape(-1)
-    xs = x.repeat_interleave(K, dim=0).float()  # [P, H]
-    w1 = (w_in if transposed else w_in.transpose(-2, -1))[e].float()  # [P, H, 2F]
-    h = torch.bmm(xs.unsqueeze(1), w1).squeeze(1)
-    g, u = h.chunk(2, dim=-1)
-    a = (torch.nn.functional.silu(g) * u).to(x.dtype)
-    w2 = (w_out if transposed else w_out.transpose(-2, -1))[e].float()  # [P, F, H]
-    y = torch.bmm(a.float().unsqueeze(1), w2).squeeze(1) * route.reshape(-1, 1).float()
-    return y.to(x.dtype).view(T, K, -1).sum(dim=1)
+    xs = x.repeat_interleave(K, dim=0)  # [P, H]: each pair's token
+    y = torch.empty(T * K, x.shape[-1], dtype=x.dtype, device=x.device)
+    for expert in torch.unique(e).tolist():
+        pairs = (e == expert).nonzero().squeeze(1)
+        w1 = w_in[expert] if transposed else w_in[expert].t()  # [H, 2F]
+        g, u = (xs[pairs].float() @ w1.float()).chunk(2, dim=-1)
+        a = (torch.nn.functional.silu(g) * u).to(x.dtype)
+        w2 = w_out[expert] if transposed else w_out[expert].t()  # [F, H]
+        y[pairs] = ((a.float() @ w2.float()) * route.reshape(-1, 1)[pairs].float()).to(x.dtype)
+    return y.view(T, K, -1).sum(dim=1)
 
 
 def use_kernel(x: torch.Tensor) -> bool:
