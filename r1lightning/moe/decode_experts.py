@@ -97,7 +97,8 @@ def decode_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     transposed, post_norm = getattr(self, "is_transposed", False), getattr(self, "has_post_expert_norm", False)
     mode = choose_mode(self, hidden_states)
     if mode == "triton":
-        reason = triton_unsupported(self)
+        # checked eagerly (and by set_decode_mode before a rollout), not traced: it may import Triton
+        reason = None if torch.compiler.is_compiling() else triton_unsupported(self)
         if reason:
             raise ValueError(f"decode_experts: triton cannot run {type(self).__name__}: {reason}; use grouped_mm")
         x = hidden_states.to(self.gate_up_proj.dtype)
