@@ -1,6 +1,6 @@
 """The Triton decode-experts kernels (`moe/decode_kernel.py`): the padded layout, the PyTorch reference
-against a per-token loop, and the kernels (the one-program layout too) against the reference under the
-Triton interpreter."""
+against a per-token loop, the kernels (the one-program layout too) against the reference under the
+Triton interpreter, their sm_90 build, and the `triton` mode through the paged engine."""
 
 from __future__ import annotations
 
