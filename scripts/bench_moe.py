@@ -341,45 +341,44 @@ def profile_steps(step, n):
 # ----------------------------------------------------------------------------------------------- output
 
 
+def _table(title, header, rows, label, cells):
+    """A titled Markdown table: `label(row)` starts each line, then `cells(row)` or the row's error."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        lines.append(f"| {label(r)} | " + (f"error: {r['error']}" if "error" in r else cells(r)) + " |")
+    return lines + [""]
+
+
 def markdown(out):
     lines = [f"date {out['date']}, {out['device']}, torch {out['torch']}, transformers {out['transformers']}, "
              f"megablocks {out['megablocks']}", ""]
     if "decode" in out:
         s = out["decode"]["shape"]
-        lines += [f"(d) decode experts, {s['layers']} layers in one CUDA graph: H {s['hidden']}, {s['experts']} experts, "
-                  f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}", "",
-                  "| slots | variant | median ms (min–max) | used experts | GB/s | rel. err. vs grouped_mm |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for r in out["decode"]["rows"]:
-            lines.append(f"| {r['tokens']} | {r['variant']} | error: {r['error']} |" if "error" in r else
-                         f"| {r['tokens']} | {r['variant']} | {r['median_ms']:.3f} ({r['min_ms']:.3f}–{r['max_ms']:.3f}) | "
-                         f"{r['used_experts']} | {r['gb_per_s']:.0f} | {r['rel_err_vs_grouped_mm']:.1e} |")
-        lines.append("")
+        lines += _table(f"(d) decode experts, {s['layers']} layers in one CUDA graph: H {s['hidden']}, {s['experts']} experts, "
+                        f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}",
+                        ["slots", "variant", "median ms (min–max)", "used experts", "GB/s", "rel. err. vs grouped_mm"],
+                        out["decode"]["rows"], lambda r: f"{r['tokens']} | {r['variant']}",
+                        lambda r: f"{r['median_ms']:.3f} ({r['min_ms']:.3f}–{r['max_ms']:.3f}) | {r['used_experts']} | "
+                                  f"{r['gb_per_s']:.0f} | {r['rel_err_vs_grouped_mm']:.1e}")
     if "layer" in out:
         la = out["layer"]
         s = la["shape"]
-        lines += [f"(a) one MoE layer fwd+bwd: {s['tokens']} tokens, H {s['hidden']}, {s['experts']} experts, "
-                  f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}; expert FLOPs {la['expert_flops'] / 1e12:.2f} T; "
-                  f"tokens per expert {la['tokens_per_expert_min']}..{la['tokens_per_expert_max']}", "",
-                  "| backend | median ms | min ms | expert TFLOP/s | saved activations GiB | peak GiB | rel. err. |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in la["rows"]:
-            lines.append(f"| {r['backend']} | error: {r['error']} |" if "error" in r else
-                         f"| {r['backend']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['tflops']:.0f} | "
-                         f"{r['saved_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['rel_err_vs_first']:.1e} |")
-        lines.append("")
+        lines += _table(f"(a) one MoE layer fwd+bwd: {s['tokens']} tokens, H {s['hidden']}, {s['experts']} experts, "
+                        f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}; expert FLOPs {la['expert_flops'] / 1e12:.2f} T; "
+                        f"tokens per expert {la['tokens_per_expert_min']}..{la['tokens_per_expert_max']}",
+                        ["backend", "median ms", "min ms", "expert TFLOP/s", "saved activations GiB", "peak GiB", "rel. err."],
+                        la["rows"], lambda r: r["backend"],
+                        lambda r: f"{r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['tflops']:.0f} | "
+                                  f"{r['saved_activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['rel_err_vs_first']:.1e}")
     if "model" in out:
         mo = out["model"]
-        lines += [f"(b) training step, OLMoE-1B-7B shape, {mo['layers']} layers, {mo['params'] / 1e9:.2f} B params "
-                  f"({mo['active_params'] / 1e9:.3f} B active), {mo['batch']} x {mo['seq']} tokens, "
-                  f"{mo['weights']} weights, {mo['optimizer']}; {mo['step_flops'] / 1e12:.1f} TFLOP per step", "",
-                  "| backend | median ms/step | tokens/s | TFLOP/s | MFU (989 spec) | MFU (790 measured) | peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in mo["rows"]:
-            lines.append(f"| {r['backend']} | error: {r['error']} |" if "error" in r else
-                         f"| {r['backend']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
-                         f"{100 * r['mfu_spec']:.1f}% | {100 * r['mfu_measured_peak']:.1f}% | {r['peak_gib']:.1f} |")
-        lines.append("")
+        lines += _table(f"(b) training step, OLMoE-1B-7B shape, {mo['layers']} layers, {mo['params'] / 1e9:.2f} B params "
+                        f"({mo['active_params'] / 1e9:.3f} B active), {mo['batch']} x {mo['seq']} tokens, "
+                        f"{mo['weights']} weights, {mo['optimizer']}; {mo['step_flops'] / 1e12:.1f} TFLOP per step",
+                        ["backend", "median ms/step", "tokens/s", "TFLOP/s", "MFU (989 spec)", "MFU (790 measured)", "peak GiB"],
+                        mo["rows"], lambda r: r["backend"],
+                        lambda r: f"{r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+                                  f"{100 * r['mfu_spec']:.1f}% | {100 * r['mfu_measured_peak']:.1f}% | {r['peak_gib']:.1f}")
     for name, p in out.get("profile", {}).items():
         if "error" in p:
             lines += [f"profile {name}: error {p['error']}", ""]
