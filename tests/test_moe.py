@@ -250,6 +250,20 @@ def test_megablocks_glue_bf16_and_autocast():
 
 
 @needs_triton
+def test_fused_swiglu_kernels_compile_for_hopper():
+    # ahead of time for sm_90 (tests/triton_cpu.py), at the OLMoE expert FFN (F 1024: 2 x 512 columns a program)
+    from r1lightning.moe.swiglu import _kernels
+    from tests.triton_cpu import compile_for_hopper
+
+    _, fwd, bwd = _kernels()
+    types = dict(h_ptr="*bf16", a_ptr="*bf16", da_ptr="*bf16", dh_ptr="*bf16", rows="i32", F="i32")
+    aligned = [name for name in types if name != "rows"]
+    assert compile_for_hopper(fwd, types, dict(BLOCK_R=4, BLOCK_C=512), aligned).asm["cubin"]
+    for write_a in (True, False):
+        assert compile_for_hopper(bwd, types, dict(WRITE_A=write_a, BLOCK_R=4, BLOCK_C=512), aligned).asm["cubin"]
+
+
+@needs_triton
 def test_fused_swiglu_in_triton_interpreter():
     """The Triton SwiGLU kernels, run by Triton's CPU interpreter, against torch's silu(g) * u."""
     code = textwrap.dedent("""

@@ -30,13 +30,14 @@ def run_interpreted(code: str, timeout: int = 300) -> None:
 def compile_for_hopper(fn, types: dict, constants: dict, aligned=(), num_warps: int = 4, num_stages: int = 3):
     """Compile the @triton.jit `fn` for sm_90 as its launcher would: `types` of the runtime arguments
     ("*bf16", "i32", ...), `constants` for constexpr arguments and for integers the launcher specialises
-    (a stride of 1), `aligned` the arguments it would see as multiples of 16. Returns the compiled kernel
+    (a stride of 1), `aligned` the arguments it would see as multiples of 16 (names `fn` lacks are
+    ignored, so one list serves a kernel family). Returns the compiled kernel
     (`.asm["ttgir"]`, `.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: "constexpr" if name in constants else types[name] for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
