@@ -230,7 +230,8 @@ def bench_decode(args, out):
     """The experts of one decode step: `--decode-layers` OLMoE-shaped experts layers (each its own weights,
     so nothing stays in L2) called back to back inside one CUDA graph, as the engine's decode step does,
     for T live slots. `grouped_mm` (today's default) against the Triton kernels at each tile setting;
-    bandwidth = the used experts' weight bytes / time (all 64 experts are used from T ~ 64 on)."""
+    bandwidth = the used experts' weight bytes / time (all 64 experts are used from T ~ 64 on); memory =
+    the peak of the step's own buffers above the weights (one eager call)."""
     from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
     from r1lightning.moe import decode_experts as de
@@ -262,7 +263,11 @@ def bench_decode(args, out):
             else:
                 fn = lambda c=c: [dk.kernels(x, m.gate_up_proj, m.down_proj, False, ids, route, *c) for m in layers]  # noqa: E731
             try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
                 got = fn()[-1].float()
+                transient_mib = (torch.cuda.max_memory_allocated() - base) / 2**20  # the step's own buffers
                 if want is None:
                     want = got
                 err = ((got - want).norm() / want.norm()).item()
@@ -276,7 +281,8 @@ def bench_decode(args, out):
                     fn()
                 med, times = time_cuda(graph.replay, args.warmup, args.iters)
                 rows.append(dict(tokens=T, variant=name, median_ms=med, min_ms=min(times), max_ms=max(times),
-                                 used_experts=used, gb_per_s=bytes_read / (med / 1e3) / 1e9, rel_err_vs_grouped_mm=err))
+                                 used_experts=used, gb_per_s=bytes_read / (med / 1e3) / 1e9, rel_err_vs_grouped_mm=err,
+                                 transient_mib=transient_mib))
             except Exception as err:  # a tile setting the compiler or the GPU refuses: report it and go on
                 rows.append(dict(tokens=T, variant=name, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
             print(json.dumps(rows[-1]), flush=True)
@@ -356,10 +362,11 @@ def markdown(out):
         s = out["decode"]["shape"]
         lines += _table(f"(d) decode experts, {s['layers']} layers in one CUDA graph: H {s['hidden']}, {s['experts']} experts, "
                         f"top-{s['top_k']}, F {s['ffn']}, {s['dtype']}",
-                        ["slots", "variant", "median ms (min–max)", "used experts", "GB/s", "rel. err. vs grouped_mm"],
+                        ["slots", "variant", "median ms (min–max)", "used experts", "GB/s", "transient MiB",
+                         "rel. err. vs grouped_mm"],
                         out["decode"]["rows"], lambda r: f"{r['tokens']} | {r['variant']}",
                         lambda r: f"{r['median_ms']:.3f} ({r['min_ms']:.3f}–{r['max_ms']:.3f}) | {r['used_experts']} | "
-                                  f"{r['gb_per_s']:.0f} | {r['rel_err_vs_grouped_mm']:.1e}")
+                                  f"{r['gb_per_s']:.0f} | {r['transient_mib']:.1f} | {r['rel_err_vs_grouped_mm']:.1e}")
     if "layer" in out:
         la = out["layer"]
         s = la["shape"]
