@@ -35,11 +35,15 @@ from r1lightning.moe.backend import triton_available
 BLOCK_M = 16  # the smallest block: tl.dot's least inner size
 
 
+def _tile(n: int, cap: int = 1 << 30) -> int:
+    """A tile for n: the power of two >= n, at least BLOCK_M (tl.arange / tl.dot sizes), at most cap."""
+    return max(BLOCK_M, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+
+
 def block_m_for(pairs: int, experts: int) -> int:
     """Rows a block: a power of two >= 1.5x the mean pairs an expert (16..128). At 128 slots, top-8 of 64,
     an expert gets Binomial(128, 1/8) pairs (16 ± 3.7): 32-row blocks hold nearly every expert's in one."""
-    want = max(1, -(-3 * pairs // (2 * experts)))
-    return min(128, max(BLOCK_M, 1 << (want - 1).bit_length()))
+    return _tile(-(-3 * pairs // (2 * experts)), 128)
 
 
 def max_blocks(pairs: int, experts: int, block_m: int = BLOCK_M) -> int:
@@ -171,19 +175,14 @@ def align_on_device(expert_ids: torch.Tensor, experts: int, block_m: int = BLOCK
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
     eb = 1 << experts.bit_length()  # a power of two > experts: bin `experts` takes the padding lanes
     scratch = torch.empty(2 * eb, dtype=torch.int32, device=dev)
-    pow2 = lambda n: max(16, 1 << (max(n, 1) - 1).bit_length())  # noqa: E731
     _kernels()[0][(1,)](expert_ids.reshape(-1), rows, block_expert, scratch, P, experts, nb,
-                        BM=block_m, PB=pow2(P), EB=eb, NBB=pow2(nb), FILL=1024)  # fmt: skip
+                        BM=block_m, PB=_tile(P), EB=eb, NBB=_tile(nb), FILL=1024)  # fmt: skip
     return rows, block_expert
 
 
 def supports(hidden: int, ffn: int) -> bool:
     """tl.dot needs inner sizes >= 16; the blocks below are clipped to the dimensions."""
     return hidden >= 16 and ffn >= 16
-
-
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, 1 << (n - 1).bit_length()))
 
 
 # Tile sizes and launch settings (BLOCK_N, BLOCK_K, warps, pipeline stages): untuned defaults until
@@ -212,12 +211,12 @@ def kernels(x, w_in, w_out, transposed, expert_ids, route, block_n: int | None =
     x = x.contiguous()
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_in, transposed)
-    bn, bk = _block(F, block_n), _block(H, block_k)
+    bn, bk = _tile(F, block_n), _tile(H, block_k)
     gemm[(nb, -(-F // bn))](x, w, rows, block_expert, None, a, P, K, H, F, x.stride(0), se, sn, sk, a.stride(0), GATED=True,
                             BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=F % bn == 0 and H % bk == 0, **launch)  # fmt: skip
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     w, se, sn, sk = _weight_view(w_out, transposed)
-    bn, bk = _block(H, block_n), _block(F, block_k)
+    bn, bk = _tile(H, block_n), _tile(F, block_k)
     gemm[(nb, -(-H // bn))](a, w, rows, block_expert, route.reshape(-1).contiguous(), y, P, 1, F, H, a.stride(0), se, sn, sk,
                             y.stride(0), GATED=False, BM=bm, BN=bn, BK=bk, IEEE=ieee, EVEN=H % bn == 0 and F % bk == 0,
                             **launch)  # fmt: skip
