@@ -63,6 +63,13 @@ def choose_mode(module, hidden_states: torch.Tensor) -> str:
     return "grouped_mm"
 
 
+def check_triton(module, name: str) -> None:
+    """A one-line error when the `triton` path cannot run this experts module (`name`: how to call it)."""
+    reason = triton_unsupported(module)
+    if reason:
+        raise ValueError(f"decode_experts: triton cannot run {name}: {reason}; use grouped_mm")
+
+
 def triton_unsupported(module) -> str | None:
     """Why the `triton` path cannot run this experts module (None when it can)."""
     if not getattr(module, "has_gate", True) or not is_default_silu_gate(module):
@@ -97,10 +104,8 @@ def decode_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     transposed, post_norm = getattr(self, "is_transposed", False), getattr(self, "has_post_expert_norm", False)
     mode = choose_mode(self, hidden_states)
     if mode == "triton":
-        # checked eagerly (and by set_decode_mode before a rollout), not traced: it may import Triton
-        reason = None if torch.compiler.is_compiling() else triton_unsupported(self)
-        if reason:
-            raise ValueError(f"decode_experts: triton cannot run {type(self).__name__}: {reason}; use grouped_mm")
+        if not torch.compiler.is_compiling():  # checked eagerly (set_decode_mode too), not traced: it may import Triton
+            check_triton(self, type(self).__name__)
         x = hidden_states.to(self.gate_up_proj.dtype)
         out = decode_kernel.moe_decode(x, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, transposed)
         return out.to(hidden_states.dtype)
@@ -157,13 +162,13 @@ def register() -> None:
 
 
 def set_decode_mode(model: torch.nn.Module, mode: str) -> None:
-    """Force `grouped_mm` or `gather` on every experts module (benchmarks, tests); `auto` decides per call."""
+    """Force `grouped_mm`, `gather` or `triton` on every experts module (the engines, benchmarks, tests);
+    `auto` decides per call. `triton` is checked here, before any step runs, naming the module."""
     if mode not in MODES:
         raise ValueError(f"decode experts mode {mode!r} is not one of {', '.join(MODES)}")
     from r1lightning.moe import experts_modules
 
     for name, m in experts_modules(model):
-        reason = triton_unsupported(m) if mode == "triton" else None
-        if reason:  # before any step runs, not at the first decode
-            raise ValueError(f"decode_experts: triton cannot run {name} ({type(m).__name__}): {reason}; use grouped_mm")
+        if mode == "triton":
+            check_triton(m, f"{name} ({type(m).__name__})")
         m._r1l_decode_mode = mode
