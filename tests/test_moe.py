@@ -11,7 +11,7 @@ from transformers.integrations.moe import grouped_mm_experts_forward
 
 from r1lightning.moe import apply_moe_backend, backend as moe_backend, experts_modules
 from r1lightning.moe.megablocks_experts import (
-    SyncFreeKernels, TorchKernels, experts_forward, loop_gmm, megablocks_experts_forward, torch_gmm,
+    SyncFreeKernels, TorchKernels, experts_forward, loop_gmm, max_tokens, megablocks_experts_forward, torch_gmm,
 )
 from r1lightning.moe.tiny import TINY_CONFIGS, tiny_moe_model
 from tests.triton_cpu import needs_triton, run_interpreted
@@ -209,6 +209,41 @@ def test_megablocks_glue_matches_grouped_mm(arch, recompute, pad, kernels):
             assert rel(a, b) <= 1e-5, (case, name, rel(a, b))
         if case == "uneven_empty":
             assert got[1][3][5:].abs().max() == 0 and got[1][4][5:].abs().max() == 0
+
+
+def test_int32_kernels_take_token_chunks_below_the_limit():
+    """MegaBlocks' gather/scatter index `row * columns` in int32: a larger call is split into token
+    chunks whose padded rows stay below 2^31 elements, with the same outputs and gradients."""
+    # OLMoE: 131,072 tokens (a reference micro-batch) x top-8 + padding, 2,048 wide, passed 2^31
+    assert max_tokens(8, 64, 2048, 128) == ((2**31 - 1) // 2048 - 64 * 128) // 8 == 130_047
+    assert (130_047 * 8 + 64 * 127) * 2048 < 2**31 <= (131_072 * 8) * 2048 + 64 * 127 * 2048
+
+    class Chunked(TorchKernels):
+        int32_offsets, elements = True, None  # set below: room for 7 tokens
+        calls: list = []
+
+        def route(self, expert_ids, num_experts, pad):
+            self.calls.append(expert_ids.numel())
+            return super().route(expert_ids, num_experts, pad)
+
+    model = tiny_moe_model("olmoe")
+    experts = next(m for _, m in experts_modules(model))
+    cols = max(experts.gate_up_proj.shape[-2], experts.gate_up_proj.shape[-1])
+    Chunked.elements = cols * (experts.num_experts * 2 + 2 * 7)  # room for 7 tokens of top-2 at pad 2
+    gen = torch.Generator().manual_seed(1)
+    _, idx = routing_cases(experts.num_experts, 2, gen)[0]  # 40 tokens
+    x = torch.randn(idx.shape[0], experts.gate_up_proj.shape[-1], generator=gen, requires_grad=True)
+    w = torch.rand(idx.shape, generator=gen, requires_grad=True)
+    got = []
+    for kernels in (TorchKernels(), Chunked()):
+        experts.zero_grad()
+        x.grad = w.grad = None
+        y = experts_forward(experts, x, idx, w, kernels=kernels, fused_gate=False, pad_rows=2)
+        (y * y).sum().backward()
+        got.append([y, x.grad, w.grad, experts.gate_up_proj.grad, experts.down_proj.grad])
+    assert Chunked.calls == [14] * 5 + [10]  # 40 tokens in chunks of 7: T*k pairs a call
+    for a, b in zip(got[1], got[0]):
+        assert rel(a, b) <= 1e-6
 
 
 def test_sync_free_kernels_never_read_a_value_on_the_host(monkeypatch):

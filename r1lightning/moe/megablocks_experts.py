@@ -24,6 +24,11 @@ NAME = "megablocks"
 # OLMoE-shaped training step (docs/benchmarks.md): 279 ms/step padded, 621 ms unpadded; the layer
 # alone pays 0.65 ms for the extra rows. Why unpadded shapes hurt the step that much is not profiled.
 PAD_ROWS = 128
+# MegaBlocks' gather/scatter kernels address a row as `row * columns` in int32: a call whose padded
+# rows times the widest row (H, or 2F for the gate/up output) reach 2^31 reads and writes out of
+# bounds. A 131,072-token reference micro-batch on the OLMoE shape (1.05 M rows × 2,048) did, as an
+# illegal memory access (H200, 2026-12-01). Larger calls are split into token chunks below the limit.
+INT32_ELEMENTS = 2**31 - 1
 
 
 def unsupported_reason(module) -> str | None:
@@ -62,6 +67,7 @@ def _round_up(n, pad):
 
 class MegaBlocksKernels:
     sizes_on_device = False  # grouped_gemm's cuBLAS path takes the per-expert sizes from the host
+    int32_offsets = True  # see INT32_ELEMENTS
 
     def __init__(self):
         import grouped_gemm.backend as gg
@@ -108,6 +114,7 @@ class TorchKernels:
     """Reference kernels in plain torch (CPU tests of the glue; never used for speed)."""
 
     sizes_on_device = False
+    int32_offsets = False  # a test sets it to exercise the token chunks
 
     def route(self, expert_ids, num_experts, pad):
         bin_ids, indices = torch.sort(expert_ids, stable=True)
@@ -297,6 +304,12 @@ def _kernels(name: str = "megablocks"):
     return _KERNELS[name]
 
 
+def max_tokens(top_k: int, experts: int, columns: int, pad_rows: int, elements: int = INT32_ELEMENTS) -> int:
+    """Tokens one call can take when its kernels index in int32: T·k rows plus < pad_rows of padding
+    an expert, each `columns` wide, below `elements`."""
+    return max(1, (elements // columns - experts * max(pad_rows, 1)) // top_k)
+
+
 def experts_forward(module, hidden_states, top_k_index, top_k_weights, kernels, fused_gate=True, pad_rows=PAD_ROWS):
     """[T, H], [T, K] int, [T, K] -> [T, H], computed in the autocast dtype when autocast is on."""
     out_dtype = hidden_states.dtype
@@ -304,6 +317,13 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights, kernels, 
     if num_tokens == 0:
         return hidden_states.new_zeros(hidden_states.shape)
     w1, w2 = module.gate_up_proj, module.down_proj
+    if kernels.int32_offsets:
+        limit = max_tokens(top_k, module.num_experts, max(w1.shape[-2], hidden_states.shape[-1]), pad_rows,
+                           getattr(kernels, "elements", INT32_ELEMENTS))
+        if num_tokens > limit:  # tokens are independent: chunks give the same rows
+            return torch.cat([experts_forward(module, hidden_states[i:i + limit], top_k_index[i:i + limit],
+                                              top_k_weights[i:i + limit], kernels, fused_gate, pad_rows)
+                              for i in range(0, num_tokens, limit)])
     dtype = w1.dtype
     device_type = hidden_states.device.type
     if torch.is_autocast_enabled(device_type):

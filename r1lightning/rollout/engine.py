@@ -130,7 +130,7 @@ class StaticCacheSampler(Sampler):
     Args:
         cuda_graphs: capture the decode step in CUDA graphs (CUDA only; False runs it eagerly).
         decode_experts: experts path at decode: `auto`, `grouped_mm`, `gather` or `triton` (see
-            `decode_experts.py`; `triton` is opt-in until timed on the GPU); `policy` keeps the
+            `decode_experts.py`; `auto` takes `triton` on CUDA in bf16 where it can run); `policy` keeps the
             policy's implementation (not graph-safe for MegaBlocks / eager experts, so only with
             `cuda_graphs: false`).
         kv_bucket: attention reads the cache up to the current length rounded up to this many slots
