@@ -179,6 +179,22 @@ def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+def test_auto_decode_experts_takes_triton_in_bf16_only():
+    """`auto` settles on the Triton kernel for bf16 CUDA experts (timed faster than grouped_mm at 64-256
+    slots, docs/benchmarks.md) before any step, and keeps deciding per call in fp32 (gather)."""
+    from r1lightning.moe import experts_modules
+    from r1lightning.moe.decode_experts import choose_mode, set_decode_mode
+
+    model, _ = on_cuda(OLMOE, torch.bfloat16, moe_backend="grouped_mm")
+    set_decode_mode(model, "auto")
+    modes = {m._r1l_decode_mode for _, m in experts_modules(model)}
+    assert modes == {"triton"}
+    model.float()
+    set_decode_mode(model, "auto")
+    m = next(m for _, m in experts_modules(model))
+    assert m._r1l_decode_mode == "auto" and choose_mode(m, torch.zeros(1, m.gate_up_proj.shape[-1], device="cuda")) == "gather"
+
+
 def test_paged_graphs_triton_experts_greedy_matches_generate_fp32():
     model, tok = on_cuda(OLMOE, moe_backend="grouped_mm")
     ids, mask = (t.cuda() for t in encode(tok, RAGGED))
