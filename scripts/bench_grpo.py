@@ -587,18 +587,22 @@ def trl_point(args, device, tok, modeldir, length, dist, megablocks, name, bound
     return point
 
 
-def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: int, window: int = 32) -> dict:
+def trl_bounds(timed: list[dict], length: int, n: int, rows: int, kv_per_token: int, window: int = 32,
+               tail: float = 0.25) -> dict:
     """Lower bounds at `length` from steps whose `generate` ran `n` tokens.
 
     Rollout: the n tokens took `rollout_s`; each of the length - n decode steps still to come costs at
-    least the fastest window of `window` consecutive steps seen (the KV only grows, so a later step reads
-    more and transformers' cache appends more): rollout >= rollout_n + (length - n) x that step time.
-    The fastest window, not the mean, keeps noise from lifting the bound. The step is bounded by its
+    least the fastest window of `window` consecutive steps among the last `tail` of the steps seen (the
+    KV only grows, so a later step reads more and transformers' cache appends more than any step seen):
+    rollout >= rollout_n + (length - n) x that step time. The fastest window, not the mean, keeps noise
+    from lifting the bound; taking it from the last steps rather than all (session 10: from the first
+    ones, at the shortest KV) keeps the bound from being loose by the growth seen within the n tokens. The step is bounded by its
     rollout alone (the reference and update at `length` are not bounded from n tokens: TRL's micro-batches
     for `length` hold fewer tokens at n). Peak memory >= the peak while generating n tokens + the KV of
     the length - n tokens every row still has to append."""
     def fastest(times):
         gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = gaps[-max(window, int(len(gaps) * tail)):]  # the steps at the longest KV seen
         w = max(1, min(window, len(gaps)))
         return min(sum(gaps[i : i + w]) / w for i in range(len(gaps) - w + 1)) if gaps else 0.0
 

@@ -50,16 +50,22 @@ def test_equal_tokens_counts_completion_or_all_tokens():
 
 
 def test_trl_bounds_from_a_shorter_generation():
-    # 5 decode steps 10 ms apart, then 20 ms apart: the fastest 2-step window is 10 ms per step
-    times = [0.0, 0.01, 0.02, 0.03, 0.05, 0.07]
+    # 12 decode steps 10 ms apart, then 4 steps 20, 18, 22, 20 ms apart, as the KV grows
+    times = [0.01 * i for i in range(13)]
+    for gap in (0.020, 0.018, 0.022, 0.020):
+        times.append(times[-1] + gap)
     step = {"rollout_s": 0.5, "step_times": times, "rollout_peak_GiB": 10.0, "step_s": 0.9}
-    got = bench_grpo.trl_bounds([step], length=106, n=6, rows=4, kv_per_token=2**28, window=2)
-    # the 100 tokens still to come cost at least 10 ms each after the 0.5 s measured
-    assert got["rollout_s_lower"] == pytest.approx(0.5 + 100 * 0.01)
+    got = bench_grpo.trl_bounds([step], length=116, n=16, rows=4, kv_per_token=2**28, window=2)
+    # the 100 tokens still to come cost at least the fastest 2-step window of the last quarter (16 gaps:
+    # the last 4): (18 + 22) / 2 = (20 + 18) / 2 = 19 ms, not the 10 ms of the first steps
+    assert got["rollout_s_lower"] == pytest.approx(0.5 + 100 * 0.019)
     assert got["step_s_lower"] == got["rollout_s_lower"]
     # and each of the 4 rows still appends 100 tokens x 0.25 GiB of KV
     assert got["peak_GiB_lower"] == pytest.approx(10.0 + 4 * 100 * 0.25)
-    assert got["decode_step_ms_floor"] == pytest.approx(10.0)
+    assert got["decode_step_ms_floor"] == pytest.approx(19.0)
+    # tail 1 (every step): the first steps' 10 ms, as session 10's bounds used
+    assert bench_grpo.trl_bounds([step], length=116, n=16, rows=4, kv_per_token=2**28, window=2,
+                                 tail=1.0)["rollout_s_lower"] == pytest.approx(0.5 + 100 * 0.01)
 
 
 def test_comparisons_give_ratios_bounds_and_long_tailed_shares():
