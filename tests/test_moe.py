@@ -219,7 +219,7 @@ def test_int32_kernels_take_token_chunks_below_the_limit():
     assert (130_047 * 8 + 64 * 127) * 2048 < 2**31 <= (131_072 * 8) * 2048 + 64 * 127 * 2048
 
     class Chunked(TorchKernels):
-        int32_offsets, elements = True, None  # set below: room for 7 tokens
+        max_elements = None  # set below: room for 7 tokens
         calls: list = []
 
         def route(self, expert_ids, num_experts, pad):
@@ -229,7 +229,7 @@ def test_int32_kernels_take_token_chunks_below_the_limit():
     model = tiny_moe_model("olmoe")
     experts = next(m for _, m in experts_modules(model))
     cols = max(experts.gate_up_proj.shape[-2], experts.gate_up_proj.shape[-1])
-    Chunked.elements = cols * (experts.num_experts * 2 + 2 * 7)  # room for 7 tokens of top-2 at pad 2
+    Chunked.max_elements = cols * (experts.num_experts * 2 + 2 * 7)  # room for 7 tokens of top-2 at pad 2
     gen = torch.Generator().manual_seed(1)
     _, idx = routing_cases(experts.num_experts, 2, gen)[0]  # 40 tokens
     x = torch.randn(idx.shape[0], experts.gate_up_proj.shape[-1], generator=gen, requires_grad=True)

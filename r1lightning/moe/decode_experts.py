@@ -63,9 +63,15 @@ def choose_mode(module, hidden_states: torch.Tensor) -> str:
     if not _aligned(w1, module.down_proj) or hidden_states.shape[-1] * w1.element_size() % 16:
         return "gather"
     # Under compile the check is not traced: `set_decode_mode(model, "auto")` settled it eagerly.
-    if w1.is_cuda and not torch.compiler.is_compiling() and triton_unsupported(module) is None:
+    if not torch.compiler.is_compiling() and auto_takes_triton(module):
         return "triton"
     return "grouped_mm"
+
+
+def auto_takes_triton(module) -> bool:
+    """`auto`'s choice of the kernel: bf16 experts on CUDA that it can run."""
+    w = module.gate_up_proj if getattr(module, "has_gate", True) else module.up_proj
+    return w.is_cuda and w.dtype == torch.bfloat16 and triton_unsupported(module) is None
 
 
 def check_triton(module, name: str) -> None:
@@ -177,8 +183,5 @@ def set_decode_mode(model: torch.nn.Module, mode: str) -> None:
     for name, m in experts_modules(model):
         if mode == "triton":
             check_triton(m, f"{name} ({type(m).__name__})")
-        w1 = m.gate_up_proj if getattr(m, "has_gate", True) else m.up_proj
-        if mode == "auto" and w1.is_cuda and w1.dtype == torch.bfloat16 and triton_unsupported(m) is None:
-            m._r1l_decode_mode = "triton"  # what `choose_mode` picks, settled outside any compiled region
-        else:
-            m._r1l_decode_mode = mode
+        # `auto`'s kernel choice settled here, outside any compiled region
+        m._r1l_decode_mode = "triton" if mode == "auto" and auto_takes_triton(m) else mode

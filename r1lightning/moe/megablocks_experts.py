@@ -67,7 +67,7 @@ def _round_up(n, pad):
 
 class MegaBlocksKernels:
     sizes_on_device = False  # grouped_gemm's cuBLAS path takes the per-expert sizes from the host
-    int32_offsets = True  # see INT32_ELEMENTS
+    max_elements = INT32_ELEMENTS  # its gather/scatter index in int32: see INT32_ELEMENTS
 
     def __init__(self):
         import grouped_gemm.backend as gg
@@ -114,7 +114,7 @@ class TorchKernels:
     """Reference kernels in plain torch (CPU tests of the glue; never used for speed)."""
 
     sizes_on_device = False
-    int32_offsets = False  # a test sets it to exercise the token chunks
+    max_elements = None  # no limit (a test sets one to exercise the token chunks)
 
     def route(self, expert_ids, num_experts, pad):
         bin_ids, indices = torch.sort(expert_ids, stable=True)
@@ -317,9 +317,9 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights, kernels, 
     if num_tokens == 0:
         return hidden_states.new_zeros(hidden_states.shape)
     w1, w2 = module.gate_up_proj, module.down_proj
-    if kernels.int32_offsets:
+    if kernels.max_elements:
         limit = max_tokens(top_k, module.num_experts, max(w1.shape[-2], hidden_states.shape[-1]), pad_rows,
-                           getattr(kernels, "elements", INT32_ELEMENTS))
+                           kernels.max_elements)
         if num_tokens > limit:  # tokens are independent: chunks give the same rows
             return torch.cat([experts_forward(module, hidden_states[i:i + limit], top_k_index[i:i + limit],
                                               top_k_weights[i:i + limit], kernels, fused_gate, pad_rows)
