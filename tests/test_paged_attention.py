@@ -63,6 +63,14 @@ for kw in [dict(bs=16, lengths=(1, 16, 17, 40, 3)), dict(Hq=8, Hkv=1, d=64, bs=1
     tol = 1e-5 if q.dtype == torch.float32 else 2e-3
     err = (got - want).abs().max().item()
     assert err < tol, (kw, err)
+# an fp8 pool (`kv_dtype: fp8`): the kernel widens it to the query's dtype; the reference reads it in fp32
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    q, k, v, table, lengths, bs = t.pooled_case(bs=16, lengths=(1, 16, 17, 40, 3), dtype=dtype)
+    k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    got = pa.kernel(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
+    want = pa.reference(q, k, v, table, lengths, bs, q.shape[-1] ** -0.5).float()
+    err = (got - want).abs().max().item()
+    assert err < tol, ("fp8", dtype, err)
 print("ok")
 """
 
@@ -84,3 +92,7 @@ def test_kernel_compiles_for_hopper():
     for group in (1, 8):
         k = compile_for_hopper(pa._kernel(), types, dict(GROUP=group, GPAD=16, D=128, BS=64, IEEE=False), aligned)
         assert "async_copy" in k.asm["ttgir"], group  # the blocks' K and V stream through shared memory
+    # an fp8 pool (`kv_dtype: fp8`): e4m3 loads, widened to bf16 in registers
+    k = compile_for_hopper(pa._kernel(), dict(types, K="*fp8e4nv", V="*fp8e4nv"),
+                           dict(GROUP=1, GPAD=16, D=128, BS=64, IEEE=False), aligned)
+    assert "async_copy" in k.asm["ttgir"] and "f8E4M3FN" in k.asm["ttgir"]

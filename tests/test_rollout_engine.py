@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 from scipy import stats
+from transformers import DynamicCache
 
 from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, SamplingParams, StaticCacheSampler
@@ -295,6 +296,46 @@ def test_paged_greedy_matches_generate_with_slots_reused(arch, attn, attention, 
     assert torch.equal(ours.truncated, ref.truncated)
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
     assert model.config._experts_implementation == "grouped_mm"
+
+
+class Fp8RoundedCache(DynamicCache):
+    """transformers' cache storing K/V through fp8 e4m3 (saturating), as `kv_dtype: fp8`'s pool: a
+    prompt attends to itself unrounded at prefill; every later step reads everything rounded."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        fresh = self.get_seq_length(layer_idx) == 0
+        r = lambda x: x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
+        k, v = super().update(r(key_states), r(value_states), layer_idx, *args, **kwargs)
+        return (key_states, value_states) if fresh else (k, v)
+
+
+@pytest.mark.parametrize("attention", ["gather", "pool"])
+def test_paged_fp8_kv_equals_generate_over_an_fp8_rounded_cache(attention):
+    """`kv_dtype: fp8` is exactly "K/V rounded to e4m3 when stored": same greedy tokens and log-probs as
+    transformers' generate over a cache that rounds the same way, 9 ragged prompts through 3 reused
+    slots; a pool of a quarter of the fp32 bytes. The unrounded pool gives other tokens here, so the
+    comparison can tell the two apart."""
+    model, tok = build(OLMOE)
+    ids, mask = encode(tok, RAGGED)
+    n = 16
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         past_key_values=Fp8RoundedCache(), return_dict_in_generate=True, output_logits=True,
+                         pad_token_id=tok.pad_token_id)
+    want = out.sequences[:, ids.shape[1]:]
+    want_logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, want.unsqueeze(-1)).squeeze(-1)
+    kw = dict(max_slots=3, block_size=4, sync_every=2, attention=attention, min_new_tokens=n)
+    fp8 = PagedSampler(kv_dtype="fp8", **kw)
+    ours = fp8.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
+    assert fp8.last_stats["admitted"] == len(RAGGED) and fp8.last_stats["preempted"] == 0
+    assert torch.equal(ours.completion_ids, want)
+    torch.testing.assert_close(ours.logprobs, want_logp, atol=2e-4, rtol=0)
+    full = PagedSampler(**kw)
+    plain = full.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
+    assert not torch.equal(plain.completion_ids, want)
+    assert fp8.last_stats["kv_bytes"] * 4 == full.last_stats["kv_bytes"]  # fp32 model: 4 bytes an element, fp8 1
+    assert fp8.kv_token_bytes(model, ids.device) * 4 == full.kv_token_bytes(model, ids.device)
+    with pytest.raises(UserError, match="kv_dtype: must be one of auto, fp8, got 'int4'"):
+        PagedSampler(kv_dtype="int4")
 
 
 @pytest.mark.parametrize("attention", ["gather", "pool"])

@@ -62,6 +62,24 @@ from r1lightning.rollout.engine import (
 )
 
 GIB = 1 << 30
+# `kv_dtype`: the pool's element type. fp8 (e4m3) halves the bytes a decode step reads per token of
+# KV, which is most of a long completion's decode step (docs/benchmarks.md, session 12: 9.6 of 15.2 ms
+# at 4,096 tokens on the OLMoE shape), and the pool's memory.
+KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _fp8(pool: torch.Tensor) -> bool:
+    return pool.dtype == torch.float8_e4m3fn
+
+
+def write_rows(pool: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """pool[rows] = x in the pool's dtype. fp8 saturates at its largest finite value (a cast past it is
+    not defined to), and is written through a byte view: index_copy_ has no fp8 kernel on the CPU."""
+    if _fp8(pool):
+        pool.view(torch.uint8).index_copy_(0, rows, x.clamp(-FP8_MAX, FP8_MAX).to(pool.dtype).view(torch.uint8))
+    else:
+        pool.index_copy_(0, rows, x.to(pool.dtype))
 
 
 class PagedKV(Cache):
@@ -98,11 +116,11 @@ class PagedKV(Cache):
         k = key_states.transpose(1, 2).reshape(n * q, h, d)
         v = value_states.transpose(1, 2).reshape(n * q, h, d)
         if self.prefill:
-            K.index_copy_(0, self.dest, k[self.sel].to(K.dtype))
-            V.index_copy_(0, self.dest, v[self.sel].to(V.dtype))
+            write_rows(K, self.dest, k[self.sel])
+            write_rows(V, self.dest, v[self.sel])
             return key_states, value_states
-        K.index_copy_(0, self.write, k.to(K.dtype))
-        V.index_copy_(0, self.write, v.to(V.dtype))
+        write_rows(K, self.write, k)
+        write_rows(V, self.write, v)
         if self.attention != "gather":
             return K, V
         S, T = self.read.shape
@@ -137,9 +155,11 @@ class _PagedState:
         self.dummy_base = 0
 
 
-def kv_bytes_per_token(model, device) -> int:
-    """Bytes of K and V one token adds over all layers, in the dtype the engine stores them."""
+def kv_bytes_per_token(model, device, kv_dtype: str = "auto") -> int:
+    """Bytes of K and V one token adds over all layers, in the dtype the engine stores them (`kv_dtype`:
+    the paged engine's option; `auto` is the compute dtype, as transformers' caches keep)."""
     layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device)
+    dtype = KV_DTYPES[kv_dtype] or dtype
     return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -177,13 +197,19 @@ class PagedSampler(StaticCacheSampler):
             of time on the OLMoE shape) while an idle slot costs a decode step little, so fewer, larger
             admissions can pay; 1 admits at every sync. Long-tailed GRPO steps at 1,024 tokens spent
             1.7 s of 16 s prefilling (docs/benchmarks.md, session 7); the trade is not yet measured.
+        kv_dtype: `auto`: the pool keeps K and V in the compute dtype. `fp8`: float8 e4m3 with no scale
+            (values saturate at ±448): half the pool's bytes, so a decode step reads half the KV and
+            the pool holds twice the tokens. Attention reads the rounded K/V (a sequence's own prompt
+            attends to itself unrounded at prefill); each element is rounded to 3 mantissa bits
+            (relative error up to 1/16). Opt-in: not yet timed on the GPU.
     """
 
     release_after_call = False
 
     def __init__(self, max_slots: int = 256, kv_cache_gib: float | None = None, kv_memory_fraction: float = 0.75,
                  block_size: int = 64, kv_bucket: int | None = None, keep_cache: bool = False, compact_tail: bool = True,
-                 attention: str = "auto", prefill_chunk: int = 2048, admit_batch: int = 1, **kwargs):
+                 attention: str = "auto", prefill_chunk: int = 2048, admit_batch: int = 1, kv_dtype: str = "auto",
+                 **kwargs):
         super().__init__(kv_bucket=kv_bucket or block_size, keep_cache=keep_cache, **kwargs)
         if int(max_slots) < 1:
             raise UserError(f"max_slots: must be >= 1, got {max_slots}")
@@ -204,6 +230,13 @@ class PagedSampler(StaticCacheSampler):
         if int(admit_batch) < 1:
             raise UserError(f"admit_batch: must be >= 1, got {admit_batch}")
         self.admit_batch = int(admit_batch)
+        if kv_dtype not in KV_DTYPES:
+            raise UserError(f"kv_dtype: must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
+
+    def kv_token_bytes(self, model, device) -> int:
+        """Bytes of K and V one token takes in this engine's pool."""
+        return kv_bytes_per_token(model, device, self.kv_dtype)
 
     def release_for_update(self) -> None:
         if not self.keep_cache:
@@ -246,7 +279,7 @@ class PagedSampler(StaticCacheSampler):
 
     def _pool_blocks(self, model, device, S, blocks_per_seq, trash_blocks) -> tuple[int, int]:
         """(blocks in the pool, bytes per block) under the budget."""
-        per_block = kv_bytes_per_token(model, device) * self.block_size
+        per_block = self.kv_token_bytes(model, device) * self.block_size
         need = S * blocks_per_seq + trash_blocks
         if self.kv_cache_gib is not None:
             blocks = int(self.kv_cache_gib * GIB // per_block)
@@ -574,6 +607,7 @@ class PagedSampler(StaticCacheSampler):
         st = _PagedState()
         st.model = model
         layers, heads, head_dim, dtype = self._kv_shape(model, device)
+        dtype = KV_DTYPES[self.kv_dtype] or dtype
         st.cache = PagedKV(layers, blocks * self.block_size, heads, head_dim, dtype, device, self.block_size)
         V = model.get_output_embeddings().weight.shape[0]
         long = dict(dtype=torch.long, device=device)

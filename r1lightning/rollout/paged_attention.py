@@ -39,8 +39,9 @@ def kernel_supports(head_dim: int, group: int, block_size: int = 64) -> bool:
 
 
 def reference(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float):
-    """q [S, Hq, d]; pools [rows, Hkv, d]; block_table [S, >= ceil(max len / block_size)] pool block ids;
-    lengths [S] tokens each slot attends to (its first `lengths[s]` positions) -> [S, Hq, d] in q's dtype."""
+    """q [S, Hq, d]; pools [rows, Hkv, d] (q's dtype, or fp8); block_table [S, >= ceil(max len / block_size)]
+    pool block ids; lengths [S] tokens each slot attends to (its first `lengths[s]` positions) -> [S, Hq, d]
+    in q's dtype."""
     S, Hq, d = q.shape
     Hkv = k_pool.shape[1]
     T = max(int(lengths.max()), 1)
@@ -79,8 +80,9 @@ def _kernel():
         for b in range(0, tl.cdiv(n, BS)):
             block = tl.load(TABLE + s * stride_ts + b).to(tl.int64)
             r = block * BS + j
-            k = tl.load(K + r[:, None] * stride_kr + h * stride_kh + d[None, :])
-            v = tl.load(V + r[:, None] * stride_vr + h * stride_vh + d[None, :])
+            # an fp8 pool (`kv_dtype: fp8`) is widened to q's dtype in registers: the bytes read are halved
+            k = tl.load(K + r[:, None] * stride_kr + h * stride_kh + d[None, :]).to(Q.dtype.element_ty)
+            v = tl.load(V + r[:, None] * stride_vr + h * stride_vh + d[None, :]).to(Q.dtype.element_ty)
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -145,7 +147,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q = query[:, :, 0].to(key.dtype)  # a pool kept in another dtype is read in its own
+    # a pool kept in another dtype is read in its own; an fp8 pool (storage only) in the query's
+    q = query[:, :, 0] if key.dtype == torch.float8_e4m3fn else query[:, :, 0].to(key.dtype)
     out = paged_decode(q, key, value, paged_kv.table, paged_kv.lengths, paged_kv.block_size, float(scale),
                        paged_kv.attention == "kernel")
     return out.to(query.dtype)[:, None], None  # [S, 1, Hq, d], as sdpa_attention_forward returns
