@@ -96,3 +96,22 @@ def test_kernel_compiles_for_hopper():
     k = compile_for_hopper(pa._kernel(), dict(types, K="*fp8e4nv", V="*fp8e4nv"),
                            dict(GROUP=1, GPAD=16, D=128, BS=64, IEEE=False), aligned)
     assert "async_copy" in k.asm["ttgir"] and "f8E4M3FN" in k.asm["ttgir"]
+
+
+def test_bench_paged_attention_counts_half_the_bytes_for_an_fp8_pool():
+    """`scripts/bench_paged_attention.py` on the CPU (the reference path): an fp8 pool reads half the
+    bf16 pool's bytes, and its output is further from the fp32 reference than bf16's (e4m3 keeps 3
+    mantissa bits, bf16 7), within a few percent."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_paged_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_paged_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--device", "cpu", "--slots", "3", "--length", "40", "--layers", "2", "--heads", "2",
+                      "--head-dim", "32", "--block-size", "16", "--iters", "2", "--warmup", "0"])
+    bf16, fp8 = out["rows"]
+    assert (bf16["pool"], fp8["pool"]) == ("bf16", "fp8") and bf16["path"] == "reference"
+    assert bf16["gb_read"] == 2 * fp8["gb_read"] == 2 * 2 * 3 * 40 * 2 * 32 * 2 / 1e9  # K+V, layers, slots, tokens, heads, dim, bytes
+    assert bf16["rel_err_vs_fp32"] < 1e-2 < fp8["rel_err_vs_fp32"] < 6e-2
