@@ -22,12 +22,13 @@ import argparse
 import datetime
 import json
 import re
-import statistics
 import sys
 import time
 import traceback
 
 import torch
+
+from cuda_timing import time_cuda
 
 from r1lightning.moe import experts_modules, megablocks_status
 from r1lightning.moe.megablocks_experts import PAD_ROWS, register
@@ -55,21 +56,6 @@ def set_variant(module, config, name):
         m._r1l_fused_gate = v.get("fused", True)
         m._r1l_pad_rows = v.get("pad", PAD_ROWS)
         m._r1l_kernels = v.get("kernels", "megablocks")
-
-
-def time_cuda(fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), times
 
 
 def olmoe_config(layers, **kw):

@@ -309,6 +309,15 @@ class Fp8RoundedCache(DynamicCache):
         return (key_states, value_states) if fresh else (k, v)
 
 
+def fp8_rounded_generate(model, tok, ids, mask, n):
+    """transformers' greedy tokens [B, n] and their log-probs over an `Fp8RoundedCache`, EOS never stopping."""
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         past_key_values=Fp8RoundedCache(), return_dict_in_generate=True, output_logits=True,
+                         pad_token_id=tok.pad_token_id)
+    tokens = out.sequences[:, ids.shape[1]:]
+    return tokens, torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 @pytest.mark.parametrize("attention", ["gather", "pool"])
 def test_paged_fp8_kv_equals_generate_over_an_fp8_rounded_cache(attention):
     """`kv_dtype: fp8` is exactly "K/V rounded to e4m3 when stored": same greedy tokens and log-probs as
@@ -318,11 +327,7 @@ def test_paged_fp8_kv_equals_generate_over_an_fp8_rounded_cache(attention):
     model, tok = build(OLMOE)
     ids, mask = encode(tok, RAGGED)
     n = 16
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         past_key_values=Fp8RoundedCache(), return_dict_in_generate=True, output_logits=True,
-                         pad_token_id=tok.pad_token_id)
-    want = out.sequences[:, ids.shape[1]:]
-    want_logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, want.unsqueeze(-1)).squeeze(-1)
+    want, want_logp = fp8_rounded_generate(model, tok, ids, mask, n)
     kw = dict(max_slots=3, block_size=4, sync_every=2, attention=attention, min_new_tokens=n)
     fp8 = PagedSampler(kv_dtype="fp8", **kw)
     ours = fp8.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)

@@ -234,16 +234,12 @@ def test_paged_graphs_kernel_attention_bf16_as_close_to_fp32_as_the_gather(tiny_
 def test_paged_graphs_fp8_kv_kernel_equals_generate_over_an_fp8_rounded_cache():
     """`kv_dtype: fp8` on CUDA: the Triton kernel reading the e4m3 pool under graphs gives transformers'
     greedy tokens over a cache that rounds K/V the same way (fp32 model, so no other rounding)."""
-    from tests.test_rollout_engine import Fp8RoundedCache
+    from tests.test_rollout_engine import fp8_rounded_generate
 
     model, tok = on_cuda(OLMOE, moe_backend="grouped_mm")
     ids, mask = (t.cuda() for t in encode(tok, RAGGED))
     n = 16
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         past_key_values=Fp8RoundedCache(), return_dict_in_generate=True, output_logits=True,
-                         pad_token_id=tok.pad_token_id)
-    want = out.sequences[:, ids.shape[1]:]
-    want_logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, want.unsqueeze(-1)).squeeze(-1)
+    want, want_logp = fp8_rounded_generate(model, tok, ids, mask, n)
     engine = PagedSampler(max_slots=4, block_size=16, kv_dtype="fp8", min_new_tokens=n)
     ours = engine.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
     assert engine.last_stats["attention"] == "kernel" and engine.last_stats["graphs"] >= 1
