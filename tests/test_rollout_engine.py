@@ -310,9 +310,10 @@ class Fp8RoundedCache(DynamicCache):
 
 
 def fp8_rounded_generate(model, tok, ids, mask, n):
-    """transformers' greedy tokens [B, n] and their log-probs over an `Fp8RoundedCache`, EOS never stopping."""
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         past_key_values=Fp8RoundedCache(), return_dict_in_generate=True, output_logits=True,
+    """transformers' greedy tokens [B, n] and their log-probs over an `Fp8RoundedCache`; the EOS is an id the
+    vocabulary lacks, so nothing stops or is suppressed (the engines are called with the same)."""
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, eos_token_id=len(tok) + 1, do_sample=False,
+                         past_key_values=Fp8RoundedCache(config=model.config), return_dict_in_generate=True, output_logits=True,
                          pad_token_id=tok.pad_token_id)
     tokens = out.sequences[:, ids.shape[1]:]
     return tokens, torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -328,7 +329,7 @@ def test_paged_fp8_kv_equals_generate_over_an_fp8_rounded_cache(attention):
     ids, mask = encode(tok, RAGGED)
     n = 16
     want, want_logp = fp8_rounded_generate(model, tok, ids, mask, n)
-    kw = dict(max_slots=3, block_size=4, sync_every=2, attention=attention, min_new_tokens=n)
+    kw = dict(max_slots=3, block_size=4, sync_every=2, attention=attention)
     fp8 = PagedSampler(kv_dtype="fp8", **kw)
     ours = fp8.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
     assert fp8.last_stats["admitted"] == len(RAGGED) and fp8.last_stats["preempted"] == 0
@@ -533,6 +534,25 @@ def test_paged_compiled_decode_greedy_matches_generate(attention, experts, tiny_
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
+@pytest.mark.parametrize("attention", ["gather", "pool"])
+def test_paged_compiled_decode_with_an_fp8_pool(attention, tiny_moe_config):
+    # the pool's byte-view writes and fp8 reads inside the compiled step: no graph breaks, the rounded reference's tokens
+    torch._dynamo.reset()
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    n = 12
+    want, want_logp = fp8_rounded_generate(model, tok, ids, mask, n)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4, attention=attention, kv_dtype="fp8")
+    ours = engine.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
+    assert engine.last_stats["attention"] == attention and not counters["graph_break"]
+    assert torch.equal(ours.completion_ids, want)
+    torch.testing.assert_close(ours.logprobs, want_logp, atol=2e-4, rtol=0)
 
 
 PAGED_FIT_SAMPLER = {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}}

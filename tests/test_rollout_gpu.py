@@ -240,7 +240,7 @@ def test_paged_graphs_fp8_kv_kernel_equals_generate_over_an_fp8_rounded_cache():
     ids, mask = (t.cuda() for t in encode(tok, RAGGED))
     n = 16
     want, want_logp = fp8_rounded_generate(model, tok, ids, mask, n)
-    engine = PagedSampler(max_slots=4, block_size=16, kv_dtype="fp8", min_new_tokens=n)
+    engine = PagedSampler(max_slots=4, block_size=16, kv_dtype="fp8")
     ours = engine.generate(model, ids, mask, SamplingParams(n, 0), len(tok) + 1, tok.pad_token_id)
     assert engine.last_stats["attention"] == "kernel" and engine.last_stats["graphs"] >= 1
     assert torch.equal(ours.completion_ids, want)
