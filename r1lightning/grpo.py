@@ -179,6 +179,9 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
         offload_optimizer = parse_offload(offload_optimizer, "offload_optimizer")
         if sampling.num_samples < 2:
             raise UserError("model.sampling.num_samples: GRPO needs at least 2 completions per prompt (the group)")
+        if loss.sampler_correction is not None and use_sampler_logprobs:
+            raise UserError("model.loss.sampler_correction with use_sampler_logprobs: true weighs the sampler against "
+                            "itself (always 1); set one of them off")
         self.save_hyperparameters(ignore=["policy", "optimizer", "val_sampler", "sampler", "rewards"])
         # hparams.yaml and checkpoints keep the groups as plain mappings (yaml.safe_load reads them).
         self.hparams.update(sampling=sampling.as_dict(), loss=loss.as_dict(), offload_reference=offload_reference,
@@ -319,6 +322,9 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
             # Falling back to the current log-probs would make the ratio 1: clipping would never act.
             raise UserError(f"model.use_sampler_logprobs: the sampler ({type(self.sampler).__name__}) returned no "
                             "log-probs; enable them on the sampler (return_logprobs: true) or set use_sampler_logprobs: false")
+        if self.loss.sampler_correction is not None and rollout.logprobs is None:
+            raise UserError(f"model.loss.sampler_correction: the sampler ({type(self.sampler).__name__}) returned no "
+                            "log-probs; enable them on the sampler (return_logprobs: true) or set sampler_correction: null")
         if h.num_iterations > 1 or h.use_sampler_logprobs:
             old_logp = rollout.logprobs if h.use_sampler_logprobs else self.frozen_logprobs(rollout, self.model, micro)
         if parked is not None:
@@ -392,10 +398,14 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
         old = logp.detach() if old_logp is None else old_logp[idx]
         ref = ref_logp[idx] if ref_logp is not None else None
         o = self.loss
+        correction = {}
+        if o.sampler_correction is not None:  # at mu = 1, `old` is this forward's own, detached: no extra pass
+            correction = dict(sampler_logp=rollout.logprobs[idx], sampler_correction=o.sampler_correction,
+                              sampler_correction_min=o.sampler_correction_min, sampler_correction_max=o.sampler_correction_max)
         loss, metrics = grpo_loss(
             logp, old, advantages[idx], mask[idx], ref, beta=o.beta, epsilon_low=o.epsilon_low,
             epsilon_high=o.epsilon_high, delta=o.delta, aggregation=o.aggregation,
-            importance_sampling_level=o.importance_sampling_level, **norm,
+            importance_sampling_level=o.importance_sampling_level, **correction, **norm,
         )
         if aux is not None:
             loss = loss + self.aux_coef * aux / n_micro

@@ -8,6 +8,8 @@ prompt ``i``. SFT: T tokens per row, V the vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +34,9 @@ __all__ = [
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+# Sampler/trainer mismatch correction (TRL's `vllm_importance_sampling_mode`): how the ratio of the
+# training forward's probability to the sampler's weights each token's surrogate.
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 IGNORE_INDEX = -100  # label of the tokens SFT puts no loss on (prompt, padding)
 
 
@@ -195,6 +200,33 @@ def _count(x) -> float | Tensor:
     return x.float().clamp(min=1) if isinstance(x, Tensor) else max(float(x), 1.0)
 
 
+def sampler_weights(train_logp: Tensor, sampler_logp: Tensor, mask: Tensor, mode: str,
+                    low: float | None = None, high: float | None = 3.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Importance weights for samples drawn by a sampler whose numerics differ from the training forward
+    (a fast engine's kernels, an fp8 KV cache, another library): ratio = exp(train - sampler log-probs),
+    per token ([N, C]) or per sequence (exp of the summed difference, [N, 1]); `*_truncate` clips it to
+    [low, high], `*_mask` sets it to 0 outside [low, high] (None: unbounded on that side). A NaN sampler
+    log-prob gives ratio 1. Returns (weights, metrics over the unmasked tokens, TRL's names where TRL
+    logs the same: the weights' mean, the mean |train - sampler| log-prob difference, and the share of
+    tokens whose ratio fell outside the bounds)."""
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"unknown sampler correction {mode!r}; expected one of {SAMPLER_CORRECTIONS}")
+    on = mask.bool()
+    token_diff = torch.nan_to_num(torch.where(on, train_logp.float() - sampler_logp.float(), 0.0), nan=0.0)  # [N, C]
+    diff = token_diff.sum(dim=1, keepdim=True) if mode.startswith("sequence") else token_diff  # [N, 1] or [N, C]
+    ratio = torch.exp(diff)
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    outside = (ratio < lo) | (ratio > hi)
+    weights = ratio.clamp(min=low, max=high) if mode.endswith("truncate") else ratio.masked_fill(outside, 0.0)
+    m = on.float()
+    n = m.sum().clamp(min=1)
+    metrics = {"sampling/importance_sampling_ratio/mean": (weights.detach() * m).sum() / n,
+               "sampling/sampling_logp_difference/mean": (token_diff.abs() * m).sum() / n,
+               "sampling/importance_sampling_outside": (outside.float() * m).sum() / n}
+    return weights.detach(), metrics
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -212,6 +244,10 @@ def grpo_loss(
     num_tokens: int | Tensor | None = None,
     num_micro_batches: int = 1,
     importance_sampling_level: str = "token",
+    sampler_logp: Tensor | None = None,
+    sampler_correction: str | None = None,
+    sampler_correction_min: float | None = None,
+    sampler_correction_max: float | None = 3.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty.
 
@@ -243,6 +279,11 @@ def grpo_loss(
             ``epsilon_low=3e-4``, ``epsilon_high=4e-4``. The KL term stays per token.
             Meant with ``aggregation="grpo"``: the other modes weight a sequence's
             single ratio by its token count.
+        sampler_logp: [N, C] the sampler's own log-probs of the tokens it drew; with
+            ``sampler_correction`` (one of ``SAMPLER_CORRECTIONS``) each token's surrogate
+            (not the KL term) is weighted by `sampler_weights` of ``old_logp`` (the training
+            forward's, at sampling time) against them, bounded by ``sampler_correction_min`` /
+            ``_max`` (TRL's ``vllm_importance_sampling_*``, the same arithmetic).
 
     Returns:
         ``(loss, metrics)``: scalar loss and detached masked token means over this
@@ -282,6 +323,13 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # [N, C]
     per_token = -torch.min(unclipped * adv, clipped * adv)  # [N, C]
+    is_metrics = {}
+    if sampler_correction is not None:
+        if sampler_logp is None or sampler_logp.shape != logp.shape:
+            raise ValueError(f"sampler_correction needs sampler_logp of shape {tuple(logp.shape)}")
+        weights, is_metrics = sampler_weights(old_logp, sampler_logp, mask, sampler_correction,
+                                              sampler_correction_min, sampler_correction_max)
+        per_token = per_token * weights  # [N, C]
 
     kl = None
     if ref_logp is not None:
@@ -321,4 +369,5 @@ def grpo_loss(
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl)
+        metrics.update(is_metrics)
     return loss, metrics

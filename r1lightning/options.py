@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from r1lightning.errors import UserError
-from r1lightning.losses import ADVANTAGE_SCALES, AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS
+from r1lightning.losses import ADVANTAGE_SCALES, AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, SAMPLER_CORRECTIONS
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,14 @@ class GRPOLossOptions:
             completion, exp of its mean token log-ratio, clipped per sequence; the paper clips at
             epsilon_low 3e-4, epsilon_high 4e-4).
         mask_truncated_completions: completions without EOS contribute no loss (DAPO).
+        sampler_correction: weight each token's surrogate by the ratio of the training forward's
+            probability (at sampling time) to the sampler's own, for samplers whose numerics differ
+            from training (the fast engines' kernels, `kv_dtype: fp8`): `token_truncate` / `token_mask`
+            (per token, clipped to / zeroed outside [min, max]), `sequence_truncate` / `sequence_mask`
+            (one ratio per completion, exp of the summed log-ratio). TRL's `vllm_importance_sampling_mode`,
+            same arithmetic. null: off. Needs a sampler that returns log-probs.
+        sampler_correction_min: the lower bound above (null: none).
+        sampler_correction_max: the upper bound above (TRL's default 3; null: none).
     """
 
     beta: float = 0.04
@@ -88,8 +96,21 @@ class GRPOLossOptions:
     advantage_scale: str = "group"
     importance_sampling_level: str = "token"
     mask_truncated_completions: bool = False
+    sampler_correction: str | None = None
+    sampler_correction_min: float | None = None
+    sampler_correction_max: float | None = 3.0
 
     def __post_init__(self):
+        if self.sampler_correction is not None:
+            if self.sampler_correction not in SAMPLER_CORRECTIONS:
+                raise UserError(f"loss.sampler_correction: {self.sampler_correction!r} is not one of "
+                                f"{', '.join(SAMPLER_CORRECTIONS)} (or null)")
+            lo, hi = self.sampler_correction_min, self.sampler_correction_max
+            if lo is None and hi is None:
+                raise UserError("loss.sampler_correction: set sampler_correction_min or sampler_correction_max "
+                                "(unbounded weights would let one token dominate)")
+            if (lo is not None and lo < 0) or (hi is not None and hi <= 0) or (lo is not None and hi is not None and lo >= hi):
+                raise UserError(f"loss.sampler_correction_min / _max: need 0 <= min < max, got {lo} / {hi}")
         for name, allowed in (("aggregation", AGGREGATIONS), ("advantage_scale", ADVANTAGE_SCALES),
                               ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):  # fmt: skip
             if getattr(self, name) not in allowed:

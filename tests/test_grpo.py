@@ -459,3 +459,50 @@ def test_cudnn_attention_auto_follows_shapes_that_recur_across_steps(tiny_moe_co
     assert all(not on for _, on in steps[0])  # step 1: every shape is new
     # step 2: the same rollout, the same shapes: cuDNN for each pass
     assert all(on for _, on in steps[1])
+
+
+def test_sampler_correction_weighs_each_row_by_its_ratio_to_the_sampler(tiny_moe_config):
+    """`loss.sampler_correction: token_truncate`: a sampler whose log-probs sit log 2 below the training
+    forward's on rows 0-3, log 5 below on row 6 (truncated at 3) and equal elsewhere gives the update of
+    advantages scaled by 2, 3 and 1 without the correction (the KL term, unweighted, is the same in both)."""
+    import dataclasses
+
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.0, -0.2, 0.1])
+    scale = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 3.0, 1.0])  # row 6: ratio 5, truncated at the default 3
+    runs = []
+    for corrected in (True, False):
+        module = tiny_module(tiny_moe_config, micro_batch_size=3, router_aux_loss_coef=0.0,
+                             loss={"sampler_correction": "token_truncate"} if corrected else None)
+        rollout = _fixed_rollout(module)
+        module.trainer = None
+        train = module.frozen_logprobs(rollout, module.model)
+        shift = torch.log(torch.tensor([2.0] * 4 + [1.0, 1.0, 5.0, 1.0]))[:, None]
+        rollout = dataclasses.replace(rollout, logprobs=(train - shift) * rollout.completion_mask)
+        grads = record_gradients(module)
+        ref = module.frozen_logprobs(rollout, module.ref_model)
+        module.optimise(rollout, advantages if corrected else advantages * scale, rollout.completion_mask.float(), None, ref)
+        runs.append(grads)
+    assert runs[0] and runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_sampler_correction_needs_the_samplers_log_probs(tiny_moe_config):
+    from r1lightning.errors import UserError
+
+    with pytest.raises(UserError, match="sampler_correction with use_sampler_logprobs: true"):
+        tiny_module(tiny_moe_config, loss={"sampler_correction": "token_mask"}, use_sampler_logprobs=True)
+    with pytest.raises(UserError, match="loss.sampler_correction: 'token' is not one of token_truncate"):
+        GRPOLossOptions(sampler_correction="token")
+    with pytest.raises(UserError, match="set sampler_correction_min or sampler_correction_max"):
+        GRPOLossOptions(sampler_correction="token_truncate", sampler_correction_max=None)
+    with pytest.raises(UserError, match="need 0 <= min < max, got 4.0 / 3.0"):
+        GRPOLossOptions(sampler_correction="sequence_mask", sampler_correction_min=4.0)
+    module = tiny_module(tiny_moe_config, loss={"sampler_correction": "token_truncate"},
+                         sampler=HFGenerateSampler(return_logprobs=False))
+    batch = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long),
+             "columns": {"answer": ["3"]}}
+    module.trainer = None
+    record_gradients(module)
+    with pytest.raises(UserError, match="the sampler \\(HFGenerateSampler\\) returned no log-probs"):
+        module.training_step(batch, 0)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from r1lightning.losses import group_advantages, grpo_loss, k3_kl, mask_truncated, zero_variance_groups
+from r1lightning.losses import group_advantages, grpo_loss, k3_kl, mask_truncated, sampler_weights, zero_variance_groups
 
 LN2 = math.log(2.0)
 
@@ -249,3 +249,55 @@ def test_clipped_tokens_get_no_gradient():
     expected[1, 0] = 0.0
     torch.testing.assert_close(g, expected)
     approx(m["clip_ratio/region_mean"], 2 / 9)
+
+
+# -- sampler/trainer mismatch correction (TRL's vllm_importance_sampling_*) ---------------------------
+NAN = float("nan")
+TRAIN = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -7.0]])
+SAMPLER = torch.tensor([[-1.5, -1.0, NAN], [-3.0, -1.0, -1.0]])  # a NaN sampler log-prob: ratio 1
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the last token of row 1 is padding
+
+
+def test_sampler_weights_by_hand():
+    e = math.exp
+    # token log-ratios: row 0 [0.5, -1, 0 (NaN)], row 1 [2, 0, padding]
+    w, m = sampler_weights(TRAIN, SAMPLER, MASK, "token_truncate", None, 3.0)
+    torch.testing.assert_close(w, torch.tensor([[e(0.5), e(-1.0), 1.0], [3.0, 1.0, 1.0]]))
+    torch.testing.assert_close(m["sampling/importance_sampling_ratio/mean"], torch.tensor((e(0.5) + e(-1.0) + 1 + 3 + 1) / 5))
+    torch.testing.assert_close(m["sampling/sampling_logp_difference/mean"], torch.tensor((0.5 + 1 + 0 + 2 + 0) / 5))
+    torch.testing.assert_close(m["sampling/importance_sampling_outside"], torch.tensor(1 / 5))
+    w, m = sampler_weights(TRAIN, SAMPLER, MASK, "token_mask", 0.5, 3.0)
+    torch.testing.assert_close(w, torch.tensor([[e(0.5), 0.0, 1.0], [0.0, 1.0, 1.0]]))
+    torch.testing.assert_close(m["sampling/importance_sampling_outside"], torch.tensor(2 / 5))
+    # sequence level: exp of the summed log-ratio, one weight a row: e^-0.5 and e^2
+    w, m = sampler_weights(TRAIN, SAMPLER, MASK, "sequence_truncate", None, 3.0)
+    torch.testing.assert_close(w, torch.tensor([[e(-0.5)], [3.0]]))
+    w, m = sampler_weights(TRAIN, SAMPLER, MASK, "sequence_mask", None, 3.0)
+    torch.testing.assert_close(w, torch.tensor([[e(-0.5)], [0.0]]))
+    torch.testing.assert_close(m["sampling/importance_sampling_outside"], torch.tensor(2 / 5))  # row 1's two tokens
+    with pytest.raises(ValueError, match="unknown sampler correction"):
+        sampler_weights(TRAIN, SAMPLER, MASK, "token", None, 3.0)
+
+
+def test_grpo_loss_weights_the_surrogate_not_the_kl():
+    """mu = 1 (old = logp detached: ratio 1, inside the clip): each token's surrogate is -A w, the KL term
+    is not weighted; `grpo` aggregation averages tokens per row, then rows."""
+    logp = TRAIN.clone().requires_grad_(True)
+    ref = TRAIN - 0.1
+    adv = torch.tensor([1.0, -2.0])
+    beta = 0.5
+    loss, metrics = grpo_loss(logp, logp.detach(), adv, MASK, ref, beta=beta, sampler_logp=SAMPLER,
+                              sampler_correction="token_truncate", sampler_correction_max=3.0)
+    w, _ = sampler_weights(TRAIN, SAMPLER, MASK, "token_truncate", None, 3.0)
+    kl = math.exp(-0.1) - (-0.1) - 1  # k3 at log(ref / pi) = -0.1
+    row0 = (-(1.0) * w[0].sum() + beta * kl * 3) / 3
+    row1 = (-(-2.0) * w[1, :2].sum() + beta * kl * 2) / 2
+    torch.testing.assert_close(loss, (row0 + row1) / 2)
+    loss.backward()
+    # d/dlogp of -A r w at r = 1 is -A w; the k3 term's is beta (1 - exp(ref - logp)) = beta (1 - e^-0.1)
+    dkl = beta * (1 - math.exp(-0.1))
+    want = torch.stack([(-1.0 * w[0] + dkl) / 3 / 2, torch.cat([(2.0 * w[1, :2] + dkl) / 2 / 2, torch.zeros(1)])])
+    torch.testing.assert_close(logp.grad, want)
+    assert "sampling/importance_sampling_ratio/mean" in metrics
+    with pytest.raises(ValueError, match="needs sampler_logp"):
+        grpo_loss(logp, logp.detach(), adv, MASK, sampler_correction="token_mask")
