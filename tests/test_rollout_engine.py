@@ -319,6 +319,26 @@ def fp8_rounded_generate(model, tok, ids, mask, n):
     return tokens, torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def test_paged_fp8_kv_reports_values_it_saturates(caplog):
+    """An fp8 pool saturates past ±448: the engine reports the largest prefilled |K|, |V| and warns once."""
+    model, tok = build(OLMOE)
+    ids, mask = encode(tok, RAGGED[:3])
+    engine = PagedSampler(max_slots=3, block_size=4, kv_dtype="fp8")
+    engine.generate(model, ids, mask, SamplingParams(4, 0), len(tok) + 1, tok.pad_token_id)
+    assert 0 < engine.last_stats["kv_absmax"] < 448 and "saturate" not in caplog.text
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(1e4)
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        engine.generate(model, ids, mask, SamplingParams(4, 0), len(tok) + 1, tok.pad_token_id)
+        engine.generate(model, ids, mask, SamplingParams(4, 0), len(tok) + 1, tok.pad_token_id)
+    assert engine.last_stats["kv_absmax"] > 448
+    assert caplog.text.count("kv_dtype fp8: prefilled K/V values reach") == 1
+    plain = PagedSampler(max_slots=3, block_size=4)
+    plain.generate(model, ids, mask, SamplingParams(2, 0), len(tok) + 1, tok.pad_token_id)
+    assert "kv_absmax" not in plain.last_stats  # a pool in the compute dtype saturates nothing
+
+
 @pytest.mark.parametrize("attention", ["gather", "pool"])
 def test_paged_fp8_kv_equals_generate_over_an_fp8_rounded_cache(attention):
     """`kv_dtype: fp8` is exactly "K/V rounded to e4m3 when stored": same greedy tokens and log-probs as

@@ -40,6 +40,7 @@ noise), greedy decoding does not.
 from __future__ import annotations
 
 import collections
+import logging
 
 import torch
 from transformers.cache_utils import Cache
@@ -62,6 +63,7 @@ from r1lightning.rollout.engine import (
 )
 
 GIB = 1 << 30
+log = logging.getLogger(__name__)
 # `kv_dtype`: the pool's element type. fp8 (e4m3) halves the bytes a decode step reads per token of
 # KV, which is most of a long completion's decode step (docs/benchmarks.md, session 12: 9.6 of 15.2 ms
 # at 4,096 tokens on the OLMoE shape), and the pool's memory.
@@ -107,6 +109,9 @@ class PagedKV(Cache):
         self.prefill = True
         self.kv_len = 0
         self.layers = []
+        # fp8 pool: the largest |K|, |V| prefilled, kept on the device (read once a call): values past
+        # ±448 saturate, which the engine reports rather than hides
+        self.absmax = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n, h, q, d = key_states.shape
@@ -118,6 +123,9 @@ class PagedKV(Cache):
         if self.prefill:
             write_rows(K, self.dest, k[self.sel])
             write_rows(V, self.dest, v[self.sel])
+            if _fp8(K):
+                seen = torch.maximum(k[self.sel].abs().amax(), v[self.sel].abs().amax()).float()
+                self.absmax = seen if self.absmax is None else torch.maximum(self.absmax, seen)
             return key_states, value_states
         write_rows(K, self.write, k)
         write_rows(V, self.write, v)
@@ -198,7 +206,8 @@ class PagedSampler(StaticCacheSampler):
             admissions can pay; 1 admits at every sync. Long-tailed GRPO steps at 1,024 tokens spent
             1.7 s of 16 s prefilling (docs/benchmarks.md, session 7); the trade is not yet measured.
         kv_dtype: `auto`: the pool keeps K and V in the compute dtype. `fp8`: float8 e4m3 with no scale
-            (values saturate at ±448): half the pool's bytes, so a decode step reads half the KV and
+            (values saturate at ±448; the largest prefilled |K|, |V| is `last_stats["kv_absmax"]`, with a
+            warning once past it): half the pool's bytes, so a decode step reads half the KV and
             the pool holds twice the tokens. Attention reads the rounded K/V (a sequence's own prompt
             attends to itself unrounded at prefill); each element is rounded to 3 mantissa bits
             (relative error up to 1/16). Opt-in: not yet timed on the GPU.
@@ -560,6 +569,13 @@ class PagedSampler(StaticCacheSampler):
         tokens = int(mask.sum())
         slot_steps = stats["slot_steps"]
         stats.pop("_width", None)
+        if cache.absmax is not None:
+            stats["kv_absmax"] = float(cache.absmax)
+            cache.absmax = None
+            if stats["kv_absmax"] > FP8_MAX and not getattr(self, "_warned_saturation", False):
+                self._warned_saturation = True
+                log.warning("kv_dtype fp8: prefilled K/V values reach %.0f, past fp8's ±%.0f; they saturate (kv_dtype: auto "
+                            "keeps them)", stats["kv_absmax"], FP8_MAX)
         self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_lens=len(kv_lens), kv_bytes=cache.nbytes(),
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
