@@ -76,8 +76,9 @@ def _fp8(pool: torch.Tensor) -> bool:
 
 
 def write_rows(pool: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
-    """pool[rows] = x in the pool's dtype. fp8 saturates at its largest finite value (a cast past it is
-    not defined to), and is written through a byte view: index_copy_ has no fp8 kernel on the CPU."""
+    """pool[rows] = x in the pool's dtype. fp8 is clamped to its largest finite value first (a cast past
+    it is not guaranteed to saturate), and written through a byte view: index_copy_ has no fp8 kernel on
+    the CPU."""
     if _fp8(pool):
         pool.view(torch.uint8).index_copy_(0, rows, x.clamp(-FP8_MAX, FP8_MAX).to(pool.dtype).view(torch.uint8))
     else:
@@ -121,10 +122,11 @@ class PagedKV(Cache):
         k = key_states.transpose(1, 2).reshape(n * q, h, d)
         v = value_states.transpose(1, 2).reshape(n * q, h, d)
         if self.prefill:
-            write_rows(K, self.dest, k[self.sel])
-            write_rows(V, self.dest, v[self.sel])
+            k, v = k[self.sel], v[self.sel]
+            write_rows(K, self.dest, k)
+            write_rows(V, self.dest, v)
             if _fp8(K):
-                seen = torch.maximum(k[self.sel].abs().amax(), v[self.sel].abs().amax()).float()
+                seen = torch.maximum(k.abs().amax(), v.abs().amax()).float()
                 self.absmax = seen if self.absmax is None else torch.maximum(self.absmax, seen)
             return key_states, value_states
         write_rows(K, self.write, k)
@@ -242,6 +244,7 @@ class PagedSampler(StaticCacheSampler):
         if kv_dtype not in KV_DTYPES:
             raise UserError(f"kv_dtype: must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = kv_dtype
+        self._warned_saturation = False
 
     def kv_token_bytes(self, model, device) -> int:
         """Bytes of K and V one token takes in this engine's pool."""
@@ -572,7 +575,7 @@ class PagedSampler(StaticCacheSampler):
         if cache.absmax is not None:
             stats["kv_absmax"] = float(cache.absmax)
             cache.absmax = None
-            if stats["kv_absmax"] > FP8_MAX and not getattr(self, "_warned_saturation", False):
+            if stats["kv_absmax"] > FP8_MAX and not self._warned_saturation:
                 self._warned_saturation = True
                 log.warning("kv_dtype fp8: prefilled K/V values reach %.0f, past fp8's ±%.0f; they saturate (kv_dtype: auto "
                             "keeps them)", stats["kv_absmax"], FP8_MAX)
