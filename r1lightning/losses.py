@@ -1,5 +1,5 @@
 """Every training loss as a pure tensor function: SFT's completion-only cross-entropy and the
-GRPO family (advantages, KL, clipped surrogate, aggregation modes).
+GRPO family (advantages, KL, clipped surrogate, aggregation modes, sampler-mismatch weights).
 
 Shapes: N sequences in a (micro-)batch, C completion tokens, G completions per
 prompt. Sequences are ordered group by group: rows ``i*G .. i*G+G-1`` belong to
@@ -22,8 +22,10 @@ __all__ = [
     "zero_variance_groups",
     "mask_truncated",
     "grpo_loss",
+    "sampler_weights",
     "AGGREGATIONS",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "SAMPLER_CORRECTIONS",
     "ADVANTAGE_SCALES",
     "nanstd",
     "global_nanstd",
