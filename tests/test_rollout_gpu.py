@@ -166,14 +166,15 @@ def test_paged_attention_kernel_equals_reference_bf16_at_olmoe_shapes():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
-def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes():
+@pytest.mark.parametrize("E,K,H,F", [(64, 8, 2048, 1024), (8, 2, 768, 768)])  # OLMoE; configs/gpu/long_*'s Qwen3-MoE
+def test_decode_experts_kernels_equal_reference_bf16_at_olmoe_shapes(E, K, H, F):
     from r1lightning.moe import decode_kernel as dk
     from tests.test_decode_kernel import case, same_layout
 
     for T in (1, 16, 128, 256):
-        x, w_in, w_out, ids, route = (t.cuda() for t in case(T, E=64, K=8, H=2048, F=1024, dtype=torch.bfloat16, seed=T))
-        bm = dk.block_m_for(T * 8, 64)
-        assert same_layout(dk.align(ids, 64, bm), dk.align_on_device(ids, 64, bm), bm)
+        x, w_in, w_out, ids, route = (t.cuda() for t in case(T, E=E, K=K, H=H, F=F, dtype=torch.bfloat16, seed=T))
+        bm = dk.block_m_for(T * K, E)
+        assert same_layout(dk.align(ids, E, bm), dk.align_on_device(ids, E, bm), bm)
         got = dk.kernels(x, w_in, w_out, False, ids, route).float()
         want = dk.reference(x, w_in, w_out, False, ids, route).float()
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
