@@ -369,6 +369,9 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
                     num_micro_batches=max(1, sum(map(bool, micro))), max_completion_length=self.sampling.max_new_tokens)
         # Every metric is logged even when no row has a loss (all groups dropped): then they are 0.
         names = ["loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        if self.loss.sampler_correction is not None:
+            names += ["sampling/importance_sampling_ratio/mean", "sampling/sampling_logp_difference/mean",
+                      "sampling/importance_sampling_outside"]
         sums: dict[str, float] = dict.fromkeys(names + (["kl"] if ref_logp is not None else []), 0.0)
         with checkpointing_on(self.model):
             self._iterate(rollout, advantages, mask, old_logp, ref_logp, micro, norm, local_tokens, sums)

@@ -578,7 +578,9 @@ def test_paged_compiled_decode_with_an_fp8_pool(attention, tiny_moe_config):
 PAGED_FIT_SAMPLER = {"class_path": "r1lightning.rollout.PagedSampler", "init_args": {"max_slots": 3, "block_size": 4}}
 
 
-def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp_path, tiny_moe_config, monkeypatch):
+@pytest.mark.parametrize("fp8_corrected", [False, True])
+def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(fp8_corrected, tmp_path, tiny_moe_config, monkeypatch):
+    # fp8_corrected: the pool in fp8 and `loss.sampler_correction` weighing its samples, from YAML, composed with the rest
     import json
 
     from r1lightning.cli import R1CLI
@@ -586,15 +588,25 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(tmp
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    config = grpo_fit_config(tiny_moe_config, "prompts.jsonl", [{"fn": "format", "weight": 1.0}], sampler=PAGED_FIT_SAMPLER,
-                             loss={"mask_truncated_completions": True})
+    sampler = json.loads(json.dumps(PAGED_FIT_SAMPLER))
+    loss, rewards = {"mask_truncated_completions": True}, [{"fn": "format", "weight": 1.0}]
+    if fp8_corrected:  # rows with a loss: no masked truncations (6 new tokens), a reward with variance
+        sampler["init_args"]["kv_dtype"] = "fp8"
+        loss, rewards = {"sampler_correction": "token_truncate"}, [{"fn": "tests.trl_style_reward.text_hash_reward"}]
+    config = grpo_fit_config(tiny_moe_config, "prompts.jsonl", rewards, sampler=sampler, loss=loss)
     (tmp_path / "grpo.yaml").write_text(json.dumps(config))
     cli = R1CLI(args=["fit", "-c", "grpo.yaml"])
     assert cli.trainer.global_step == 4
     sampler = cli.model.sampler
     assert isinstance(sampler, PagedSampler) and sampler.last_stats["admitted"] >= 8
     assert not sampler._state  # released for the update of the last step
-    assert 0 < cli.trainer.logged_metrics["train/completions/mean_length"] <= 6
+    logged = cli.trainer.logged_metrics
+    assert 0 < logged["train/completions/mean_length"] <= 6
+    if fp8_corrected:  # rounded K/V: the sampler's log-probs differ from the training forward's, a little
+        assert sampler.kv_dtype == "fp8" and 0 < logged["train/sampling/sampling_logp_difference/mean"] < 0.5
+        assert 0.5 < logged["train/sampling/importance_sampling_ratio/mean"] < 1.5
+    else:
+        assert "train/sampling/importance_sampling_ratio/mean" not in logged
 
 
 def test_a_grpo_fit_with_everything_offloaded_while_sampling_follows_the_same_trajectory(tmp_path, tiny_moe_config, monkeypatch):
