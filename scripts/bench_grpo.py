@@ -353,6 +353,9 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
                         "release_collected": getattr(engine, "last_release_collected", None),
                         **{f"rollout_{k}": engine.last_stats.get(k)  # where the rollout's time goes
                            for k in ("decode_s", "prefill_s", "capture_s", "graphs", "preempted", "slots", "kv_bytes")},
+                        "decode_fit": decode_fit(engine.last_stats.get("decode_rounds"),
+                                                 engine.kv_token_bytes(model, torch.device(device))
+                                                 if hasattr(engine, "kv_token_bytes") else None),
                         # GRPOModule resets the peak at each phase and logs each phase's peak
                         **{k[len("train/memory/"):]: float(v) for k, v in m.items() if k.startswith("train/memory/")}})
             rec[-1]["peak_GiB"] = max([peak_gib(device)] + [v for k, v in rec[-1].items() if k.endswith("_GiB")])
@@ -368,9 +371,34 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
              "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches,
              "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
              "warmup_prompts": sizes[0] if warmup else None,
-             "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None)}
+             "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None),
+             "decode_fit": rec[-1].get("decode_fit")}  # the last timed step's
     del trainer, module, sampler
     return summarize(length, dist, rec, warmup, settings(args, length, dist), extra)
+
+
+def decode_fit(rounds, bytes_per_token) -> dict | None:
+    """A decode step's time split as fixed + per GB of KV read, least squares over the engine's rounds
+    (`decode_rounds`: steps, live slots, their KV tokens at the round's start, seconds) at the widest
+    live count, where the experts' and the rest's cost is one constant. Each live slot reads its own KV
+    (pool attention), which grows by one token a step. Returns fixed ms, ms per GB, the implied GB/s
+    and the fit's r^2; None without enough rounds at that width."""
+    if not rounds or not bytes_per_token:
+        return None
+    top = max(r[1] for r in rounds)
+    pts = [((kv + live * (k - 1) / 2) * bytes_per_token / 1e9, 1e3 * sec / k) for k, live, kv, sec in rounds if live == top]
+    n = len(pts)
+    if n < 3:
+        return None
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for _, y in pts)
+    r2 = 1 - sum((y - a - b * x) ** 2 for x, y in pts) / ss_tot if ss_tot else 1.0
+    return {"fixed_ms": a, "ms_per_GB": b, "GB_per_s": 1e3 / b if b > 0 else None, "rounds": n, "live": top, "r2": r2}
 
 
 # -- TRL -------------------------------------------------------------------------------------------

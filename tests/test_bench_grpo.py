@@ -113,3 +113,20 @@ def test_every_point_gets_an_untimed_first_step(tmp_path):
     fixed, tailed = out["results"]["ours_megablocks"]["points"]
     assert fixed["warmup_step_s"] is not None and tailed["warmup_step_s"] is not None
     assert fixed["reps"] == tailed["reps"] == 1
+
+
+def test_decode_fit_splits_a_step_into_a_fixed_part_and_a_rate():
+    # 128 live slots, 16 steps a round, 7.4 ms fixed + 0.26 ms per GB of KV read (131,072 bytes a token);
+    # rounds with fewer live slots (the tail) are left out of the fit
+    per_token = 131072
+    rounds = []
+    for r in range(10):
+        kv = 128 * (128 + 16 * r)
+        gb = (kv + 128 * 15 / 2) * per_token / 1e9
+        rounds.append([16, 128, kv, 16 * (7.4 + 0.26 * gb) / 1e3])
+    rounds.append([16, 3, 3 * 4000, 0.5])
+    fit = bench_grpo.decode_fit(rounds, per_token)
+    assert fit["rounds"] == 10 and fit["live"] == 128
+    assert fit["fixed_ms"] == pytest.approx(7.4) and fit["ms_per_GB"] == pytest.approx(0.26)
+    assert fit["GB_per_s"] == pytest.approx(1e3 / 0.26) and fit["r2"] == pytest.approx(1.0)
+    assert bench_grpo.decode_fit(rounds[:2], per_token) is None and bench_grpo.decode_fit(None, per_token) is None

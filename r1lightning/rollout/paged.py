@@ -434,6 +434,9 @@ class PagedSampler(StaticCacheSampler):
         need_blocks = lambda s, steps: min(seq_blocks, -(-(slot_pos[s] + steps) // bs))  # noqa: E731
         tick = 0
         kv_lens: set[int] = set()  # attention lengths decoded with (one graph each per width)
+        # with `timing`: each round of replays as [steps, live slots, their KV tokens at its start, seconds],
+        # so a run can split a decode step into a fixed part and a part per KV byte read (bench_grpo.py)
+        rounds: list[list] = []
 
         def set_table(s):
             table[s].zero_()
@@ -554,7 +557,9 @@ class PagedSampler(StaticCacheSampler):
                     stats["replays"] += k
                     stats["slot_steps"] += k * width
                     if self.timing:
-                        t_decode += clock()
+                        seconds = clock()
+                        t_decode += seconds
+                        rounds.append([k, len(live), sum(slot_pos[s] for s in live), seconds])
                 # 4. sync: which slots finished, where each stands
                 done, gen, pos = torch.stack([st.done.long(), st.gen, st.pos.view(-1)]).tolist()
                 for s in live:
@@ -584,7 +589,7 @@ class PagedSampler(StaticCacheSampler):
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
                                prefill_s=t_prefill if self.timing else None,
                                capture_s=t_capture if self.timing else None,
-                               decode_s=t_decode if self.timing else None)
+                               decode_s=t_decode if self.timing else None, decode_rounds=rounds if self.timing else None)
         return Rollout(prompt_ids, prompt_mask, completion_ids.clone(), mask.clone(), truncated,
                        logprobs.clone() if logprobs is not None else None)
 
