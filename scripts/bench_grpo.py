@@ -674,6 +674,14 @@ def phases(p: dict) -> str:
     return f" ({p['rollout_GiB']:.1f} / {p['reference_GiB']:.1f} / {p['update_GiB']:.1f})"
 
 
+def fit_note(p: dict) -> str:
+    """A point's decode step as fixed + per GB of KV read (`decode_fit`), for the rollout cell."""
+    f = p.get("decode_fit")
+    if not f or not f.get("GB_per_s"):
+        return ""
+    return f" (step {f['fixed_ms']:.1f} ms + {f['ms_per_GB']:.2f} ms/GB of KV: {f['GB_per_s']:,.0f} GB/s)"
+
+
 def table(results: dict) -> str:
     lines = ["| length | dist | framework | s / step (min-max) | rollout s | reference s | update s | completion tokens/s "
              "| prompt + completion tokens/s | mean tokens | padding | peak GiB (rollout / reference / update) |",
@@ -690,7 +698,7 @@ def table(results: dict) -> str:
             continue
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(
-            f"| {length:,} | {dist} | {fw} | {p['step_s']:.2f} ({p['step_s_min']:.2f}-{p['step_s_max']:.2f}) | {p['rollout_s']:.2f} "
+            f"| {length:,} | {dist} | {fw} | {p['step_s']:.2f} ({p['step_s_min']:.2f}-{p['step_s_max']:.2f}) | {p['rollout_s']:.2f}{fit_note(p)} "
             f"| {p['reference_s']:.2f} | {p['update_s']:.2f} | {fmt(p['completion_tok_s'], ',.0f')} "
             f"| {fmt(p.get('total_tok_s'), ',.0f')} "
             f"| {fmt(p['completion_tokens'] and p['completion_tokens'] / (p['settings']['prompts'] * p['settings']['G']), ',.0f')} "

@@ -130,3 +130,5 @@ def test_decode_fit_splits_a_step_into_a_fixed_part_and_a_rate():
     assert fit["fixed_ms"] == pytest.approx(7.4) and fit["ms_per_GB"] == pytest.approx(0.26)
     assert fit["GB_per_s"] == pytest.approx(1e3 / 0.26) and fit["r2"] == pytest.approx(1.0)
     assert bench_grpo.decode_fit(rounds[:2], per_token) is None and bench_grpo.decode_fit(None, per_token) is None
+    assert bench_grpo.fit_note({"decode_fit": fit}) == " (step 7.4 ms + 0.26 ms/GB of KV: 3,846 GB/s)"
+    assert bench_grpo.fit_note({"decode_fit": None}) == ""
