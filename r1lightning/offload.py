@@ -252,9 +252,8 @@ class StepOffloads:
             return {}
         rows = batch["prompt_ids"].shape[0] * self.sampling.num_samples
         tokens = batch["prompt_ids"].shape[1] + self.sampling.max_new_tokens
-        per_token = (self.sampler.kv_token_bytes(self.model, self.device) if hasattr(self.sampler, "kv_token_bytes")
-                     else kv_bytes_per_token(self.model, self.device))
-        need = rows * tokens * per_token
+        # in the sampler's pool dtype (PagedSampler's kv_dtype; other samplers keep the compute dtype)
+        need = rows * tokens * kv_bytes_per_token(self.model, self.device, getattr(self.sampler, "kv_dtype", "auto"))
         # a sampler that sizes its KV from free memory (PagedSampler): what it would get with everything here
         budget = self.sampler.memory_budget(self.device) if hasattr(self.sampler, "memory_budget") else None
         fraction = getattr(self.sampler, "kv_memory_fraction", 1.0)

@@ -168,8 +168,7 @@ class _PagedState:
 def kv_bytes_per_token(model, device, kv_dtype: str = "auto") -> int:
     """Bytes of K and V one token adds over all layers, in the dtype the engine stores them (`kv_dtype`:
     the paged engine's option; `auto` is the compute dtype, as transformers' caches keep)."""
-    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device)
-    dtype = KV_DTYPES[kv_dtype] or dtype
+    layers, heads, head_dim, dtype = PagedSampler._kv_shape(model, device, kv_dtype)
     return 2 * layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -267,7 +266,8 @@ class PagedSampler(StaticCacheSampler):
 
     # -- sizes -----------------------------------------------------------------------------------
     @staticmethod
-    def _kv_shape(model, device):
+    def _kv_shape(model, device, kv_dtype: str = "auto"):
+        """(layers, KV heads, head dim, the pool's dtype: `kv_dtype`'s, or the compute dtype for `auto`)."""
         c = model.config.get_text_config()
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -275,7 +275,7 @@ class PagedSampler(StaticCacheSampler):
             dtype = torch.get_autocast_dtype(device.type)
         else:
             dtype = next(model.parameters()).dtype
-        return c.num_hidden_layers, heads, head_dim, dtype
+        return c.num_hidden_layers, heads, head_dim, KV_DTYPES[kv_dtype] or dtype
 
     def memory_budget(self, device) -> float | None:
         """Bytes the pool may take when sized from free memory: `kv_memory_fraction` of what is free on the
@@ -630,8 +630,7 @@ class PagedSampler(StaticCacheSampler):
     def _new_paged_state(self, model, S, MB, blocks, C, N, device) -> _PagedState:
         st = _PagedState()
         st.model = model
-        layers, heads, head_dim, dtype = self._kv_shape(model, device)
-        dtype = KV_DTYPES[self.kv_dtype] or dtype
+        layers, heads, head_dim, dtype = self._kv_shape(model, device, self.kv_dtype)
         st.cache = PagedKV(layers, blocks * self.block_size, heads, head_dim, dtype, device, self.block_size)
         V = model.get_output_embeddings().weight.shape[0]
         long = dict(dtype=torch.long, device=device)
