@@ -28,7 +28,7 @@ import traceback
 
 import torch
 
-from cuda_timing import time_cuda
+from cuda_timing import time_cuda, time_graph
 
 from r1lightning.moe import experts_modules, megablocks_status
 from r1lightning.moe.megablocks_experts import PAD_ROWS, register
@@ -257,15 +257,7 @@ def bench_decode(args, out):
                 if want is None:
                     want = got
                 err = ((got - want).norm() / want.norm()).item()
-                graph = torch.cuda.CUDAGraph()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    fn()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    fn()
-                med, times = time_cuda(graph.replay, args.warmup, args.iters)
+                med, times = time_graph(fn, args.warmup, args.iters)
                 rows.append(dict(tokens=T, variant=name, median_ms=med, min_ms=min(times), max_ms=max(times),
                                  used_experts=used, gb_per_s=bytes_read / (med / 1e3) / 1e9, rel_err_vs_grouped_mm=err,
                                  transient_mib=transient_mib))

@@ -35,17 +35,9 @@ def timed(fn, device, warmup: int, iters: int) -> list[float]:
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
         return times
-    from cuda_timing import time_cuda
+    from cuda_timing import time_graph
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay, warmup, iters)[1]
+    return time_graph(fn, warmup, iters)[1]
 
 
 def case(args, length: int, device: str) -> list[dict]:

@@ -18,8 +18,8 @@ layout is one Triton program (`align_on_device`: a histogram, a scan, one atomic
 than `align`'s ~15 small PyTorch kernels, which inside a captured step cost a few µs each, per layer.
 
 `kernels` launches the three programs (on CUDA; the CPU tests run them under `TRITON_INTERPRET=1`);
-`reference` is the same arithmetic in PyTorch, pair by pair in fp32 (the CPU path, and the tests'
-yardstick, as `align` is for the layout). `moe_decode`, one custom op, picks between them when it runs,
+`reference` is the same arithmetic in PyTorch, one expert at a time in fp32 (the CPU path, and the
+tests' yardstick, as `align` is for the layout). `moe_decode`, one custom op, picks between them when it runs,
 so `torch.compile` treats either as opaque and never traces Triton's import.
 """
 
