@@ -98,6 +98,31 @@ def test_kernel_compiles_for_hopper():
     assert "async_copy" in k.asm["ttgir"] and "f8E4M3FN" in k.asm["ttgir"]
 
 
+@needs_triton
+def test_fp8_launch_keeps_as_many_bytes_in_flight_as_bf16():
+    """`launch_config`'s reason, checked on the sm_90 build: at 3 stages the fp8 kernel's widened tiles
+    take 128 registers (4 programs an SM) and half bf16's shared memory; at the 5 stages it launches with,
+    5 programs fit by registers and each holds at least bf16's shared memory."""
+    from tests.triton_cpu import compile_for_hopper, registers_per_thread
+
+    types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", TABLE="*i64", LENS="*i32", O="*bf16", scale="fp32")
+    types.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
+                                             "stride_ts", "stride_os", "stride_oh")})
+    aligned = [name for name in types if name != "scale"]
+    shape = dict(GROUP=1, GPAD=16, D=128, BS=64, IEEE=False)
+    warps, stages = pa.launch_config(1, 64, 128)
+    assert (warps, stages) == (4, 5) and pa.launch_config(2, 64, 128) == (4, 3) and pa.launch_config(1, 128, 256) == (4, 3)
+    bf16 = compile_for_hopper(pa._kernel(), dict(types, K="*bf16", V="*bf16"), shape, aligned, *pa.launch_config(2, 64, 128))
+    fp8 = compile_for_hopper(pa._kernel(), types, shape, aligned, warps, stages)
+    fp8_before = compile_for_hopper(pa._kernel(), types, shape, aligned, 4, 3)
+
+    def resident(k, warps):  # programs an SM by registers (64 K a SM) and by shared memory (227 KiB)
+        return min(65536 // (registers_per_thread(k) * 32 * warps), 232448 // k.metadata.shared)
+
+    assert fp8_before.metadata.shared * 1.5 < bf16.metadata.shared <= fp8.metadata.shared
+    assert resident(fp8_before, 4) == 4 and resident(fp8, warps) >= resident(bf16, 4) == 5
+
+
 def test_bench_paged_attention_counts_half_the_bytes_for_an_fp8_pool():
     """`scripts/bench_paged_attention.py` on the CPU (the reference path): an fp8 pool reads half the
     bf16 pool's bytes, and its output is further from the fp32 reference than bf16's (e4m3 keeps 3
@@ -112,6 +137,9 @@ def test_bench_paged_attention_counts_half_the_bytes_for_an_fp8_pool():
     out = bench.main(["--device", "cpu", "--slots", "3", "--length", "40", "--layers", "2", "--heads", "2",
                       "--head-dim", "32", "--block-size", "16", "--iters", "2", "--warmup", "0"])
     bf16, fp8 = out["rows"]
-    assert (bf16["pool"], fp8["pool"]) == ("bf16", "fp8") and bf16["path"] == "reference"
+    assert (bf16["pool"], fp8["pool"]) == ("bf16", "fp8") and bf16["path"] == "reference" and bf16["launch"] == "-"
+    assert bench.parse_launch("auto") is None and bench.parse_launch("8x5") == (8, 5)
+    with pytest.raises(SystemExit, match="--launch '5': expected auto or WARPSxSTAGES"):
+        bench.parse_launch("5")
     assert bf16["gb_read"] == 2 * fp8["gb_read"] == 2 * 2 * 3 * 40 * 2 * 32 * 2 / 1e9  # K+V, layers, slots, tokens, heads, dim, bytes
     assert bf16["rel_err_vs_fp32"] < 1e-2 < fp8["rel_err_vs_fp32"] < 6e-2

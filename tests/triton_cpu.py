@@ -41,3 +41,20 @@ def compile_for_hopper(fn, types: dict, constants: dict, aligned=(), num_warps: 
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def registers_per_thread(compiled) -> int:
+    """Registers a thread of the compiled kernel uses, from the ptxas that Triton ships (`ptxas -v` on its PTX)."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    found = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
+    assert found, (out.stdout + out.stderr)[-2000:]
+    return int(found.group(1))

@@ -104,9 +104,23 @@ def _kernel():
     return paged_decode
 
 
-def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float):
+def launch_config(pool_element_size: int, block_size: int, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of a launch. The read is bound by the bytes each SM keeps in flight: the
+    pipeline's K/V tiles in shared memory times the programs resident, which registers cap. Built for
+    sm_90 (ptxas), a bf16 pool at 64 x 128 runs 84 registers and 38.9 KB a program, 5 resident (190 KiB);
+    an fp8 pool at 3 stages needs 128 registers for the widened tiles, 4 resident with half the bytes
+    each (88 KiB), and read 2.46 TB/s against bf16's 4.42 (session 13). At 5 stages it needs 96
+    registers and 38.9 KB: 5 resident, 190 KiB, as bf16. Larger fp8 tiles keep 3 stages (shared memory)."""
+    if pool_element_size == 1 and block_size * head_dim <= 64 * 128:
+        return 4, 5
+    return 4, 3
+
+
+def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: float, num_warps: int | None = None,
+           num_stages: int | None = None):
     """The Triton kernel; same arguments and result as `reference`. `lengths` must be >= 1 (an idle
-    slot still attends to one position, so its row stays finite)."""
+    slot still attends to one position, so its row stays finite). `num_warps` / `num_stages`: the
+    launch's (None: `launch_config`; `scripts/bench_paged_attention.py --launch` compares them)."""
     S, Hq, d = q.shape
     Hkv = k_pool.shape[1]
     group = Hq // Hkv
@@ -114,13 +128,14 @@ def kernel(q, k_pool, v_pool, block_table, lengths, block_size: int, scale: floa
         raise ValueError(f"paged attention kernel: head_dim {d}, block_size {block_size}, {Hq} query heads over {Hkv} KV heads not supported")
     if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("paged attention kernel: head_dim must be the innermost, contiguous dimension")
+    warps, stages = launch_config(k_pool.element_size(), block_size, d)
     out = torch.empty_like(q)
     _kernel()[(S, Hkv)](
         q, k_pool, v_pool, block_table, lengths.to(torch.int32), out, float(scale),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GPAD=max(16, 1 << (group - 1).bit_length()), D=d, BS=block_size,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )  # fmt: skip
     return out
 
