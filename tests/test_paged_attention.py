@@ -80,15 +80,19 @@ def test_kernel_equals_reference_under_the_triton_interpreter():
     run_interpreted(INTERPRETED)
 
 
+# the kernel's runtime arguments as its launcher types them over a bf16 pool, and those it sees as multiples of 16
+KERNEL_TYPES = dict(Q="*bf16", K="*bf16", V="*bf16", TABLE="*i64", LENS="*i32", O="*bf16", scale="fp32",
+                    **{name: "i32" for name in ("stride_qs", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
+                                                "stride_ts", "stride_os", "stride_oh")})
+KERNEL_ALIGNED = [name for name in KERNEL_TYPES if name != "scale"]
+
+
 @needs_triton
 def test_kernel_compiles_for_hopper():
     # ahead of time for sm_90 (tests/triton_cpu.py): the OLMoE shape (16 heads, no grouping) and a GQA group of 8
     from tests.triton_cpu import compile_for_hopper
 
-    types = dict(Q="*bf16", K="*bf16", V="*bf16", TABLE="*i64", LENS="*i32", O="*bf16", scale="fp32")
-    types.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
-                                             "stride_ts", "stride_os", "stride_oh")})
-    aligned = [name for name in types if name != "scale"]
+    types, aligned = KERNEL_TYPES, KERNEL_ALIGNED
     for group in (1, 8):
         k = compile_for_hopper(pa._kernel(), types, dict(GROUP=group, GPAD=16, D=128, BS=64, IEEE=False), aligned)
         assert "async_copy" in k.asm["ttgir"], group  # the blocks' K and V stream through shared memory
@@ -105,14 +109,11 @@ def test_fp8_launch_keeps_as_many_bytes_in_flight_as_bf16():
     5 programs fit by registers and each holds at least bf16's shared memory."""
     from tests.triton_cpu import compile_for_hopper, registers_per_thread
 
-    types = dict(Q="*bf16", K="*fp8e4nv", V="*fp8e4nv", TABLE="*i64", LENS="*i32", O="*bf16", scale="fp32")
-    types.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
-                                             "stride_ts", "stride_os", "stride_oh")})
-    aligned = [name for name in types if name != "scale"]
+    types, aligned = dict(KERNEL_TYPES, K="*fp8e4nv", V="*fp8e4nv"), KERNEL_ALIGNED
     shape = dict(GROUP=1, GPAD=16, D=128, BS=64, IEEE=False)
     warps, stages = pa.launch_config(1, 64, 128)
     assert (warps, stages) == (4, 5) and pa.launch_config(2, 64, 128) == (4, 3) and pa.launch_config(1, 128, 256) == (4, 3)
-    bf16 = compile_for_hopper(pa._kernel(), dict(types, K="*bf16", V="*bf16"), shape, aligned, *pa.launch_config(2, 64, 128))
+    bf16 = compile_for_hopper(pa._kernel(), KERNEL_TYPES, shape, aligned, *pa.launch_config(2, 64, 128))
     fp8 = compile_for_hopper(pa._kernel(), types, shape, aligned, warps, stages)
     fp8_before = compile_for_hopper(pa._kernel(), types, shape, aligned, 4, 3)
 
