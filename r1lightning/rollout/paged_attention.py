@@ -107,10 +107,11 @@ def _kernel():
 def launch_config(pool_element_size: int, block_size: int, head_dim: int) -> tuple[int, int]:
     """(num_warps, num_stages) of a launch. The read is bound by the bytes each SM keeps in flight: the
     pipeline's K/V tiles in shared memory times the programs resident, which registers cap. Built for
-    sm_90 (ptxas), a bf16 pool at 64 x 128 runs 84 registers and 38.9 KB a program, 5 resident (190 KiB);
-    an fp8 pool at 3 stages needs 128 registers for the widened tiles, 4 resident with half the bytes
-    each (88 KiB), and read 2.46 TB/s against bf16's 4.42 (session 13). At 5 stages it needs 96
-    registers and 38.9 KB: 5 resident, 190 KiB, as bf16. Larger fp8 tiles keep 3 stages (shared memory)."""
+    sm_90 by Triton 3.6 (the GPU image), a bf16 pool at 64 x 128 runs 84 registers and 38.9 KB a program,
+    5 resident (190 KiB); an fp8 pool at 3 stages needs 128 registers for the widened tiles, 4 resident
+    with half the bytes each (88 KiB), and read 2.46 TB/s against bf16's 4.42 (session 13). At 5 stages
+    it needs 96 registers and 38.9 KB: 5 resident, 190 KiB, as bf16 (Triton 3.9: 4, 152 KiB). Larger
+    fp8 tiles keep 3 stages (shared memory)."""
     if pool_element_size == 1 and block_size * head_dim <= 64 * 128:
         return 4, 5
     return 4, 3
