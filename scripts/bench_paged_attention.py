@@ -58,14 +58,15 @@ def case(args, length: int, device: str) -> list[dict]:
     rows = []
     for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         kv = [(k.to(dtype), v.to(dtype)) for k, v in pools] if dtype != torch.bfloat16 else pools
+        size = torch.empty((), dtype=dtype).element_size()
+        read = 2 * L * S * length * H * d * size
         for launch in args.launch if use_kernel else ["auto"]:
-            warps, stages = parse_launch(launch) or pa.launch_config(torch.empty((), dtype=dtype).element_size(), bs, d)
+            warps, stages = parse_launch(launch) or pa.launch_config(size, bs, d)
             opts = {"num_warps": warps, "num_stages": stages} if use_kernel else {}
             fn = lambda kv=kv, opts=opts: [attend(q, k, v, table, lengths, bs, d**-0.5, **opts) for k, v in kv]  # noqa: E731
             got = fn()[-1].float()
             times = timed(fn, device, args.warmup, args.iters)
             med = statistics.median(times)
-            read = 2 * L * S * length * H * d * torch.empty((), dtype=dtype).element_size()
             rows.append(dict(length=length, pool=name, path="kernel" if use_kernel else "reference",
                              launch=f"{warps}x{stages}{' (auto)' if launch == 'auto' else ''}" if use_kernel else "-",
                              median_ms=med, min_ms=min(times), max_ms=max(times), gb_read=read / 1e9,
