@@ -30,6 +30,7 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     # the default, which on a CPU never offloads; `ours_megablocks_no_offload` sets false
     assert fixed["offload_reference"] == fixed["offload_optimizer"] == "auto"
     assert fixed["reference_offloaded"] == tailed["reference_offloaded"] == fixed["optimizer_offloaded"] == 0
+    assert fixed["host_reserved"] == tailed["host_reserved"] == 0  # the primer before the timed steps pinned nothing
     assert tailed["forced_lengths"] == "engine"  # the paged engine stopped each row at its drawn length
     assert fixed["reps"] == tailed["reps"] == 2  # the profiled step is extra, not a timed one
     assert "aten::" in (tmp_path / "b.profile_32_lognormal.txt").read_text()

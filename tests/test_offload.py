@@ -121,6 +121,20 @@ def test_round_trip_keeps_the_values_and_copies_only_written_tensors(tiny_moe_co
         offload.HostOffload([], "the optimizer state")
 
 
+def test_reserve_pins_once_before_the_first_move_and_moves_nothing(monkeypatch):
+    monkeypatch.setattr(offload, "unsupported", lambda tensors, what="it": None)  # as if on a GPU
+    t = torch.arange(12.0).view(4, 3)
+    state = offload.HostOffload([t], "the optimizer state")
+    calls = []
+    allocate = offload.HostOffload._allocate_host
+    monkeypatch.setattr(offload.HostOffload, "_allocate_host", lambda self: (calls.append(1), allocate(self))[1])
+    assert state.reserve() is True and state.reserve() is False and calls == [1]
+    assert not state.on_host and state.copied_bytes == 0 and t.data_ptr() != state.host[0].data_ptr()
+    state.to_host()  # the reserved buffer: no second allocation, the 48 bytes copied
+    assert calls == [1] and state.on_host and state.copied_bytes == 48 and t.data_ptr() == state.host[0].data_ptr()
+    assert torch.equal(t, torch.arange(12.0).view(4, 3))
+
+
 def test_optimizer_state_tensors_are_the_moments_and_master_weights():
     from r1lightning.optim import MasterWeightAdamW
 
