@@ -64,9 +64,10 @@ from r1lightning.rollout.engine import (
 
 GIB = 1 << 30
 log = logging.getLogger(__name__)
-# `kv_dtype`: the pool's element type. fp8 (e4m3) halves the bytes a decode step reads per token of
-# KV, about half of a long completion's decode step (docs/benchmarks.md, session 13: 8.26 of 15.2 ms
-# at 4,096 tokens on the OLMoE shape), and the pool's memory.
+# `kv_dtype`: the pool's element type. fp8 (e4m3) halves the pool's memory and the bytes a decode step
+# reads per token of KV, but the attention read at 4,096 tokens on the OLMoE shape takes 7.06 ms in fp8
+# against 8.26 in bf16, of a 15.2 ms decode step (docs/benchmarks.md, sessions 13-14): fp8 buys room
+# (twice the tokens a pool holds) more than speed.
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -211,8 +212,8 @@ class PagedSampler(StaticCacheSampler):
             warning once past it): half the pool's bytes, so a decode step reads half the KV and
             the pool holds twice the tokens. Attention reads the rounded K/V (a sequence's own prompt
             attends to itself unrounded at prefill); each element is rounded to 3 mantissa bits
-            (relative error up to 1/16). Opt-in. Timed on the GPU for the attention read alone (session 13:
-            7.43 ms against bf16's 8.26 at 4,096 tokens, before fp8's 5-stage launch); a GRPO step not yet.
+            (relative error up to 1/16). Opt-in. Timed on the GPU for the attention read alone (session 14:
+            7.06 ms against bf16's 8.26 at 4,096 tokens, with fp8's 5-stage launch); a GRPO step not yet.
     """
 
     release_after_call = False

@@ -105,13 +105,13 @@ def _kernel():
 
 
 def launch_config(pool_element_size: int, block_size: int, head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of a launch. The read is bound by the bytes each SM keeps in flight: the
-    pipeline's K/V tiles in shared memory times the programs resident, which registers cap. Built for
-    sm_90 by Triton 3.6 (the GPU image), a bf16 pool at 64 x 128 runs 84 registers and 38.9 KB a program,
-    5 resident (190 KiB); an fp8 pool at 3 stages needs 128 registers for the widened tiles, 4 resident
-    with half the bytes each (88 KiB), and read 2.46 TB/s against bf16's 4.42 (session 13). At 5 stages
-    it needs 96 registers and 38.9 KB: 5 resident, 190 KiB, as bf16 (Triton 3.9: 4, 152 KiB). Larger
-    fp8 tiles keep 3 stages (shared memory)."""
+    """(num_warps, num_stages) of a launch, as measured on one H200 (16 layers, blocks of 64 x 128,
+    docs/benchmarks.md session 14). fp8 pools of 64 x 128 tiles or smaller take 5 stages: 7.06 against
+    7.40 ms at 128 slots x 2,176 tokens, faster at 512 and 8,192 too. bf16 keeps 3: 5 stages gained 2 %
+    at 2,176 and lost 20 % at 32 slots x 8,192. An fp8 read stays at ~2.5 TB/s against bf16's 4.4: the
+    shared-memory bytes in flight an SM (ptxas: 88 KiB at 3 stages, 190 at 5, bf16's 190) predicted
+    ~4.2 ms at 5 stages, and measured 7.06, so they are not what bounds it. Larger fp8 tiles keep 3
+    stages (shared memory)."""
     if pool_element_size == 1 and block_size * head_dim <= 64 * 128:
         return 4, 5
     return 4, 3
