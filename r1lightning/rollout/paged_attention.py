@@ -111,7 +111,7 @@ def launch_config(pool_element_size: int, block_size: int, head_dim: int) -> tup
     at 2,176 and lost 20 % at 32 slots x 8,192. An fp8 read stays at ~2.5 TB/s against bf16's 4.4: the
     shared-memory bytes in flight an SM (ptxas: 88 KiB at 3 stages, 190 at 5, bf16's 190) predicted
     ~4.2 ms at 5 stages, and measured 7.06, so they are not what bounds it. Larger fp8 tiles keep 3
-    stages (shared memory)."""
+    stages: untimed, and fewer programs fit an SM (5 stages would not fit a bf16 128 x 256 tile at all)."""
     if pool_element_size == 1 and block_size * head_dim <= 64 * 128:
         return 4, 5
     return 4, 3
