@@ -14,6 +14,11 @@ from r1lightning.rollout import HFGenerateSampler, SamplingParams, StaticCacheSa
 from r1lightning.moe import decode_experts
 from r1lightning.rollout.engine import filter_logits
 
+# Sampled against recomputed fp32 log-probs: the same arithmetic in two summation orders, whose last bits
+# differ with the CPU's vector width (AVX2: 1.03e-5 at |log p| 2.2, 4.7e-6 relative). A wrong temperature,
+# position or token is off by 1e-3 or more.
+LOGPROB_TOL = dict(atol=1e-5, rtol=1e-5)
+
 PROMPTS = ["12+34=", "5+6=", "999+1=", "7=", "abc", "x+y*z="]
 OLMOE = dict(model_type="olmoe", hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
@@ -102,7 +107,7 @@ def test_logprobs_equal_training_forward(tiny_moe_config):
     with torch.no_grad():
         ref = training_logprobs(model, out, 0.7) * out.completion_mask
     assert out.completion_mask.sum() > 20
-    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logprobs, ref, **LOGPROB_TOL)
     # the sampled tokens respect top-k: each one is among the 20 most likely at its step
     assert (out.logprobs[out.completion_mask.bool()] > -30).all()
 
@@ -170,7 +175,7 @@ def test_first_token_frequencies_match_the_distribution(temperature, top_k, top_
     assert result.pvalue > 1e-3, (result, support.sum())
     # and the returned log-prob is the unfiltered temperature-scaled one (what training recomputes)
     full = torch.log_softmax(logits / temperature, -1).float()
-    torch.testing.assert_close(out.logprobs[:, 0], full[out.completion_ids[:, 0]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logprobs[:, 0], full[out.completion_ids[:, 0]], **LOGPROB_TOL)
 
 
 def test_filter_logits_top_p_keeps_the_smallest_nucleus():
@@ -223,7 +228,7 @@ def test_grpo_rollout_logprobs_match_the_module_forward(tiny_moe_config):
     rollout, columns, total, _ = module.rollout(batch)
     assert rollout.completion_ids.shape[0] == 8 and total.shape == (8,)
     recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
-    torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.logprobs, recomputed, **LOGPROB_TOL)
     assert module.model.config._experts_implementation == "grouped_mm"
 
 
@@ -466,7 +471,7 @@ def test_paged_sampled_logprobs_equal_training_forward(tiny_moe_config):
     with torch.no_grad():
         ref = training_logprobs(model, out, 0.7) * out.completion_mask
     assert out.completion_mask.sum() > 30
-    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logprobs, ref, **LOGPROB_TOL)
 
 
 @pytest.mark.parametrize("engine", ["static", "paged"])
@@ -485,7 +490,7 @@ def test_forced_lengths_end_rows_at_the_drawn_step(engine, tiny_moe_config):
     assert (ends[~out.truncated] == eos).all()
     with torch.no_grad():
         ref = training_logprobs(model, out, 1.0) * out.completion_mask
-    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)  # a forced EOS keeps its true log-prob
+    torch.testing.assert_close(out.logprobs, ref, **LOGPROB_TOL)  # a forced EOS keeps its true log-prob
 
 
 def test_paged_min_new_tokens_and_one_token(tiny_moe_config):
@@ -516,7 +521,7 @@ def test_grpo_releases_the_paged_cache_for_the_update(tiny_moe_config, monkeypat
     rollout, _, total, _ = module.rollout(batch)
     assert module.sampler._state  # the pool lives through the rollout ...
     recomputed = module.frozen_logprobs(rollout, module.model) * rollout.completion_mask
-    torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.logprobs, recomputed, **LOGPROB_TOL)
     pool = [weakref.ref(t) for st in module.sampler._state.values() for t in vars(st).values() if isinstance(t, torch.Tensor)]
     pool += [weakref.ref(t) for st in module.sampler._state.values() for t in st.cache.keys + st.cache.values]
     module.sampler.release_for_update()
