@@ -34,7 +34,7 @@ waste and the peak GiB over the timed steps. A TRL point whose step would take l
 after an out-of-memory error the longer lengths of that framework are skipped.
 `--equal-tokens` gives a log-normal point as many prompts as make its expected completion tokens the
 fixed point's (its tokens/s then compares the same work), `--equal-tokens total` its prompt + completion tokens; `--warmup-prompts N` warms ours up at the full
-length with N prompts, `--no-warmup` times one cold step (for points too long to run twice in a time
+length with N prompts (later points of that length, e.g. log-normal, warm up with their own prompts), `--no-warmup` times one cold step (for points too long to run twice in a time
 limit; reported as such); `--profile ROWS` adds one untimed step per point under torch.profiler. Each
 step also records the caching allocator's device allocations, frees and retries.
 `--trl-bound-tokens N`: a TRL point longer than N runs its completions to N tokens and reports lower
@@ -300,7 +300,10 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     assert got == settings(args, length, dist), (got, settings(args, length, dist))
 
     steps = warmup + args.reps + bool(args.profile)  # --profile: one more step, under the profiler, not timed
-    sizes = [args.warmup_prompts or args.prompts] * warmup + [args.prompts] * (steps - warmup)  # prompts per step
+    # prompts per step; --warmup-prompts shrinks only a length's full-length warm-up (a later point's runs at its drawn
+    # lengths and its own width: the slots and graphs its timed steps use)
+    first = (args.warmup_prompts if full_length_warmup else None) or args.prompts
+    sizes = [first] * warmup + [args.prompts] * (steps - warmup)
     texts = prompts(args, steps)[: sum(sizes)]
     enc = tok(texts, return_tensors="pt", padding=True)
     starts = [sum(sizes[:i]) for i in range(steps)]
@@ -820,9 +823,9 @@ def main(argv=None):
                     help="ours: no warm-up step (the timed steps include first-call compilation and allocation; "
                          "for a point whose two steps exceed a time limit, reported as cold)")
     ap.add_argument("--warmup-prompts", type=int, default=None,
-                    help="ours: prompts in each point's warm-up step (default --prompts); a length's first warm-up still runs "
-                         "every completion to the full length (graphs, kernels, allocator at that length), for points too "
-                         "long to run twice")
+                    help="ours: prompts in a length's first warm-up step, which runs every completion to the full length "
+                         "(graphs, kernels, allocator at that length; default --prompts), for points too long to run twice; "
+                         "later points of the length warm up with their own prompts")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
     ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")

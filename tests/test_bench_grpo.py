@@ -15,7 +15,7 @@ TINY = ["--layers", "2", "--hidden", "64", "--experts", "4", "--top-k", "2", "--
 
 def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     out = bench_grpo.main(["--frameworks", "ours_megablocks", *TINY, "--prompts", "4", "--lengths", "32", "--reps", "2",
-                           "--length-dist", "fixed", "lognormal", "--equal-tokens", "--profile", "5",
+                           "--length-dist", "fixed", "lognormal", "--equal-tokens", "--profile", "5", "--warmup-prompts", "2",
                            "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "work")])
     fixed, tailed = out["results"]["ours_megablocks"]["points"]
     assert (fixed["dist"], tailed["dist"]) == ("fixed", "lognormal")
@@ -23,6 +23,8 @@ def test_long_tailed_point_gets_the_fixed_points_tokens_and_a_profile(tmp_path):
     # 4 x 8 x 32 = 1,024 tokens of the fixed point
     assert fixed["settings"]["prompts"] == 4 and 10 <= tailed["settings"]["prompts"] <= 12
     assert fixed["completion_tokens"] == 4 * 8 * 32
+    # --warmup-prompts shrinks the length's full-length warm-up only; the log-normal point warms up at its own width
+    assert fixed["warmup_prompts"] == 2 and tailed["warmup_prompts"] == tailed["settings"]["prompts"]
     # prompt + completion tokens per second counts the 16-token prompts too
     assert fixed["total_tok_s"] == pytest.approx(fixed["completion_tok_s"] * (32 + 16) / 32, rel=0.05)
     assert tailed["completion_tokens"] == pytest.approx(fixed["completion_tokens"], rel=0.15)
