@@ -25,9 +25,10 @@ in transformers' `generate`), in ours through the sampler's `forced_lengths` hoo
 (else the completions are cut after sampling and the rollout runs to the full length; the JSON says
 which). Draws depend only on (length, step), so every framework sees the same lengths.
 
-Each (framework, length, distribution) point: one untimed warm-up step (the first point of a length at
-the full fixed length: graphs, allocator; every point, as each builds a new GRPO module: optimizer state,
-the parked reference's pinned host buffer), then `--reps` timed steps; reported are the median s/step and its
+Each (framework, length, distribution) point: `--warmup-steps` untimed steps for ours (default 2; TRL one),
+the first of a length at the full fixed length (graphs, allocator; every point, as each builds a new GRPO
+module: optimizer state, the parked reference's pinned host buffer; the second: cuDNN's plans for the shapes
+that recur), then `--reps` timed steps; reported are the median s/step and its
 spread (min-max), completion tokens/s (tokens actually generated / s), the update's padded-token
 waste and the peak GiB over the timed steps. A TRL point whose step would take longer than
 `--max-step-s` (extrapolated linearly from its previous length) is skipped and reported as such;
@@ -169,8 +170,9 @@ class ForcedLengths:
     With an engine that has a `forced_lengths` hook the rows really stop (and free their slot);
     otherwise the completions are cut after sampling, so only the update sees the shorter lengths."""
 
-    def __init__(self, inner, args, length, warmup: int):
-        self.inner, self.args, self.length, self.warmup = inner, args, length, warmup
+    def __init__(self, inner, args, length, warmup: int, full: int = 1):
+        # warmup: untimed calls before the timed ones; full: how many of them run at the full length
+        self.inner, self.args, self.length, self.warmup, self.full = inner, args, length, warmup, min(full, warmup)
         self.calls = 0
         self.hooked = "forced_lengths" in inspect.signature(inner.generate).parameters
 
@@ -182,8 +184,9 @@ class ForcedLengths:
     def generate(self, model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id):
         from r1lightning.rollout import Rollout
 
-        step, self.calls = self.calls - self.warmup + 1, self.calls + 1  # timed steps count from 1
-        if step < 1:  # the warm-up runs at the full length
+        # timed steps draw steps 1, 2, ... (as every framework's do); later warm-ups draw 0, -1, ...
+        step, self.calls = self.calls - self.warmup + 1, self.calls + 1
+        if self.calls <= self.full:  # the first warm-up runs at the full length
             return self.inner.generate(model, prompt_ids, prompt_mask, params, eos_token_id, pad_token_id)
         lengths = draw_lengths(prompt_ids.shape[0], self.length, step, self.args).to(prompt_ids.device)
         if self.hooked:  # a row drawn at the full length gets no EOS (truncated), as in TRL's processor
@@ -251,7 +254,7 @@ def run_ours(args, device, tok, tokdir, megablocks: bool, liger: bool, name: str
                 points.append({"length": length, "dist": dist, "skipped": "a shorter length ran out of memory"})
                 continue
             try:
-                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if args.no_warmup else 1, length, dist, liger,
+                points.append(ours_point(args, device, tok, tokdir, model, engine, 0 if args.no_warmup else args.warmup_steps, length, dist, liger,
                                          name, cudnn, offload, module_kw, policy_kw, full_length_warmup=not warm))
                 warm = True
             except torch.cuda.OutOfMemoryError as err:
@@ -277,7 +280,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     from r1lightning.rewards import Reward, register_reward
     register_reward("bench_parity")(parity_reward)  # a second registration of the same function is a no-op
     # the engine warms up at the full length once per length; later points' warm-up steps draw lengths as timed ones do
-    sampler = ForcedLengths(engine, args, length, warmup if full_length_warmup else 0) if dist == "lognormal" else engine
+    sampler = ForcedLengths(engine, args, length, warmup, int(full_length_warmup)) if dist == "lognormal" else engine
     overrides = {} if args.ours_micro_batch_tokens is None else {"micro_batch_tokens": args.ours_micro_batch_tokens}
     overrides["offload_reference"] = overrides["offload_optimizer"] = offload
     overrides["grow_micro_batches"] = args.ours_grow_micro_batches
@@ -303,7 +306,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     # prompts per step; --warmup-prompts shrinks only a length's full-length warm-up (a later point's runs at its drawn
     # lengths and its own width: the slots and graphs its timed steps use)
     first = (args.warmup_prompts if full_length_warmup else None) or args.prompts
-    sizes = [first] * warmup + [args.prompts] * (steps - warmup)
+    sizes = [first] * min(warmup, 1) + [args.prompts] * (steps - min(warmup, 1))
     texts = prompts(args, steps)[: sum(sizes)]
     enc = tok(texts, return_tensors="pt", padding=True)
     starts = [sum(sizes[:i]) for i in range(steps)]
@@ -381,7 +384,7 @@ def ours_point(args, device, tok, tokdir, model, engine, warmup, length, dist, l
     extra = {"engine": type(engine).__name__, "cudnn_attention": module.policy.cudnn_attention, "offload_reference": h.offload_reference,
              "offload_optimizer": h.offload_optimizer, "grow_micro_batches": h.grow_micro_batches,
              "micro_batch_tokens": h.micro_batch_tokens, "logprob_impl": h.logprob_impl,
-             "warmup_prompts": sizes[0] if warmup else None,
+             "warmup_prompts": sizes[0] if warmup else None, "warmup_steps": warmup,
              "forced_lengths": "engine" if getattr(sampler, "hooked", False) else ("post-hoc" if dist == "lognormal" else None),
              "decode_fit": rec[-1].get("decode_fit"),  # the last timed step's
              "host_reserved": timer.reserved, "host_reserve_s": timer.reserve_s}
@@ -822,6 +825,10 @@ def main(argv=None):
     ap.add_argument("--no-warmup", action="store_true",
                     help="ours: no warm-up step (the timed steps include first-call compilation and allocation; "
                          "for a point whose two steps exceed a time limit, reported as cold)")
+    ap.add_argument("--warmup-steps", type=int, default=2,
+                    help="ours: untimed steps per point before the timed ones (the first at the full length). Two by "
+                         "default: with cudnn_attention auto the first step whose shapes recur builds cuDNN's plans, "
+                         "3.5 s at 256 tokens (session 15); 1 for points too long to run three times")
     ap.add_argument("--warmup-prompts", type=int, default=None,
                     help="ours: prompts in a length's first warm-up step, which runs every completion to the full length "
                          "(graphs, kernels, allocator at that length; default --prompts), for points too long to run twice; "

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_grpo  # noqa: E402
@@ -116,6 +117,7 @@ def test_every_point_gets_an_untimed_first_step(tmp_path):
     fixed, tailed = out["results"]["ours_megablocks"]["points"]
     assert fixed["warmup_step_s"] is not None and tailed["warmup_step_s"] is not None
     assert fixed["reps"] == tailed["reps"] == 1
+    assert fixed["warmup_steps"] == tailed["warmup_steps"] == 2  # the default: the second builds cuDNN's plans
 
 
 def test_decode_fit_splits_a_step_into_a_fixed_part_and_a_rate():
@@ -135,3 +137,34 @@ def test_decode_fit_splits_a_step_into_a_fixed_part_and_a_rate():
     assert bench_grpo.decode_fit(rounds[:2], per_token) is None and bench_grpo.decode_fit(None, per_token) is None
     assert bench_grpo.fit_note({"decode_fit": fit}) == " (step 7.4 ms + 0.26 ms/GB of KV: 3,846 GB/s)"
     assert bench_grpo.fit_note({"decode_fit": None}) == ""
+
+
+def test_timed_steps_draw_the_same_lengths_whatever_the_warm_up():
+    """Every framework's timed step k draws the lengths of step k; ours' extra warm-ups draw others, and only the
+    first warm-up runs at the full length (no forced EOS)."""
+    import types
+
+    class Engine:
+        def __init__(self):
+            self.forced = []
+
+        def generate(self, model, prompt_ids, prompt_mask, params, eos, pad, forced_lengths=None):
+            self.forced.append(forced_lengths)
+
+    args = types.SimpleNamespace(lognormal_median=0.25, lognormal_sigma=1.0)
+    ids = torch.zeros(64, 4, dtype=torch.long)
+    for warmup in (1, 2, 3):
+        engine = Engine()
+        sampler = bench_grpo.ForcedLengths(engine, args, 64, warmup)
+        for _ in range(warmup + 2):
+            sampler.generate(None, ids, ids, None, 0, 0)
+        assert engine.forced[0] is None  # the full-length warm-up
+        for k, forced in enumerate(engine.forced[warmup:], start=1):
+            drawn = bench_grpo.draw_lengths(64, 64, k, args)
+            assert torch.equal(forced, torch.where(drawn >= 64, 65, drawn))
+        for forced in engine.forced[1:warmup]:  # later warm-ups: drawn lengths, not the timed steps' ones
+            assert forced is not None and not torch.equal(forced, engine.forced[warmup])
+    no_full = Engine()  # a later point of the length: its warm-up runs drawn lengths too
+    sampler = bench_grpo.ForcedLengths(no_full, args, 64, 1, full=0)
+    sampler.generate(None, ids, ids, None, 0, 0)
+    assert no_full.forced[0] is not None
