@@ -561,6 +561,63 @@ def test_paged_compiled_decode_greedy_matches_generate(attention, experts, tiny_
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
 
 
+def fake_compile(fail_static: bool = False):
+    """Stands in for torch.compile: runs the step eagerly, and the width-dynamic compile fails once the width
+    changes (Inductor on the H200, session 15); with `fail_static` every compile does. Records each `dynamic`."""
+    from torch._inductor.exc import InductorError
+
+    made = []
+
+    def compile(fn, mode=None, dynamic=None):
+        made.append(dynamic)
+        widths = []
+
+        def run(st, model, mode_, mask_dtype):
+            widths.append(st.tok.shape[0])
+            if fail_static or (dynamic is None and widths[-1] != widths[0]):
+                raise InductorError(RuntimeError("PassManager::run failed"), None)
+            return fn(st, model, mode_, mask_dtype)
+
+        return run
+
+    return compile, made
+
+
+def test_paged_compile_falls_back_to_one_compile_per_width(tiny_moe_config, monkeypatch, caplog):
+    model, tok = build(tiny_moe_config)
+    ids, mask = encode(tok, RAGGED)
+    eos = pick_mid_batch_eos(model, tok, ids, mask, 12)
+    params = SamplingParams(12, temperature=0)
+    ref = HFGenerateSampler().generate(model, ids, mask, params, eos, tok.pad_token_id)
+    compile, made = fake_compile()
+    monkeypatch.setattr(torch, "compile", compile)
+    engine = PagedSampler(compile="default", max_slots=4, block_size=4)
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert engine.last_stats["compactions"] >= 1  # the width changed, so the shared compile failed ...
+    warned = [r.getMessage() for r in caplog.records if "failed for the decode step" in r.getMessage()]
+    assert len(warned) == 1 and "PassManager::run failed" in warned[0]
+    # ... and the narrower width got its own static compile, nothing lost: the same greedy tokens as `generate`
+    assert made == [None, False]
+    assert torch.equal(ours.completion_ids, ref.completion_ids)
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        again = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert made == [None, False, False] and len(caplog.records) == 1  # the full width too; said once
+    assert torch.equal(again.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+    compile, made = fake_compile(fail_static=True)  # every compile fails: each width runs uncompiled, said once
+    monkeypatch.setattr(torch, "compile", compile)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        eager = PagedSampler(compile="default", max_slots=4, block_size=4)
+        out = eager.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "compile: default failed for the decode step at width 4",
+        "compile: default failed for the decode step at width 4 as well",
+        "compile: default failed for the decode step at width 1 as well"]
+    assert torch.equal(out.completion_ids, ref.completion_ids)
+
+
 @pytest.mark.slow  # compiling the decode step takes ~10 s on two cores
 @pytest.mark.parametrize("attention", ["gather", "pool"])
 def test_paged_compiled_decode_with_an_fp8_pool(attention, tiny_moe_config):
