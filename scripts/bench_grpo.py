@@ -835,7 +835,8 @@ def main(argv=None):
                          "later points of the length warm up with their own prompts")
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per point, after one warm-up step")
-    ap.add_argument("--steps", type=int, default=None, help="steps per point including the warm-up (sets --reps to this - 1)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per point including the warm-up (sets --reps to this - --warmup-steps)")
     ap.add_argument("--ours-micro-batch-tokens", type=int, default=None, help="ours: override the default token budget")
     ap.add_argument("--ours-grow-micro-batches", action="store_true",
                     help="ours: grow_micro_batches (the update's token budget fills memory the rollout already used)")
@@ -869,7 +870,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.lengths = args.lengths or [args.new_tokens]
     if args.steps is not None:
-        args.reps = max(1, args.steps - 1)
+        args.reps = max(1, args.steps - (0 if args.no_warmup else args.warmup_steps))
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_grpo_")
     tokdir = os.path.join(args.workdir, "tokenizer")
     tok = make_tokenizer(args.vocab, tokdir)
