@@ -425,7 +425,7 @@ def test_paged_admission_in_batches_keeps_greedy_tokens_with_fewer_prefills(tiny
 
 @pytest.mark.parametrize("prefill_chunk", [2048, 5])
 @pytest.mark.parametrize("attention", ["gather", "pool"])
-def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, prefill_chunk, tiny_moe_config):
+def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, prefill_chunk, tiny_moe_config, caplog):
     model, tok = build(tiny_moe_config)
     ids, mask = encode(tok, RAGGED)
     params = SamplingParams(24, temperature=0)
@@ -436,9 +436,14 @@ def test_paged_preemption_under_a_small_pool_keeps_greedy_tokens(attention, pref
     per_block = probe._pool_blocks(model, ids.device, 1, 8, 0)[1]
     engine = PagedSampler(max_slots=4, block_size=4, sync_every=2, kv_cache_gib=13 * per_block / 2**30, attention=attention,
                           prefill_chunk=prefill_chunk)
-    ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        ours = engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
+        engine.generate(model, ids, mask, params, eos, tok.pad_token_id)
     assert engine.last_stats["kv_blocks"] == 13
     assert engine.last_stats["preempted"] > 0
+    # said once per engine, with the count and what avoids it
+    said = [r.getMessage() for r in caplog.records if "preempted" in r.getMessage()]
+    assert len(said) == 1 and f"4 slots) could not hold every live sequence: {engine.last_stats['preempted']} were" in said[0]
     # chunk 5: the 6-token prompts and every re-admitted sequence (prompt + sampled tokens) go 5 tokens
     # at a time, each chunk attending to the earlier ones through the slot's blocks
     chunked = engine.last_stats["prefill_chunked"]
@@ -664,6 +669,10 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(fp8
     assert not sampler._state  # released for the update of the last step
     logged = cli.trainer.logged_metrics
     assert 0 < logged["train/completions/mean_length"] <= 6
+    # the engine's counters, per step: 8 rows of at most 6 tokens through 3 slots, the pool big enough for all
+    assert logged["train/rollout/preempted"] == 0 and 1 <= logged["train/rollout/max_live"] <= 3
+    assert 6 <= logged["train/rollout/decode_steps"] and logged["train/rollout/prefill_tokens"] >= 8
+    assert 0 < logged["train/rollout/kv_GiB"] < 0.01
     if fp8_corrected:  # rounded K/V: the sampler's log-probs differ from the training forward's, a little
         assert sampler.kv_dtype == "fp8" and 0 < logged["train/sampling/sampling_logp_difference/mean"] < 0.5
         assert 0.5 < logged["train/sampling/importance_sampling_ratio/mean"] < 1.5

@@ -284,6 +284,7 @@ class PagedSampler(StaticCacheSampler):
             raise UserError(f"kv_dtype: must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = kv_dtype
         self._warned_saturation = False
+        self._warned_preemption = False
 
     def kv_token_bytes(self, model, device) -> int:
         """Bytes of K and V one token takes in this engine's pool."""
@@ -628,6 +629,14 @@ class PagedSampler(StaticCacheSampler):
                 self._warned_saturation = True
                 log.warning("kv_dtype fp8: prefilled K/V values reach %.0f, past fp8's ±%.0f; they saturate (kv_dtype: auto "
                             "keeps them)", stats["kv_absmax"], FP8_MAX)
+        if stats["preempted"] and not self._warned_preemption:
+            # designed behaviour, but it costs: at 8,192 tokens on an H200, 36 of 128 rows preempted cost ~12 % of
+            # the decode (docs/benchmarks.md, session 15)
+            self._warned_preemption = True
+            log.warning("paged engine: the KV pool (%.1f GiB, %d slots) could not hold every live sequence: %d were "
+                        "preempted and prefilled again later (logged as rollout/preempted). kv_dtype: fp8, a larger "
+                        "kv_cache_gib / kv_memory_fraction, or fewer samples per step avoid it",
+                        cache.nbytes() / 2**30, S, stats["preempted"])
         self.last_stats = dict(stats, steps=stats["replays"], graphs=len(st.graphs), kv_lens=len(kv_lens), kv_bytes=cache.nbytes(),
                                kv_blocks=blocks, kv_block_bytes=per_block, slots=S, tokens=tokens,
                                idle_slot_fraction=(1 - (tokens - stats["admitted"]) / slot_steps) if slot_steps else 0.0,
