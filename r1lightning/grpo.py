@@ -59,16 +59,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
-# A rollout engine's counters (`last_stats`) logged each step: the metric, and how a step's sampling calls combine.
-# `rollout/preempted` > 0: the KV pool could not hold every live sequence (PagedSampler warns once).
-ENGINE_STATS = {"steps": ("rollout/decode_steps", "sum"), "preempted": ("rollout/preempted", "sum"),
-                "prefill_tokens": ("rollout/prefill_tokens", "sum"), "max_live": ("rollout/max_live", "max"),
-                "kv_bytes": ("rollout/kv_GiB", "max")}
-
-
 class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
-    _engine_stats: dict | None = None  # this step's `rollout/*` engine counters (`add_engine_stats`)
-
     # The flat arguments of earlier versions and where they went (a config naming one fails with
     # "`model.init_args.temperature` moved: use `model.init_args.sampling.temperature`").
     moved_arguments = {**moved_into(SamplingOptions, "sampling", renamed={"num_generations": "num_samples"}),
@@ -236,22 +227,9 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
         # The prompts as TRL passes them to reward functions (strings or message lists).
         reward_prompts = [p for p in batch["prompts"] for _ in range(G)] if batch.get("prompts") is not None else None
         rollout = self.generate(prompt_ids, prompt_mask, self.sampling.params(), sampler=self.sampler)
-        self.add_engine_stats(getattr(self.sampler, "last_stats", None))
         scores = self.score(rollout, columns, self.rewards, reward_prompts=reward_prompts, trainer_state=self.trainer_state())
         total = scores.total.masked_fill(scores.unscorable, float("nan"))
         return rollout, columns, total.to(rollout.completion_ids.device), scores
-
-    def add_engine_stats(self, last: dict | None) -> None:
-        """Adds one sampling call's engine counters (`last_stats`) to the step's `rollout/*` metrics: summed over
-        the step's calls (dynamic sampling's retries), or the largest (`ENGINE_STATS`)."""
-        if self._engine_stats is None or not last:
-            return
-        for key, (name, how) in ENGINE_STATS.items():
-            if last.get(key) is None:
-                continue
-            value = float(last[key]) / (2**30 if key == "kv_bytes" else 1)
-            before = self._engine_stats.get(name)
-            self._engine_stats[name] = value if before is None else (before + value if how == "sum" else max(before, value))
 
     def resample_flat_groups(self, batch, rollout, total, scores):
         """Dynamic sampling: give groups with zero reward variance more tries, then drop them.
@@ -300,7 +278,7 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
         h = self.hparams
         peaks: dict[str, float] = {}
         self.next_step_shapes()
-        self._engine_stats = {}
+        self.engine_stats = {}  # rollout/*: filled by `generate`
         self._memory_peak("before", peaks)
         t0 = time.perf_counter()
         offloads = self.rollout_offloads(batch)
@@ -471,7 +449,7 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
             "time/reference": t_ref,
             "time/train": t_train,
             **stats,
-            **(self._engine_stats or {}),
+            **(self.engine_stats or {}),
         }
         for name, values in scores.per_fn.items():
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values)

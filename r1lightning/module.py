@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from r1lightning.errors import UserError
 from r1lightning.policy import Policy
 from r1lightning.rollout import HFGenerateSampler, Sampler, SamplingParams
+from r1lightning.rollout.base import add_engine_stats
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def checkpointing_on(model: torch.nn.Module):
             m.training = False
 
 class PolicyModule(L.LightningModule):
+    engine_stats: dict | None = None  # the step's `rollout/*` metrics, summed over its `generate` calls
+
     def __init__(
         self,
         policy: Policy,
@@ -185,8 +188,12 @@ class PolicyModule(L.LightningModule):
 
         eos, pad = self.sampling_ids()
         gather = getattr(self._trainer.strategy, "gather_for_rollout", False) if self._trainer else False
+        sampler = sampler or self.val_sampler
         with gathered(self.model, gather):  # FSDP: one all-gather per rollout, not one per token
-            return (sampler or self.val_sampler).generate(self.model, prompt_ids, prompt_mask, params, eos, pad)
+            rollout = sampler.generate(self.model, prompt_ids, prompt_mask, params, eos, pad)
+        if self.engine_stats is not None:  # a step that logs its engine's counters (GRPO) set it
+            add_engine_stats(self.engine_stats, getattr(sampler, "last_stats", None))
+        return rollout
 
     def decode(self, completion_ids) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

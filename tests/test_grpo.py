@@ -511,18 +511,15 @@ def test_sampler_correction_needs_the_samplers_log_probs(tiny_moe_config):
 def test_engine_counters_add_up_over_a_steps_sampling_calls():
     """`rollout/*`: summed over a step's sampling calls (dynamic sampling's retries) or the largest; a sampler
     without counters, or a counter it does not keep, logs nothing."""
-    from types import SimpleNamespace
+    from r1lightning.rollout.base import add_engine_stats
 
-    from r1lightning.grpo import GRPOModule
-
-    step = SimpleNamespace(_engine_stats={})
-    GRPOModule.add_engine_stats(step, {"steps": 96, "preempted": 2, "prefill_tokens": 640, "max_live": 128,
-                                       "kv_bytes": 3 * 2**30, "decode_s": None})
-    GRPOModule.add_engine_stats(step, {"steps": 40, "preempted": 0, "prefill_tokens": 96, "max_live": 16,
-                                       "kv_bytes": 2**30})
-    GRPOModule.add_engine_stats(step, None)  # transformers' generate keeps none
-    assert step._engine_stats == {"rollout/decode_steps": 136.0, "rollout/preempted": 2.0,
-                                  "rollout/prefill_tokens": 736.0, "rollout/max_live": 128.0, "rollout/kv_GiB": 3.0}
-    outside = SimpleNamespace(_engine_stats=None)  # sampling outside a training step (evaluation) is not counted
-    GRPOModule.add_engine_stats(outside, {"steps": 5})
-    assert outside._engine_stats is None
+    step = {}
+    add_engine_stats(step, {"steps": 96, "preempted": 2, "prefill_tokens": 640, "max_live": 128,
+                            "kv_bytes": 3 * 2**30, "decode_s": None})
+    add_engine_stats(step, {"steps": 40, "preempted": 0, "prefill_tokens": 96, "max_live": 16, "kv_bytes": 2**30})
+    add_engine_stats(step, None)  # transformers' generate keeps none
+    assert step == {"rollout/decode_steps": 136.0, "rollout/preempted": 2.0, "rollout/prefill_tokens": 736.0,
+                    "rollout/max_live": 128.0, "rollout/kv_GiB": 3.0}
+    static = {}  # the static engine keeps no slot counters
+    add_engine_stats(static, {"steps": 5, "prefill_tokens": 12, "kv_bytes": 2**29})
+    assert static == {"rollout/decode_steps": 5.0, "rollout/prefill_tokens": 12.0, "rollout/kv_GiB": 0.5}

@@ -115,3 +115,21 @@ def replace_rows(dst: Rollout, dst_rows: torch.Tensor, src: Rollout, src_rows: t
             a[dst_rows] = b[src_rows]
         columns[name] = a
     return dataclasses.replace(dst, **columns)
+
+
+# A rollout engine's counters (`last_stats`) logged each GRPO step: the metric, and how a step's sampling calls
+# combine. `rollout/preempted` > 0: the KV pool could not hold every live sequence (PagedSampler warns once).
+ENGINE_STATS = {"steps": ("rollout/decode_steps", "sum"), "preempted": ("rollout/preempted", "sum"),
+                "prefill_tokens": ("rollout/prefill_tokens", "sum"), "max_live": ("rollout/max_live", "max"),
+                "kv_bytes": ("rollout/kv_GiB", "max")}
+
+
+def add_engine_stats(acc: dict, last: dict | None) -> None:
+    """Adds one sampling call's engine counters to `acc`, the step's `rollout/*` metrics: summed over the
+    step's calls (dynamic sampling's retries), or the largest. A sampler without counters adds nothing."""
+    for key, (name, how) in ENGINE_STATS.items():
+        if not last or last.get(key) is None:
+            continue
+        value = float(last[key]) / (2**30 if key == "kv_bytes" else 1)
+        before = acc.get(name)
+        acc[name] = value if before is None else (before + value if how == "sum" else max(before, value))
