@@ -127,8 +127,8 @@ ENGINE_STATS = {"steps": ("rollout/decode_steps", "sum"), "preempted": ("rollout
 def add_engine_stats(acc: dict, last: dict | None) -> None:
     """Adds one sampling call's engine counters to `acc`, the step's `rollout/*` metrics: summed over the
     step's calls (dynamic sampling's retries), or the largest. A sampler without counters adds nothing."""
-    for key, (name, how) in ENGINE_STATS.items():
-        if not last or last.get(key) is None:
+    for key, (name, how) in ENGINE_STATS.items() if last else ():
+        if last.get(key) is None:
             continue
         value = float(last[key]) / (2**30 if key == "kv_bytes" else 1)
         before = acc.get(name)
