@@ -325,3 +325,56 @@ def test_paged_compiled_decode_greedy_matches_generate_fp32(mode, tiny_moe_confi
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert torch.equal(again.completion_ids, ours.completion_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [("greedy", 0, False, True), ("sample", 0, False, False), ("sample", 0, False, True),
+                                  ("sample", 0, True, True)])
+def test_draw_compiles_at_a_dynamic_width_with_the_real_vocab(mode):
+    # OLMoE's 50,304-token vocab at two widths, as tail compaction calls it: session 15's formulation of the
+    # forced-length draw failed here in Triton (`PassManager::run failed`); its tokens and log-probs checked
+    import types
+
+    from r1lightning.rollout.engine import draw
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    V, eos = 50304, 7
+    step_fn = torch.compile(draw, mode="default", dynamic=None)
+    for N in (128, 224, 64):
+        st = types.SimpleNamespace(logits=torch.randn(N, V, device="cuda") * 3, temperature=torch.full((), 0.7, device="cuda"),
+                                   top_p_value=torch.full((), 0.95, device="cuda"), min_new=torch.zeros((), dtype=torch.long, device="cuda"),
+                                   eos_mask=torch.zeros(V, dtype=torch.bool, device="cuda"),
+                                   force_mask=torch.zeros(V, dtype=torch.bool, device="cuda"))
+        st.eos_mask[eos] = st.force_mask[eos] = True
+        st.logits[:, eos] += 6  # EOS likely: suppression before the forced step is visible
+        step = torch.randint(0, 8, (N,), device="cuda")
+        force = torch.randint(1, 10, (N,), device="cuda")
+        nxt, logp = step_fn(st, mode, step, force, False)
+        scaled = st.logits if mode[0] == "greedy" else st.logits / 0.7
+        torch.testing.assert_close(logp, torch.log_softmax(scaled, -1).gather(-1, nxt[:, None])[:, 0], atol=1e-5, rtol=0)
+        if mode[3]:
+            assert (nxt[step == force - 1] == eos).all()
+            assert not (nxt[step < force - 1] == eos).any()
+        if mode[0] == "greedy":
+            expect = scaled.masked_fill(((step < force - 1)[:, None]) & st.eos_mask[None], float("-inf")).argmax(-1)
+            expect = torch.where(step == force - 1, eos, expect)
+            assert torch.equal(nxt, expect)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+def test_paged_compiled_pool_decode_compacts_with_forced_lengths(top_p, caplog):
+    # `compile: default` + `attention: pool` at the real vocab through tail compaction with ragged forced
+    # lengths (the long-tailed benchmark's path): every width compiles, no fallback, each row ends where forced
+    torch._dynamo.reset()
+    model, tok = on_cuda(dict(OLMOE, vocab_size=50304), torch.bfloat16, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
+    forced = torch.arange(ids.shape[0]) % 17 + 2  # 2..18 of 24: rows end one after another
+    engine = PagedSampler(compile="default", attention="pool", max_slots=16, block_size=16)
+    with caplog.at_level("WARNING", logger="r1lightning.rollout.paged"):
+        out = engine.generate(model, ids, mask, SamplingParams(24, 1.0, top_p=top_p, seed=0), len(tok) + 5, tok.pad_token_id,
+                              forced_lengths=forced)
+    assert engine.last_stats["compactions"] >= 2
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    ends = (out.completion_ids == len(tok) + 5).float().argmax(-1) + 1
+    assert torch.equal(ends.cpu(), forced)

@@ -103,14 +103,22 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float | torch.Tensor 
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if top_p is not None:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        above = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = above >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
+        scaled = _nucleus(scaled, top_p)
     return scaled
+
+
+# Uncompiled inside a compiled decode step: Inductor (torch 2.11, H200) fails to generate the split cumsum
+# over a 50,304-token vocabulary ("Error in codegen for ... SplitScan", session 16). Eager, the sort and
+# scan are the uncompiled engine's own, and they still run inside the step's CUDA graph.
+@torch.compiler.disable
+def _nucleus(scaled: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    above = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = above >= top_p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
 
 
 class _Graphs:
@@ -272,7 +280,7 @@ class StaticCacheSampler(Sampler):
         forced = forced_lengths is not None
         if forced:
             st.force_len.copy_(_check_forced(forced_lengths, N, C))
-            st.force_tok.fill_(int(eos[0]))
+            st.force_mask.zero_()[_forced_token(eos, st.force_mask.numel())] = True
         st.out_ids.fill_(pad_token_id)
         st.out_logp.zero_()
         st.done.zero_()
@@ -367,7 +375,7 @@ class StaticCacheSampler(Sampler):
         st.out_logp = torch.zeros(N, capacity, dtype=torch.float32, device=device)
         st.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # a static buffer: graphs read its address
         st.force_len = torch.zeros(N, **long)  # forced_lengths (benchmarks)
-        st.force_tok = torch.zeros((), **long)
+        st.force_mask = torch.zeros(V, dtype=torch.bool, device=device)  # the token a forced length ends with
         return st
 
     @staticmethod
@@ -471,7 +479,7 @@ def draw(st, mode, step, force_len, min_new: bool):
     `step` (scalar or [N]) is the index of the completion token being drawn. The log-prob is the
     unfiltered `log_softmax(logits / temperature)` (raw logits when greedy); EOS is suppressed while
     `step < st.min_new` (`min_new`), and with forced lengths (mode[3]) before `force_len - 1`, where
-    `st.force_tok` is chosen instead."""
+    the token in `st.force_mask` is chosen instead."""
     logits = st.logits
     if mode[0] == "greedy":
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -485,16 +493,28 @@ def draw(st, mode, step, force_len, min_new: bool):
         choose = choose.masked_fill((step < st.min_new) & st.eos_mask[None], float("-inf"))
     if mode[3]:
         choose = choose.masked_fill((step < force_len[:, None] - 1) & st.eos_mask[None], float("-inf"))
+        # The forced token wins the argmax below (+inf). Session 15's `where` on the argmax's result made
+        # Triton fail on the whole compiled decode step on the H200 (`PassManager::run failed`); this
+        # form compiles there (session 16). Alone, both forms compile: the failure needs the fusion.
+        forced_now = (step == force_len[:, None] - 1) & st.force_mask[None]
+        choose = choose.masked_fill(forced_now, float("inf"))
     if mode[0] == "greedy":
         nxt = choose.argmax(dim=-1)
     else:
         # Gumbel-max: argmax(log p + Gumbel) is a draw from p, with no host-side sampling call.
         noise = torch.empty_like(choose).exponential_().clamp_min_(1e-30).log_()
         nxt = (choose - noise).argmax(dim=-1)
-    if mode[3]:
-        nxt = torch.where(step.view(-1) == force_len - 1, st.force_tok, nxt)
     logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
     return nxt, logp
+
+
+def _forced_token(eos: torch.Tensor, V: int) -> int:
+    """The token a forced length ends with: the first EOS id, which must be in the vocabulary (it is chosen by
+    setting its logit to +inf, inside the sampling reduction)."""
+    token = int(eos[0])
+    if not 0 <= token < V:
+        raise ValueError(f"forced_lengths: EOS id {token} is outside the vocabulary ({V} tokens)")
+    return token
 
 
 def _check_forced(forced_lengths, N: int, C: int) -> torch.Tensor:

@@ -53,6 +53,7 @@ from r1lightning.rollout.base import Rollout, completion_mask_from_ids, seeded_r
 from r1lightning.rollout.engine import (
     StaticCacheSampler,
     _check_forced,
+    _forced_token,
     _Clock,
     _fingerprint,
     _has_experts,
@@ -157,17 +158,21 @@ class PagedKV(Cache):
 
 class WidthCompiledStep:
     """The decode step under `compile` with tail compaction: compiled for the first width, then once more with
-    the width dynamic. If Inductor fails on a compile (session 15, H200, triton 3.6: the dynamic-width sampling
-    reduction of the OLMoE-shaped step, `PassManager::run failed`), it says so once and compiles each width on
-    its own instead; a width whose own compile fails too runs uncompiled, with a warning. A failed compile has
-    run nothing (the step is one graph), so the call is simply repeated."""
+    the width dynamic. If Inductor fails on a compile, it says so once and compiles each width on its own
+    instead; if a width's own compile fails too, the step runs uncompiled from then on, with a warning (each
+    failed compile of the OLMoE-shaped step cost ~37 s on the H200, and the failures seen were of the step's
+    code, not of one width: session 16). A failed compile has run nothing (the step is one graph), so the call
+    is simply repeated."""
 
     def __init__(self, fn, mode: str):
         self.fn, self.mode = fn, mode
         self.shared = torch.compile(fn, mode=mode, dynamic=None)
         self.per_width: dict[int, object] | None = None  # set once the shared compile has failed
+        self.eager = False  # set once a per-width compile has failed
 
     def __call__(self, st, model, mode, mask_dtype):
+        if self.eager:
+            return self.fn(st, model, mode, mask_dtype)
         if self.per_width is None:
             try:
                 return self.shared(st, model, mode, mask_dtype)
@@ -185,9 +190,9 @@ class WidthCompiledStep:
                 return self.per_width[width](st, model, mode, mask_dtype)
             except torch._dynamo.exc.BackendCompilerFailed as err:
                 # the step uncompiled is the default engine's own: slower, never wrong
-                log.warning("compile: %s failed for the decode step at width %d as well (%s); that width runs "
-                            "uncompiled", self.mode, width, type(err).__name__)
-                self.per_width[width] = self.fn
+                log.warning("compile: %s failed for the decode step at width %d as well (%s); the decode step "
+                            "runs uncompiled from here", self.mode, width, type(err).__name__)
+                self.eager = True
                 return self.fn(st, model, mode, mask_dtype)
 
 
@@ -445,7 +450,8 @@ class PagedSampler(StaticCacheSampler):
         st.C.fill_(C)
         forced = forced_lengths is not None
         sample_force = _check_forced(forced_lengths, N, C).to(device) if forced else None
-        st.force_tok.fill_(int(eos[0]))
+        if forced:
+            st.force_mask.zero_()[_forced_token(eos, st.force_mask.numel())] = True
         st.force_len.fill_(C + 1)
         st.out_ids.fill_(pad_token_id)
         st.out_logp.zero_()
@@ -704,7 +710,7 @@ class PagedSampler(StaticCacheSampler):
         st.pad = torch.zeros((), **long)
         st.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
         st.force_len = torch.zeros(S, **long)
-        st.force_tok = torch.zeros((), **long)
+        st.force_mask = torch.zeros(V, dtype=torch.bool, device=device)
         st.out_ids = torch.zeros(N * C + S, **long)
         st.out_logp = torch.zeros(N * C + S, dtype=torch.float32, device=device)
         return st
