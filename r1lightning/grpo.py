@@ -449,7 +449,7 @@ class GRPOModule(StepOffloads, MicroBatching, PolicyModule):
             "time/reference": t_ref,
             "time/train": t_train,
             **stats,
-            **(self.engine_stats or {}),
+            **self.take_engine_stats(),
         }
         for name, values in scores.per_fn.items():
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values)

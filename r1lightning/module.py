@@ -195,6 +195,11 @@ class PolicyModule(L.LightningModule):
             add_engine_stats(self.engine_stats, getattr(sampler, "last_stats", None))
         return rollout
 
+    def take_engine_stats(self) -> dict:
+        """The step's engine counters, once: a later `generate` (validation, a callback) adds to nothing."""
+        stats, self.engine_stats = self.engine_stats or {}, None
+        return stats
+
     def decode(self, completion_ids) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 

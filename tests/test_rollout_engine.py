@@ -675,6 +675,7 @@ def test_paged_engine_in_a_grpo_fit_with_dynamic_sampling_and_two_iterations(fp8
     assert logged["train/rollout/preempted"] == 0 and 1 <= logged["train/rollout/max_live"] <= 3
     assert 6 <= logged["train/rollout/decode_steps"] and logged["train/rollout/prefill_tokens"] >= 8
     assert 0 < logged["train/rollout/kv_GiB"] < 0.01
+    assert cli.model.engine_stats is None  # taken when logged: a later `generate` adds to no step's counters
     if fp8_corrected:  # rounded K/V: the sampler's log-probs differ from the training forward's, a little
         assert sampler.kv_dtype == "fp8" and 0 < logged["train/sampling/sampling_logp_difference/mean"] < 0.5
         assert 0.5 < logged["train/sampling/importance_sampling_ratio/mean"] < 1.5
