@@ -378,3 +378,38 @@ def test_paged_compiled_pool_decode_compacts_with_forced_lengths(top_p, caplog):
     assert not [r for r in caplog.records if "failed" in r.getMessage()]
     ends = (out.completion_ids == len(tok) + 5).float().argmax(-1) + 1
     assert torch.equal(ends.cpu(), forced)
+
+
+@pytest.mark.parametrize("engine_kind", ["static", "paged"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decode_nucleus_sampling(engine_kind, mode, caplog):
+    # Top-p's sort and cumsum run uncompiled inside the compiled step (`engine._nucleus`): under
+    # reduce-overhead that break splits torch's CUDA graphs in two. Seeded draws must repeat, stay inside
+    # top-k and the nucleus (a flat temperature makes a broken filter show), and carry the training
+    # forward's log-probs
+    torch._dynamo.reset()
+    model, tok = on_cuda(OLMOE, moe_backend="grouped_mm")
+    ids, mask = (t.cuda() for t in encode(tok, RAGGED))
+    T, k, p = 1.5, 5, 0.8
+    params = SamplingParams(12, temperature=T, top_p=p, top_k=k, seed=3)
+    engine = (StaticCacheSampler(compile=mode) if engine_kind == "static"
+              else PagedSampler(compile=mode, max_slots=4, block_size=4))
+    with caplog.at_level("WARNING", logger="r1lightning.rollout"):
+        a = engine.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+        b = engine.generate(model, ids, mask, params, len(tok) + 1, tok.pad_token_id)
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    with torch.no_grad():
+        ref = training_logprobs(model, a, T) * a.completion_mask
+        P = a.prompt_ids.shape[1]
+        pos = (a.attention_mask().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=a.input_ids(), attention_mask=a.attention_mask(), position_ids=pos,
+                       use_cache=False).logits[:, P - 1 : -1].float() / T
+    torch.testing.assert_close(a.logprobs, ref, atol=1e-4, rtol=0)
+    probs = torch.softmax(logits, -1)
+    chosen = probs.gather(-1, a.completion_ids[..., None])[..., 0]
+    live = a.completion_mask.bool()
+    rank = (probs > chosen[..., None]).sum(-1)[live]
+    above = (probs * (probs > chosen[..., None])).sum(-1)[live]  # mass of the more probable tokens
+    assert (rank < k).all() and (above < p + 1e-4).all()
+    assert live.sum() > 60 and (rank > 0).float().mean() > 0.2  # draws, not argmax
