@@ -50,15 +50,20 @@ def pick_mid_batch_eos(model, tok, ids, mask, n):
     raise AssertionError("no suitable EOS token for this seed")
 
 
-def training_logprobs(model, rollout, temperature):
-    """What GRPOModule.completion_logprobs computes: one forward over prompt + completion."""
+def training_logits(model, rollout, temperature):
+    """The temperature-scaled fp32 logits [N, C, V] that predict each completion token: one forward over
+    prompt + completion."""
     ids, mask = rollout.input_ids(), rollout.attention_mask()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     P = rollout.prompt_ids.shape[1]
     logits = logits[:, P - 1 : -1].float()
-    if temperature > 0:
-        logits = logits / temperature
+    return logits / temperature if temperature > 0 else logits
+
+
+def training_logprobs(model, rollout, temperature):
+    """What GRPOModule.completion_logprobs computes, from `training_logits`."""
+    logits = training_logits(model, rollout, temperature)
     return torch.log_softmax(logits, -1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from r1lightning.moe import megablocks_status
 from r1lightning.rollout import HFGenerateSampler, SamplingParams, StaticCacheSampler
-from tests.test_rollout_engine import OLMOE, build, encode, pick_mid_batch_eos, training_logprobs
+from tests.test_rollout_engine import OLMOE, build, encode, pick_mid_batch_eos, training_logits, training_logprobs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -401,12 +401,8 @@ def test_compiled_decode_nucleus_sampling(engine_kind, mode, caplog):
     assert torch.equal(a.completion_ids, b.completion_ids)
     with torch.no_grad():
         ref = training_logprobs(model, a, T) * a.completion_mask
-        P = a.prompt_ids.shape[1]
-        pos = (a.attention_mask().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=a.input_ids(), attention_mask=a.attention_mask(), position_ids=pos,
-                       use_cache=False).logits[:, P - 1 : -1].float() / T
+        probs = torch.softmax(training_logits(model, a, T), -1)
     torch.testing.assert_close(a.logprobs, ref, atol=1e-4, rtol=0)
-    probs = torch.softmax(logits, -1)
     chosen = probs.gather(-1, a.completion_ids[..., None])[..., 0]
     live = a.completion_mask.bool()
     rank = (probs > chosen[..., None]).sum(-1)[live]
